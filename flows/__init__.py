@@ -1,0 +1,1 @@
+"""hfbatch flows: the training chain, bulk inference and the CLI."""

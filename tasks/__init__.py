@@ -1,0 +1,1 @@
+"""hfbatch tasks: plain functions that do the work, wrapped as Prefect tasks in `tasks.prefect_tasks`."""

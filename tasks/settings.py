@@ -1,0 +1,26 @@
+"""One settings model for every process: read from `HFBATCH_*` environment variables."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """hfbatch settings (environment variables `HFBATCH_STORE`, `HFBATCH_CACHE_DIR`, ...)."""
+
+    model_config = SettingsConfigDict(env_prefix="HFBATCH_")
+
+    store: str = "./hfbatch-store"
+    """Artifact store: a local directory or an fsspec URL such as `s3://bucket/prefix`."""
+    cache_dir: Path = Path(os.path.expanduser("~/.cache/hfbatch"))
+    """Local cache for files fetched from a remote store (content-addressed, safe to delete)."""
+    trust_remote_code: bool = False
+    """Allow model repositories to run their own Python code (off by default)."""
+    allow_pickle_weights: bool = False
+    """Accept `pytorch_model.bin` (pickle) weights; by default only safetensors load."""
+
+
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,148 @@
+"""Data sources: parse a SRC string, fingerprint its content, and load it as a `datasets.Dataset`.
+
+SRC is one of
+- a local file or directory of CSV, JSON/JSONL or Parquet files;
+- an `s3://bucket/key` file or prefix (endpoint from `AWS_ENDPOINT_URL`);
+- a Hugging Face Hub dataset `ID[:CONFIG][#SPLIT]` (split defaults to `train`, any `datasets`
+  split expression such as `train[:2000]` works), pinned to the revision it resolves to.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import fsspec
+
+from .errors import DataError
+from .store import storage_options
+
+BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".pq": "parquet"}
+
+
+@dataclass(frozen=True)
+class Source:
+    kind: str  # "file" (local or remote fsspec files) or "hub"
+    uri: str
+    files: tuple[str, ...] = ()
+    config: str | None = None
+    split: str = "train"
+
+
+def parse_source(src: str) -> Source:
+    """Resolve SRC to a local/remote file list or a hub dataset; raise `DataError` naming SRC if neither."""
+    if "://" in src and not src.startswith("file://"):
+        fs, root = fsspec.core.url_to_fs(src, **storage_options(src))
+        protocol = src.split("://", 1)[0]
+        try:
+            files = _data_files(fs, root)
+        except (OSError, PermissionError) as e:  # unreachable endpoint, missing bucket, no credentials
+            raise DataError(f"cannot read data source {src!r}: {e}") from e
+        return Source("file", src, tuple(f"{protocol}://{f}" for f in files))
+    path = Path(src.removeprefix("file://")).expanduser()
+    if path.exists():
+        fs = fsspec.filesystem("file")
+        return Source("file", str(path.resolve()), tuple(_data_files(fs, str(path.resolve()))))
+    if src.startswith((".", "/", "~")) or Path(src).suffix.lower() in BUILDERS:
+        raise DataError(f"data source {src!r} does not exist")
+    repo, _, split = src.partition("#")
+    repo, _, config = repo.partition(":")
+    return Source("hub", repo, (), config or None, split or "train")
+
+
+def _data_files(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
+    if not fs.exists(root):
+        raise DataError(f"data source {root!r} does not exist")
+    if fs.isdir(root):
+        files = sorted(f for f in fs.find(root) if Path(f).suffix.lower() in BUILDERS)
+        if not files:
+            raise DataError(f"data source {root!r} holds no CSV, JSON or Parquet files")
+    else:
+        files = [root]
+        if Path(root).suffix.lower() not in BUILDERS:
+            raise DataError(f"data source {root!r}: unsupported file type (use CSV, JSON/JSONL or Parquet)")
+    builders = {BUILDERS[Path(f).suffix.lower()] for f in files}
+    if len(builders) > 1:
+        raise DataError(f"data source {root!r} mixes file types {sorted(builders)}")
+    return files
+
+
+def fingerprint(source: Source) -> str:
+    """Content fingerprint: file bytes (local), ETag (S3 and other object stores), or hub revision sha."""
+    h = hashlib.sha256()
+    if source.kind == "hub":
+        h.update(f"hub:{source.uri}:{source.config}:{source.split}:{_hub_revision(source.uri)}".encode())
+        return h.hexdigest()
+    for f in source.files:
+        fs, path = fsspec.core.url_to_fs(f, **storage_options(f))
+        h.update(os.path.basename(path).encode())
+        if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+            with open(path, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+        else:
+            try:
+                info = fs.info(path)
+            except OSError as e:
+                raise DataError(f"cannot read {f}: {e}") from e
+            h.update(str(info.get("ETag") or info.get("etag") or fs.ukey(path)).encode())
+            h.update(str(info.get("size")).encode())
+    return h.hexdigest()
+
+
+def _hub_revision(repo: str) -> str:
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        return HfApi().dataset_info(repo).sha or "unknown"
+    except HFValidationError as e:
+        raise DataError(f"data source {repo!r} is neither a local path nor a valid hub dataset id") from e
+    except Exception as e:  # offline, unknown repo, gated, ...
+        raise DataError(f"cannot reach hub dataset {repo!r}: {e}") from e
+
+
+def load(source: Source, cache_dir: str | None = None):
+    """Load `source` as one `datasets.Dataset` (remote files are fetched to a temporary directory)."""
+    import datasets
+
+    if source.kind == "hub":
+        try:
+            return datasets.load_dataset(source.uri, source.config, split=source.split, cache_dir=cache_dir)
+        except Exception as e:
+            raise DataError(f"cannot load hub dataset {source.uri!r} (split {source.split!r}): {e}") from e
+    builder = BUILDERS[Path(source.files[0]).suffix.lower()]
+    with tempfile.TemporaryDirectory(prefix="hfbatch-src-") as tmp:
+        files = []
+        for f in source.files:
+            if "://" in f:
+                local = os.path.join(tmp, f"{len(files):05d}-{os.path.basename(f)}")
+                fs, path = fsspec.core.url_to_fs(f, **storage_options(f))
+                try:
+                    fs.get(path, local)
+                except OSError as e:
+                    raise DataError(f"cannot read {f}: {e}") from e
+                files.append(local)
+            else:
+                files.append(f)
+        for f in files:
+            _check_readable(f, builder, source)
+        try:
+            ds = datasets.load_dataset(builder, data_files=files, split="train", cache_dir=cache_dir)
+        except Exception as e:
+            raise DataError(f"cannot read data source {source.uri!r} as {builder}: {e}") from e
+        return ds
+
+
+def _check_readable(path: str, builder: str, source: Source) -> None:
+    """Fail early, naming the file, on a corrupt Parquet file (datasets' own error does not name it)."""
+    if builder != "parquet":
+        return
+    import pyarrow.parquet as pq
+
+    try:
+        pq.ParquetFile(path).schema_arrow
+    except Exception as e:
+        raise DataError(f"corrupt or unreadable Parquet file {path!r} in {source.uri!r}: {e}") from e
