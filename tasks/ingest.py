@@ -97,6 +97,8 @@ def labelled_table(table: pa.Table, features, src: str, text_column: str, label_
         labels = pc.take(pa.array(source_names), labels)
     elif pa.types.is_integer(labels.type) or pa.types.is_boolean(labels.type):
         labels = pc.cast(labels, pa.string())
+    elif pa.types.is_large_string(labels.type):
+        labels = pc.cast(labels, pa.string())
     elif not pa.types.is_string(labels.type):
         raise DataError(f"column {label_column!r} of {src!r} is {labels.type}; labels must be names or ids")
     if label_names is None:

@@ -127,8 +127,8 @@ def load(source: Source, cache_dir: str | None = None):
                 files.append(local)
             else:
                 files.append(f)
-        for f in files:
-            _check_readable(f, builder, source)
+        if builder == "parquet" and sum(_parquet_rows(f, source) for f in files) == 0:
+            raise DataError(f"data source {source.uri!r} is empty (0 rows)")
         try:
             ds = datasets.load_dataset(builder, data_files=files, split="train", cache_dir=cache_dir)
         except Exception as e:
@@ -136,13 +136,11 @@ def load(source: Source, cache_dir: str | None = None):
         return ds
 
 
-def _check_readable(path: str, builder: str, source: Source) -> None:
-    """Fail early, naming the file, on a corrupt Parquet file (datasets' own error does not name it)."""
-    if builder != "parquet":
-        return
+def _parquet_rows(path: str, source: Source) -> int:
+    """Row count from the footer; fails early, naming the file, on a corrupt Parquet file."""
     import pyarrow.parquet as pq
 
     try:
-        pq.ParquetFile(path).schema_arrow
+        return pq.ParquetFile(path).metadata.num_rows
     except Exception as e:
         raise DataError(f"corrupt or unreadable Parquet file {path!r} in {source.uri!r}: {e}") from e

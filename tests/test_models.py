@@ -1,0 +1,36 @@
+import shutil
+
+import pytest
+
+from tasks.errors import ModelError
+from tasks.models import resolve_model
+
+
+def test_local_model_resolves_with_stable_fingerprints(minilm, tmp_path):
+    a = resolve_model(minilm)
+    assert a.path == minilm and a.fingerprint == resolve_model(minilm).fingerprint
+    copy = tmp_path / "m"
+    shutil.copytree(minilm, copy)
+    (copy / "vocab.txt").write_text((copy / "vocab.txt").read_text() + "newtoken\n")
+    b = resolve_model(str(copy))
+    assert b.fingerprint == a.fingerprint  # same weights
+    assert b.tokenizer_fingerprint != a.tokenizer_fingerprint  # changed tokenizer
+
+
+def test_model_without_weights_or_with_only_pickle_weights_is_refused(minilm, tmp_path, monkeypatch):
+    empty = tmp_path / "empty"
+    shutil.copytree(minilm, empty, ignore=shutil.ignore_patterns("*.safetensors"))
+    with pytest.raises(ModelError, match="has no weights"):
+        resolve_model(str(empty))
+    (empty / "pytorch_model.bin").write_bytes(b"pickle")
+    with pytest.raises(ModelError, match="only pickle weights"):
+        resolve_model(str(empty))
+    monkeypatch.setenv("HFBATCH_ALLOW_PICKLE_WEIGHTS", "1")
+    assert resolve_model(str(empty)).path == str(empty)
+
+
+def test_missing_directory_and_unreachable_hub_are_named(tmp_path):
+    with pytest.raises(ModelError, match="does not exist"):
+        resolve_model(str(tmp_path / "nope"))
+    with pytest.raises(ModelError, match="cannot fetch model 'someone/some-model@main' from the Hugging Face Hub"):
+        resolve_model("someone/some-model@main")

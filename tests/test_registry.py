@@ -1,0 +1,68 @@
+"""Registry logic on small hand-made model directories (the files are copied, never loaded)."""
+import pytest
+
+from tasks.errors import ModelError
+from tasks.evaluation import EvalResult
+from tasks.registry import Registry
+from tasks.store import Store
+from tasks.train import TrainedModel
+
+
+def _trained(store: Store, run_key: str) -> TrainedModel:
+    key = f"runs/{run_key}/model"
+    with store.staging(key) as tmp:
+        (tmp / "model.safetensors").write_bytes(run_key.encode())
+    return TrainedModel(store=store.url, key=key, run_key=run_key, base_model="base", base_revision=None,
+                        base_fingerprint="b" * 8, dataset_fingerprint="d" * 8, label_names=("neg", "pos"),
+                        config={"epochs": 1}, device="cpu", precision="fp32", global_step=10,
+                        resumed_from_step=0, train_samples=100, train_samples_per_second=1.0, train_loss=0.5)
+
+
+def _eval(accuracy: float, eval_set: str = "E1") -> EvalResult:
+    return EvalResult(store="", key="evals/x", model="m", model_fingerprint="f", dataset_fingerprint=eval_set,
+                      num_rows=10, label_names=("neg", "pos"), metrics={"accuracy": accuracy, "f1": accuracy},
+                      per_class={}, confusion_matrix=[[0]])
+
+
+def test_champion_gate_margin_history_and_resolution(tmp_path):
+    store = Store(str(tmp_path))
+    reg = Registry(store, "sst2")
+    with pytest.raises(ModelError, match="has no champion"):
+        reg.resolve()
+
+    first = reg.register(_trained(store, "r1"), _eval(0.80))
+    assert (first.version, first.promoted, first.champion) == ("1", True, "1")
+    worse = reg.register(_trained(store, "r2"), _eval(0.805), margin=0.01, champion_score=0.80)
+    assert (worse.version, worse.promoted, worse.champion) == ("2", False, "1")
+    assert "does not beat" in worse.reason
+    better = reg.register(_trained(store, "r3"), _eval(0.85), margin=0.01, champion_score=0.80)
+    assert (better.version, better.promoted, better.champion) == ("3", True, "3")
+
+    assert reg.resolve() == "3" and reg.resolve("2") == "2"
+    with pytest.raises(ModelError, match="no version '9'"):
+        reg.resolve("9")
+    index = reg.load()
+    assert [v["version"] for v in index["versions"]] == ["1", "2", "3"]
+    assert [(h["previous"], h["champion"]) for h in index["history"]] == [(None, "1"), ("1", "3")]
+    # every version keeps its own files and a model card with its metrics
+    assert (tmp_path / "models/sst2/2/model.safetensors").read_bytes() == b"r2"
+    card = (tmp_path / "models/sst2/3/README.md").read_text()
+    assert "sst2 v3" in card and "| accuracy | 0.8500 |" in card
+    assert store.is_complete("models/sst2/3")
+
+
+def test_registering_the_same_run_twice_returns_its_version(tmp_path):
+    store = Store(str(tmp_path))
+    reg = Registry(store, "m")
+    trained = _trained(store, "r1")
+    assert reg.register(trained, _eval(0.7)).version == "1"
+    again = reg.register(trained, _eval(0.7))
+    assert (again.version, again.reason) == ("1", "already registered")
+    assert len(reg.load()["versions"]) == 1
+
+
+def test_invalid_name_is_rejected(tmp_path):
+    from tasks.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="invalid model name"):
+        Registry(Store(str(tmp_path)), "../etc")
