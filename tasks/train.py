@@ -140,6 +140,8 @@ def train(data: DatasetRef, model: ModelRef, store: Store, config: TrainConfig) 
              precision, torch_threads)
     with store.staging(model_key, meta=_meta(trained)) as tmp:
         trainer.save_model(str(tmp))  # model (safetensors) + tokenizer
+        (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; keep the arguments as JSON
+        (tmp / "training_args.json").write_text(args.to_json_string())
         (tmp / "train_log.json").write_text(json.dumps(trainer.state.log_history, indent=1))
         write_model_card(tmp, trained)
     return trained
