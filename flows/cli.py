@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 
 from tasks.errors import HfbatchError
@@ -38,13 +40,34 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--model", required=True, help="NAME[@VERSION], a local directory or a hub id")
     e.add_argument("--dataset", required=True)
     e.add_argument("--metrics", default="accuracy,precision,recall,f1")
+    i = sub.add_parser("infer", help="run a model over Parquet rows (sharded, exactly once)")
+    i.add_argument("--model", required=True, help="NAME[@VERSION], a local directory or a hub id")
+    i.add_argument("--task", required=True, help="text-classification, feature-extraction, fill-mask, ...")
+    i.add_argument("--input", required=True, help="Parquet file, directory, glob or s3:// prefix")
+    i.add_argument("--output", required=True, help="output directory or s3:// prefix")
+    i.add_argument("--store", help="artifact store URL holding the model registry")
+    i.add_argument("--json", action="store_true", help="print the result as JSON only")
+    i.add_argument("--text-column", default="text")
+    i.add_argument("--columns", help="task inputs to columns, e.g. text=sentence")
+    i.add_argument("--keep-columns", help="input columns copied to the output (default: id or idx)")
+    i.add_argument("--batch-tokens", type=int, default=8192, help="token budget of one model batch")
+    i.add_argument("--shard-rows", type=int, default=10_000, help="target rows per shard")
+    i.add_argument("--on-bad-row", choices=("fail", "quarantine"), default="fail")
+    i.add_argument("--labels", help="zero-shot-classification: comma-separated candidate labels")
+    i.add_argument("--top-k", type=int, default=5, help="fill-mask: tokens per row")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # Without PREFECT_API_URL, Prefect starts a temporary local server (SQLite); its 20 s default
+    # start-up limit is too short on a busy small machine, where migrating a fresh database takes longer.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     try:
-        result = _run(args)
+        # libraries print progress to stdout (the Trainer prints its logs when tqdm is off): with
+        # --json, stdout must hold the JSON document only
+        with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+            result = _run(args)
     except HfbatchError as e:
         print(f"hfbatch: error: {e}", file=sys.stderr)
         return 2
@@ -56,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> dict:
+    if args.command == "infer":
+        return _infer(args)
     from flows.training import evaluate_flow, train_flow
 
     common = dict(text_column=args.text_column, label_column=args.label_column, max_length=args.max_length,
@@ -73,7 +98,25 @@ def _run(args) -> dict:
     raise AssertionError(args.command)
 
 
+def _infer(args) -> dict:
+    from flows.inference import batch_inference
+
+    def split(text):
+        return [x.strip() for x in text.split(",") if x.strip()] if text else None
+
+    columns = dict(pair.split("=", 1) for pair in split(args.columns)) if args.columns else None
+    return batch_inference(model=args.model, task=args.task, input=args.input, output=args.output,
+                           text_column=args.text_column, columns=columns, keep_columns=split(args.keep_columns),
+                           batch_tokens=args.batch_tokens, shard_rows=args.shard_rows, on_bad_row=args.on_bad_row,
+                           candidate_labels=split(args.labels), top_k=args.top_k, store=args.store)
+
+
 def _print_human(command: str, result: dict) -> None:
+    if command == "infer":
+        print(f"{result['rows']} rows → {result['output']}: {result['rows_out']} predicted, "
+              f"{result['quarantined']} quarantined, {result['shards_skipped']}/{result['shards']} shards "
+              f"already done; {result['rows_per_s']} rows/s ({result['model']} {result['model_version']})")
+        return
     if command == "train":
         status = "champion" if result["promoted"] else f"not promoted (champion: v{result['champion']})"
         print(f"{result['name']} v{result['version']}: {status}; {result['reason']}")
