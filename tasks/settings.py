@@ -16,6 +16,9 @@ class Settings(BaseSettings):
     """Artifact store: a local directory or an fsspec URL such as `s3://bucket/prefix`."""
     cache_dir: Path = Path(os.path.expanduser("~/.cache/hfbatch"))
     """Local cache for files fetched from a remote store (content-addressed, safe to delete)."""
+    storage_block: str | None = None
+    """Name of a saved Prefect `RemoteFileSystem` block whose `settings` (endpoint, credentials) are the
+    fsspec options for `s3://` URLs; without it they come from the usual `AWS_*` variables."""
     trust_remote_code: bool = False
     """Allow model repositories to run their own Python code (off by default)."""
     allow_pickle_weights: bool = False

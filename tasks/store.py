@@ -34,8 +34,15 @@ MARKER = "_SUCCESS"
 
 
 def storage_options(url: str) -> dict[str, Any]:
-    """fsspec options for `url`: for S3, the endpoint from the usual AWS environment variables."""
+    """fsspec options for `url`: for S3, the settings of the Prefect block `HFBATCH_STORAGE_BLOCK` if
+    one is named, else the endpoint from the usual AWS environment variables (credentials too are
+    then found by botocore in the environment)."""
     if url.startswith(("s3://", "s3a://")):
+        block = get_settings().storage_block
+        if block:
+            from prefect.filesystems import RemoteFileSystem
+
+            return dict(RemoteFileSystem.load(block).settings)
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         return {"client_kwargs": {"endpoint_url": endpoint}} if endpoint else {}
     return {}

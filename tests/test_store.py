@@ -55,3 +55,21 @@ def test_s3_store_round_trip(s3, tmp_path, monkeypatch):
     assert (local / "weights.bin").read_bytes() == b"\x00" * 1000
     assert (local / "sub" / "cfg.json").read_text() == "{}"
     assert store.local_dir("models/m/1") == local  # cached, not fetched twice
+
+
+def test_s3_settings_from_a_prefect_block(prefect_harness, s3, monkeypatch):
+    """Endpoint and credentials from a saved RemoteFileSystem block, none from the environment."""
+    from prefect.filesystems import RemoteFileSystem
+
+    RemoteFileSystem(basepath="s3://hfbatch", settings={
+        "key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": s3.endpoint}}).save("hfbatch-s3")
+    for var in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("HFBATCH_STORAGE_BLOCK", "hfbatch-s3")
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    store = Store("s3://hfbatch/via-block")
+    assert store.options["client_kwargs"] == {"endpoint_url": s3.endpoint}
+    store.write_json("x/meta.json", {"ok": True})
+    assert store.read_json("x/meta.json") == {"ok": True}  # reached moto: no AWS_* left to find it
