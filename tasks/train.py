@@ -172,10 +172,18 @@ def _last_checkpoint(store: Store, ckpt_key: str, output_dir: Path) -> Path | No
 
 
 class _CheckpointCommit(TrainerCallback):
-    """After each Trainer save, commit the checkpoint to the store (marker last) and drop rotated ones."""
+    """After each Trainer save, commit the checkpoint to the store (marker last) and drop rotated ones.
+    Runs after the Trainer's own flow callback, so it can veto the extra save at the end of training."""
 
     def __init__(self, store: Store, ckpt_key: str):
         self.store, self.ckpt_key = store, ckpt_key
+
+    def on_step_end(self, args, state, control, **kwargs):
+        # The Trainer also saves a checkpoint after the last step; the final model is committed right
+        # after training, so that checkpoint (optimizer state included) would be written only to be dropped.
+        if state.global_step >= state.max_steps and state.global_step % args.save_steps:
+            control.should_save = False
+        return control
 
     def on_save(self, args, state, control, **kwargs):
         name = f"checkpoint-{state.global_step}"
