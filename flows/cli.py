@@ -42,19 +42,22 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--metrics", default="accuracy,precision,recall,f1")
     i = sub.add_parser("infer", help="run a model over Parquet rows (sharded, exactly once)")
     i.add_argument("--model", required=True, help="NAME[@VERSION], a local directory or a hub id")
-    i.add_argument("--task", required=True, help="text-classification, feature-extraction, fill-mask, ...")
+    i.add_argument("--task", required=True, help="text-classification, feature-extraction, question-answering, "
+                   "fill-mask, token-classification, zero-shot-classification")
     i.add_argument("--input", required=True, help="Parquet file, directory, glob or s3:// prefix")
     i.add_argument("--output", required=True, help="output directory or s3:// prefix")
     i.add_argument("--store", help="artifact store URL holding the model registry")
     i.add_argument("--json", action="store_true", help="print the result as JSON only")
     i.add_argument("--text-column", default="text")
-    i.add_argument("--columns", help="task inputs to columns, e.g. text=sentence")
+    i.add_argument("--columns", help="task inputs to columns, e.g. text=sentence or question=q,context=c")
     i.add_argument("--keep-columns", help="input columns copied to the output (default: id or idx)")
     i.add_argument("--batch-tokens", type=int, default=8192, help="token budget of one model batch")
     i.add_argument("--shard-rows", type=int, default=10_000, help="target rows per shard")
     i.add_argument("--on-bad-row", choices=("fail", "quarantine"), default="fail")
     i.add_argument("--labels", help="zero-shot-classification: comma-separated candidate labels")
     i.add_argument("--top-k", type=int, default=5, help="fill-mask: tokens per row")
+    i.add_argument("--max-answer-len", type=int, default=15, help="question-answering: longest answer, in tokens")
+    i.add_argument("--handle-impossible-answer", action="store_true", help="question-answering: allow no answer")
     return p
 
 
@@ -99,16 +102,56 @@ def _run(args) -> dict:
 
 
 def _infer(args) -> dict:
-    from flows.inference import batch_inference
+    from flows.inference import batch_inference, progress_listener
+    from tasks.errors import ConfigError
 
     def split(text):
         return [x.strip() for x in text.split(",") if x.strip()] if text else None
 
-    columns = dict(pair.split("=", 1) for pair in split(args.columns)) if args.columns else None
-    return batch_inference(model=args.model, task=args.task, input=args.input, output=args.output,
-                           text_column=args.text_column, columns=columns, keep_columns=split(args.keep_columns),
-                           batch_tokens=args.batch_tokens, shard_rows=args.shard_rows, on_bad_row=args.on_bad_row,
-                           candidate_labels=split(args.labels), top_k=args.top_k, store=args.store)
+    pairs = split(args.columns) or []
+    bad = [p for p in pairs if "=" not in p]
+    if bad:
+        raise ConfigError(f"--columns takes INPUT=COLUMN pairs, e.g. question=q,context=c; got {bad}")
+    columns = dict(pair.split("=", 1) for pair in pairs) or None
+    with _InferProgress(enabled=not args.json) as bar, progress_listener(bar.update):
+        return batch_inference(model=args.model, task=args.task, input=args.input, output=args.output,
+                               text_column=args.text_column, columns=columns,
+                               keep_columns=split(args.keep_columns), batch_tokens=args.batch_tokens,
+                               shard_rows=args.shard_rows, on_bad_row=args.on_bad_row,
+                               candidate_labels=split(args.labels), top_k=args.top_k,
+                               max_answer_len=args.max_answer_len,
+                               handle_impossible_answer=args.handle_impossible_answer, store=args.store)
+
+
+class _InferProgress:
+    """A progress bar on stderr over the run's rows, advanced as shards finish (not in --json mode,
+    nor when stderr is not a terminal, unless HFBATCH_PROGRESS=1)."""
+
+    def __init__(self, enabled: bool):
+        force = os.environ.get("HFBATCH_PROGRESS")
+        self.enabled = enabled and (force != "0") and (force == "1" or sys.stderr.isatty())
+        self.bar = None
+
+    def __enter__(self) -> "_InferProgress":
+        return self
+
+    def update(self, event: dict) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=event["rows"], unit="row", unit_scale=True, desc="hfbatch infer",
+                            file=sys.stderr, dynamic_ncols=True, mininterval=0.2)
+            self.skipped = 0
+        self.skipped += event["skipped"]
+        self.bar.set_postfix_str(f"shards {event['done']}/{event['shards']}"
+                                 + (f" ({self.skipped} already done)" if self.skipped else ""), refresh=False)
+        self.bar.update(event["rows_done"] - self.bar.n)
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _print_human(command: str, result: dict) -> None:
@@ -116,6 +159,8 @@ def _print_human(command: str, result: dict) -> None:
         print(f"{result['rows']} rows → {result['output']}: {result['rows_out']} predicted, "
               f"{result['quarantined']} quarantined, {result['shards_skipped']}/{result['shards']} shards "
               f"already done; {result['rows_per_s']} rows/s ({result['model']} {result['model_version']})")
+        if result.get("corrupt_files"):
+            print(f"  {result['corrupt_files']} unreadable input file(s) set aside: see _quarantine/_files.parquet")
         return
     if command == "train":
         status = "champion" if result["promoted"] else f"not promoted (champion: v{result['champion']})"

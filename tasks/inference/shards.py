@@ -1,0 +1,202 @@
+"""Input planning: list the Parquet files of an input URI and cut them into deterministic shards.
+
+A shard is a contiguous row range of one file, aligned to row groups where they are small enough
+(several whole row groups per shard) and cut inside a row group where it is larger than the target.
+Shards are derived only from the files' content fingerprints and Parquet footers, so the same input
+always gives the same shards, with the same keys, in the same order.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..errors import ConfigError, DataError
+from ..fingerprint import digest
+from ..store import storage_options
+
+PARQUET_SUFFIXES = (".parquet", ".pq")
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """One Parquet file of the input: its URL, its name relative to the input root, its fingerprint."""
+
+    url: str
+    name: str
+    fingerprint: str
+    num_rows: int
+    row_groups: tuple[int, ...]
+    """Rows per row group, from the footer."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Rows `[start, stop)` of `file` (file-level row numbers), lying in row groups `[rg_start, rg_stop)`."""
+
+    index: int
+    file: str
+    name: str
+    file_fingerprint: str
+    rg_start: int
+    rg_stop: int
+    start: int
+    stop: int
+
+    @property
+    def num_rows(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def fingerprint(self) -> str:
+        """Content key of the shard's input rows: the file's content plus the row range."""
+        return digest("shard", self.file_fingerprint, self.start, self.stop)
+
+
+def open_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    return fsspec.core.url_to_fs(url, **storage_options(url))
+
+
+def _protocol(url: str) -> str | None:
+    return url.split("://", 1)[0] if "://" in url and not url.startswith("file://") else None
+
+
+def list_input_files(uri: str) -> list[tuple[str, str]]:
+    """`(url, name)` of every Parquet file of `uri` (a file, a directory, a glob or an `s3://` prefix),
+    sorted by name; `name` is the path relative to the input root (the file name for a single file).
+    Files and folders whose name starts with `_` or `.` (markers, temporary files) are skipped."""
+    proto = _protocol(uri)
+    if proto is None:
+        uri = str(Path(uri.removeprefix("file://")).expanduser())
+    fs, root = open_fs(uri)
+    try:
+        if any(c in root for c in "*?["):
+            base = root[: min(root.find(c) for c in "*?[" if c in root)].rsplit("/", 1)[0]
+            paths = fs.glob(root)
+        elif fs.isdir(root):
+            base, paths = root, fs.find(root)
+        elif fs.exists(root):
+            base, paths = root.rsplit("/", 1)[0], [root]
+        else:
+            raise DataError(f"input {uri!r} does not exist")
+    except (OSError, PermissionError) as e:
+        raise DataError(f"cannot list input {uri!r}: {e}") from e
+    files = []
+    for path in sorted(paths):
+        name = path[len(base):].lstrip("/") if path.startswith(base) else path.rsplit("/", 1)[-1]
+        if not path.lower().endswith(PARQUET_SUFFIXES) or any(p.startswith(("_", ".")) for p in name.split("/")):
+            continue
+        files.append((f"{proto}://{path}" if proto else path, name))
+    if not files:
+        raise DataError(f"input {uri!r} holds no Parquet files")
+    return files
+
+
+def file_fingerprint(url: str) -> str:
+    """Content fingerprint of one file: its bytes when local, ETag and size on an object store."""
+    fs, path = open_fs(url)
+    h = hashlib.sha256()
+    try:
+        if _protocol(url) is None:
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+        else:
+            info = fs.info(path)
+            h.update(f"{info.get('ETag') or info.get('etag') or fs.ukey(path)}:{info.get('size')}".encode())
+    except FileNotFoundError as e:
+        raise DataError(f"input file {url!r} does not exist") from e
+    return h.hexdigest()[:32]
+
+
+def read_footer(url: str) -> pq.FileMetaData:
+    """The Parquet footer of `url`; a corrupt or unreadable file is a `DataError` naming it."""
+    fs, path = open_fs(url)
+    try:
+        with fs.open(path, "rb") as f:
+            return pq.ParquetFile(f).metadata
+    except (FileNotFoundError, PermissionError, pa.ArrowInvalid) as e:  # other OSErrors may pass: retried
+        raise DataError(f"corrupt or unreadable Parquet file {url!r}: {e}") from e
+
+
+def describe_input(uri: str, corrupt: list[dict] | None = None) -> list[InputFile]:
+    """Every Parquet file of `uri` with its fingerprint and row-group sizes (footers only).
+
+    A corrupt or unreadable file raises `DataError` naming it; when a `corrupt` list is given, the
+    file is instead recorded there as `{"file": name, "reason": ...}` and left out (quarantine mode).
+    """
+    out = []
+    for url, name in list_input_files(uri):
+        try:
+            meta = read_footer(url)
+        except DataError as e:
+            if corrupt is None:
+                raise
+            corrupt.append({"file": name, "reason": str(e)})
+            continue
+        groups = tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
+        out.append(InputFile(url, name, file_fingerprint(url), meta.num_rows, groups))
+    if not out:
+        raise DataError(f"input {uri!r} holds no readable Parquet file: {[c['reason'] for c in corrupt or []]}")
+    return out
+
+
+def plan_shards(files: list[InputFile], shard_rows: int) -> list[Shard]:
+    """Cut `files` into shards of about `shard_rows` rows: consecutive whole row groups while they fit,
+    a row group larger than `shard_rows` cut into equal row ranges. Deterministic in its inputs."""
+    if shard_rows < 1:
+        raise ConfigError(f"shard_rows must be >= 1, got {shard_rows}")
+    shards: list[Shard] = []
+
+    def add(f: InputFile, rg_start: int, rg_stop: int, start: int, stop: int) -> None:
+        if stop > start:
+            shards.append(Shard(len(shards), f.url, f.name, f.fingerprint, rg_start, rg_stop, start, stop))
+
+    for f in files:
+        offset, group_start, group_rg = 0, 0, 0
+        for rg, n in enumerate(f.row_groups):
+            if n > shard_rows:
+                add(f, group_rg, rg, group_start, offset)
+                pieces = -(-n // shard_rows)
+                bounds = [offset + n * i // pieces for i in range(pieces + 1)]
+                for a, b in zip(bounds, bounds[1:]):
+                    add(f, rg, rg + 1, a, b)
+                group_start, group_rg = offset + n, rg + 1
+            elif offset + n - group_start > shard_rows:
+                add(f, group_rg, rg, group_start, offset)
+                group_start, group_rg = offset, rg
+            offset += n
+        add(f, group_rg, len(f.row_groups), group_start, offset)
+    return shards
+
+
+def input_fingerprint(files: list[InputFile]) -> str:
+    return digest("input", [(f.name, f.fingerprint) for f in files])
+
+
+def iter_shard_batches(shard: Shard, columns: list[str], batch_rows: int = 4096
+                       ) -> Iterator[tuple[int, int, pa.RecordBatch]]:
+    """Stream the shard's rows as `(row_group, first row index within it, record batch)`, reading only
+    `columns` and only the shard's row groups; never more than one record batch is materialised here."""
+    fs, path = open_fs(shard.file)
+    with fs.open(path, "rb") as fh:
+        pf = pq.ParquetFile(fh)
+        offset = sum(pf.metadata.row_group(i).num_rows for i in range(shard.rg_start))
+        for rg in range(shard.rg_start, shard.rg_stop):
+            rg_rows = pf.metadata.row_group(rg).num_rows
+            lo, hi = max(shard.start - offset, 0), min(shard.stop - offset, rg_rows)
+            pos = 0
+            for batch in pf.iter_batches(batch_size=batch_rows, row_groups=[rg], columns=columns):
+                a, b = max(lo - pos, 0), min(hi - pos, batch.num_rows)
+                if b > a:
+                    yield rg, pos + a, batch.slice(a, b - a)
+                pos += batch.num_rows
+                if pos >= hi:
+                    break
+            offset += rg_rows
+

@@ -1,0 +1,80 @@
+"""Shard planning: deterministic, complete, row-group aligned, and streaming reads of exactly a shard."""
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tasks.errors import ConfigError, DataError
+from tasks.inference.shards import describe_input, iter_shard_batches, list_input_files, plan_shards
+
+
+@pytest.fixture
+def parts(tmp_path):
+    """Two files: 250 rows in row groups of 40, and 1,000 rows in one row group."""
+    d = tmp_path / "in"
+    (d / "sub").mkdir(parents=True)
+    pq.write_table(pa.table({"id": list(range(250)), "text": [f"a{i}" for i in range(250)]}), d / "a.parquet",
+                   row_group_size=40)
+    pq.write_table(pa.table({"id": list(range(1000)), "text": [f"b{i}" for i in range(1000)]}),
+                   d / "sub" / "b.parquet")
+    (d / "_markers").mkdir()
+    (d / "_markers" / "x.parquet").write_bytes(b"not parquet")  # skipped: underscore folders
+    (d / "notes.txt").write_text("skipped: not Parquet")
+    return d
+
+
+def test_listing_file_directory_glob(parts):
+    assert [n for _, n in list_input_files(str(parts))] == ["a.parquet", "sub/b.parquet"]
+    assert [n for _, n in list_input_files(str(parts / "a.parquet"))] == ["a.parquet"]
+    assert [n for _, n in list_input_files(str(parts / "*.parquet"))] == ["a.parquet"]
+    with pytest.raises(DataError, match="does not exist"):
+        list_input_files(str(parts / "missing"))
+
+
+def test_plan_is_deterministic_and_complete(parts):
+    files = describe_input(str(parts))
+    plan = plan_shards(files, 100)
+    assert plan == plan_shards(describe_input(str(parts)), 100)
+    assert [s.fingerprint for s in plan] == [s.fingerprint for s in plan_shards(files, 100)]
+    # a.parquet: whole row groups of 40 while they fit in 100 rows; b.parquet: its one row group cut in 10
+    a = [(s.start, s.stop, s.rg_start, s.rg_stop) for s in plan if s.name == "a.parquet"]
+    assert a == [(0, 80, 0, 2), (80, 160, 2, 4), (160, 250, 4, 7)]  # the last group of 10 rows joins
+    b = [s for s in plan if s.name == "sub/b.parquet"]
+    assert len(b) == 10 and all(s.num_rows == 100 and (s.rg_start, s.rg_stop) == (0, 1) for s in b)
+    assert [s.index for s in plan] == list(range(len(plan)))
+    assert len({s.fingerprint for s in plan}) == len(plan)
+    assert sum(s.num_rows for s in plan) == 1250
+    with pytest.raises(ConfigError):
+        plan_shards(files, 0)
+
+
+def test_fingerprint_follows_content(parts, tmp_path):
+    before = plan_shards(describe_input(str(parts / "a.parquet")), 100)
+    pq.write_table(pa.table({"id": list(range(250)), "text": [f"c{i}" for i in range(250)]}),
+                   parts / "a.parquet", row_group_size=40)
+    after = plan_shards(describe_input(str(parts / "a.parquet")), 100)
+    assert [(s.start, s.stop) for s in before] == [(s.start, s.stop) for s in after]
+    assert not {s.fingerprint for s in before} & {s.fingerprint for s in after}
+
+
+def test_streaming_reads_exactly_the_shard(parts):
+    plan = plan_shards(describe_input(str(parts)), 70)
+    seen = {}
+    for shard in plan:
+        for rg, first, batch in iter_shard_batches(shard, ["id"], batch_rows=16):
+            assert batch.num_rows <= 16
+            for i, v in enumerate(batch.column("id").to_pylist()):
+                key = (shard.name, v)
+                assert key not in seen
+                seen[key] = (rg, first + i)
+    assert len(seen) == 1250
+    assert seen[("a.parquet", 41)] == (1, 1)  # row 41 of a.parquet is row 1 of row group 1
+    assert seen[("sub/b.parquet", 999)] == (0, 999)
+
+
+def test_corrupt_file_is_named(tmp_path):
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(DataError, match="bad.parquet"):
+        describe_input(str(bad))
