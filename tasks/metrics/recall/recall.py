@@ -1,7 +1,7 @@
 """Recall per class, or averaged ("macro", "micro", "weighted"); average=None gives the per-class list."""
 import datasets
 import evaluate
-import numpy as np
+from tasks.metrics.scores import classification_score
 
 _FEATURES = datasets.Features({"predictions": datasets.Value("int64"), "references": datasets.Value("int64")})
 
@@ -12,20 +12,4 @@ class Recall(evaluate.Metric):
                                    features=_FEATURES)
 
     def _compute(self, predictions, references, average="macro", labels=None, **kwargs):
-        p, r = np.asarray(predictions), np.asarray(references)
-        labels = np.asarray(labels if labels is not None else np.union1d(p, r))
-        tp = np.array([np.sum((p == c) & (r == c)) for c in labels], dtype=float)
-        predicted = np.array([np.sum(p == c) for c in labels], dtype=float)
-        actual = np.array([np.sum(r == c) for c in labels], dtype=float)
-        if average == "micro":
-            tp, predicted, actual = tp.sum(keepdims=True), predicted.sum(keepdims=True), actual.sum(keepdims=True)
-        precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
-        recall = np.divide(tp, actual, out=np.zeros_like(tp), where=actual > 0)
-        f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(tp),
-                       where=(precision + recall) > 0)
-        score = {"precision": precision, "recall": recall, "f1": f1}["recall"]
-        if average is None:
-            return {"recall": score.tolist()}
-        if average == "weighted":
-            return {"recall": float(np.average(score, weights=actual)) if actual.sum() else 0.0}
-        return {"recall": float(score.mean())}
+        return {"recall": classification_score("recall", predictions, references, average, labels)}
