@@ -58,6 +58,10 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--top-k", type=int, default=5, help="fill-mask: tokens per row")
     i.add_argument("--max-answer-len", type=int, default=15, help="question-answering: longest answer, in tokens")
     i.add_argument("--handle-impossible-answer", action="store_true", help="question-answering: allow no answer")
+    i.add_argument("--task-runner", default="threads", metavar="threads|dask",
+                   help="run the shards on this process's threads, or on a Dask cluster (prefect-dask)")
+    i.add_argument("--dask-address", help="with --task-runner dask: an existing scheduler, e.g. tcp://host:8786 "
+                   "(default: a temporary LocalCluster of 2 worker processes)")
     return p
 
 
@@ -102,7 +106,7 @@ def _run(args) -> dict:
 
 
 def _infer(args) -> dict:
-    from flows.inference import batch_inference, progress_listener
+    from flows.inference import batch_inference, check_task_runner, progress_listener
     from tasks.errors import ConfigError
 
     def split(text):
@@ -113,6 +117,7 @@ def _infer(args) -> dict:
     if bad:
         raise ConfigError(f"--columns takes INPUT=COLUMN pairs, e.g. question=q,context=c; got {bad}")
     columns = dict(pair.split("=", 1) for pair in pairs) or None
+    check_task_runner(args.task_runner, args.dask_address)  # before a flow run is even created
     with _InferProgress(enabled=not args.json) as bar, progress_listener(bar.update):
         return batch_inference(model=args.model, task=args.task, input=args.input, output=args.output,
                                text_column=args.text_column, columns=columns,
@@ -120,7 +125,8 @@ def _infer(args) -> dict:
                                shard_rows=args.shard_rows, on_bad_row=args.on_bad_row,
                                candidate_labels=split(args.labels), top_k=args.top_k,
                                max_answer_len=args.max_answer_len,
-                               handle_impossible_answer=args.handle_impossible_answer, store=args.store)
+                               handle_impossible_answer=args.handle_impossible_answer, store=args.store,
+                               task_runner=args.task_runner, dask_address=args.dask_address)
 
 
 class _InferProgress:

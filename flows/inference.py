@@ -1,14 +1,17 @@
 """Bulk pipeline inference over Parquet as a Prefect flow: plan → one task per shard → check → manifest."""
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
-from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.context import FlowRunContext
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
+from tasks.errors import ConfigError
 from tasks.inference.predictors import TaskOptions
 from tasks.inference.prefect_tasks import infer_shard_task
 from tasks.inference.runner import build_spec, finalize, prepare_output, quarantine_files
@@ -36,6 +39,63 @@ def _notify(event: dict) -> None:
         callback(event)
 
 
+TASK_RUNNERS = ("threads", "dask")
+DASK_LOCAL_WORKERS = 2
+_THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def check_task_runner(task_runner: str, dask_address: str | None = None) -> None:
+    if task_runner not in TASK_RUNNERS:
+        raise ConfigError(f"task_runner must be one of {TASK_RUNNERS}, got {task_runner!r}")
+    if dask_address and task_runner != "dask":
+        raise ConfigError(f"dask_address ({dask_address!r}) needs task_runner='dask'")
+
+
+def dask_task_runner(address: str | None = None, n_workers: int = DASK_LOCAL_WORKERS) -> TaskRunner:
+    """A prefect-dask runner: connected to the scheduler at `address`, or else on a temporary
+    `LocalCluster` of `n_workers` processes with one task thread each, whose torch threads share this
+    machine's cores between them (Dask's default would leave each worker one thread)."""
+    from prefect_dask import DaskTaskRunner
+
+    if address:
+        return DaskTaskRunner(address=address)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = str(max(1, cores // n_workers))
+    return DaskTaskRunner(cluster_kwargs={"n_workers": n_workers, "threads_per_worker": 1, "processes": True,
+                                          "host": "127.0.0.1", "dashboard_address": None,
+                                          "env": dict.fromkeys(_THREAD_VARIABLES, threads)})
+
+
+@contextmanager
+def shard_runner(task_runner: str = "threads", dask_address: str | None = None) -> Iterator[TaskRunner]:
+    """The task runner the shards are submitted to: the flow's own thread pool, or a Dask cluster
+    (started here and closed on exit when it is a `LocalCluster`)."""
+    check_task_runner(task_runner, dask_address)
+    if task_runner == "threads":
+        yield FlowRunContext.get().task_runner
+        return
+    with _api_for_workers(), dask_task_runner(dask_address) as runner:
+        yield runner
+
+
+@contextmanager
+def _api_for_workers() -> Iterator[None]:
+    """Dask workers report their task runs to this flow's Prefect API, whose URL travels with each task
+    run's settings. Without `PREFECT_API_URL` this process runs a temporary server: give the workers its
+    URL, or each of them would start a temporary server of its own."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if not PREFECT_API_URL.value():
+        from prefect.server.api.server import SubprocessASGIServer
+
+        server = SubprocessASGIServer()  # the one this process's client started
+        if server.running:
+            with temporary_settings({PREFECT_API_URL: server.api_url}):
+                yield
+            return
+    yield
+
+
 # Two workers: while one shard computes (the model holds a lock, torch uses every core), the other
 # reads or writes Parquet.
 @flow(name="batch_inference", task_runner=ThreadPoolTaskRunner(max_workers=2))
@@ -43,7 +103,8 @@ def batch_inference(model: str, task: str, input: str, output: str, text_column:
                     columns: dict[str, str] | None = None, keep_columns: list[str] | None = None,
                     batch_tokens: int = 8192, shard_rows: int = 10_000, on_bad_row: str = "fail",
                     candidate_labels: list[str] | None = None, top_k: int = 5, max_answer_len: int = 15,
-                    handle_impossible_answer: bool = False, store: str | None = None) -> dict:
+                    handle_impossible_answer: bool = False, store: str | None = None,
+                    task_runner: str = "threads", dask_address: str | None = None) -> dict:
     """Run `model` (`NAME[@VERSION]` from the registry in `store`, a local directory or a hub id) over
     the Parquet rows of `input` and write predictions as Parquet parts plus `_manifest.json` to `output`.
 
@@ -52,7 +113,14 @@ def batch_inference(model: str, task: str, input: str, output: str, text_column:
     `row_id` is always added). Bad rows fail the run or, with `on_bad_row="quarantine"`, go to
     `_quarantine/` (and unreadable input files to `_quarantine/_files.parquet`, listed in the manifest).
     A rerun into the same `output` computes only the shards not committed yet.
+
+    `task_runner="dask"` runs the shards on a Dask cluster (prefect-dask): the scheduler at
+    `dask_address`, or else a temporary `LocalCluster` of 2 worker processes, each loading the model
+    once. The output is the same as with the default thread pool. The workers of a remote cluster
+    need this package, access to the model, `input` and `output` (e.g. `s3://`), and a Prefect API they
+    can reach (`PREFECT_API_URL`; without it, this process's temporary server on 127.0.0.1).
     """
+    check_task_runner(task_runner, dask_address)
     logger = get_run_logger()
     started = time.perf_counter()
     corrupt = [] if on_bad_row == "quarantine" else None  # unreadable files: set aside, or fail the run
@@ -70,14 +138,16 @@ def batch_inference(model: str, task: str, input: str, output: str, text_column:
     progress = create_progress_artifact(0.0, key="batch-inference-progress", description=f"Shards of {output}")
     total = sum(s.num_rows for s in shards)
     _notify({"done": 0, "shards": len(shards), "rows_done": 0, "rows": total, "skipped": False})
-    futures = [infer_shard_task.submit(shard, spec) for shard in shards]
     entries, rows_done = [], 0
-    for shard, future in zip(shards, futures):
-        entries.append(future.result())
-        rows_done += shard.num_rows
-        update_progress_artifact(progress, 100.0 * len(entries) / len(futures))
-        _notify({"done": len(entries), "shards": len(shards), "rows_done": rows_done, "rows": total,
-                 "skipped": bool(entries[-1].get("skipped"))})
+    with shard_runner(task_runner, dask_address) as runner:
+        # what `infer_shard_task.submit(shard, spec)` does, on the chosen runner
+        futures = [runner.submit(infer_shard_task, {"shard": shard, "spec": spec}) for shard in shards]
+        for shard, future in zip(shards, futures):
+            entries.append(future.result())
+            rows_done += shard.num_rows
+            update_progress_artifact(progress, 100.0 * len(entries) / len(futures))
+            _notify({"done": len(entries), "shards": len(shards), "rows_done": rows_done, "rows": total,
+                     "skipped": bool(entries[-1].get("skipped"))})
     manifest = finalize(spec, files, shards, entries, time.perf_counter() - started, corrupt)
     computed = sum(e["rows"] + e["quarantined"] for e in entries if not e.get("skipped"))
     rows_per_s = computed / manifest["seconds"] if manifest["seconds"] else 0.0

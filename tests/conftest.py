@@ -57,6 +57,21 @@ def sst2_split(data_dir, tmp_path_factory) -> tuple[Path, Path]:
     return out / "train.parquet", out / "eval.parquet"
 
 
+@pytest.fixture(scope="session")
+def classifier(minilm, tmp_path_factory) -> str:
+    """MiniLM with a new, seeded 2-label head (random, but fixed: enough to compare with `pipeline`)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("classifier")
+    model = AutoModelForSequenceClassification.from_pretrained(
+        minilm, num_labels=2, id2label={0: "NEGATIVE", 1: "POSITIVE"}, label2id={"NEGATIVE": 0, "POSITIVE": 1})
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(minilm).save_pretrained(out)
+    return str(out)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
