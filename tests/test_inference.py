@@ -22,21 +22,6 @@ from tasks.models import resolve_model
 NER_LABELS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC"]
 
 
-@pytest.fixture(scope="module")
-def classifier(minilm, tmp_path_factory) -> str:
-    """MiniLM with a new, seeded 2-label head (random, but fixed: enough to compare with pipeline)."""
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("classifier")
-    model = AutoModelForSequenceClassification.from_pretrained(
-        minilm, num_labels=2, id2label={0: "NEGATIVE", 1: "POSITIVE"}, label2id={"NEGATIVE": 0, "POSITIVE": 1})
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(minilm).save_pretrained(out)
-    return str(out)
-
-
 def test_token_budget_batches_cover_every_row_once_with_little_padding():
     rng = np.random.default_rng(0)
     lengths = np.concatenate([rng.integers(3, 40, 300), rng.integers(100, 513, 100), [512] * 30])
@@ -493,82 +478,53 @@ def test_s3_input_and_output(prefect_harness, s3, classifier, mixed):
     assert rerun["shards_skipped"] == 3
 
 
-class FlakyProxy:
-    """A TCP forwarder on 127.0.0.1 in front of the S3 server: `down()` resets every open connection and
-    every new one (as a server that went away) until `up()`; the server's objects survive meanwhile."""
+class RestartableS3:
+    """moto's S3 server on 127.0.0.1, in this process so its objects outlive a restart of the server (as a
+    real S3 service's data outlives a restart of its front end). `stop()` closes the listening socket and
+    every open connection: clients get refused or reset until `start()` listens on the same port again."""
 
-    def __init__(self, target_port: int):
-        import socket
+    def __init__(self):
+        from tests.conftest import free_port
+
+        self.port, self.server, self.conns = free_port(), None, []
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "RestartableS3":
         import threading
 
-        self.target_port, self.is_down, self.refused, self.conns = target_port, False, 0, set()
-        self.lock = threading.Lock()
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(128)
-        self.endpoint = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        threading.Thread(target=self._accept, daemon=True).start()
+        from moto.server import DomainDispatcherApplication, create_backend_app
+        from werkzeug.serving import make_server
 
-    @staticmethod
-    def _reset(conn) -> None:
+        self.server = make_server("127.0.0.1", self.port, DomainDispatcherApplication(create_backend_app),
+                                  threaded=True)
+        accept = self.server.get_request
+
+        def get_request():
+            conn, addr = accept()
+            self.conns.append(conn)
+            return conn, addr
+
+        self.server.get_request = get_request
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
         import socket
-        import struct
 
-        try:
-            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            conn.close()
-        except OSError:
-            pass
-
-    def _accept(self) -> None:
-        import socket
-        import threading
-
-        while True:
+        self.server.shutdown()  # the accept loop ends and closes the listening socket
+        for conn in self.conns:
             try:
-                client, _ = self.sock.accept()
+                conn.shutdown(socket.SHUT_RDWR)
             except OSError:
-                return
-            if self.is_down:
-                self.refused += 1
-                self._reset(client)
-                continue
-            upstream = socket.create_connection(("127.0.0.1", self.target_port))
-            with self.lock:
-                self.conns |= {client, upstream}
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    def _pump(self, src, dst) -> None:
-        try:
-            while data := src.recv(1 << 16):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for conn in (src, dst):
-                self._reset(conn)
-                with self.lock:
-                    self.conns.discard(conn)
-
-    def down(self) -> None:
-        self.is_down = True
-        with self.lock:
-            conns, self.conns = list(self.conns), set()
-        for conn in conns:
-            self._reset(conn)
-
-    def up(self) -> None:
-        self.is_down = False
-
-    def close(self) -> None:
-        self.sock.close()
-        self.down()
+                pass
+        self.conns = []
 
 
-def test_s3_outage_mid_run_is_carried_by_retries(prefect_harness, s3, classifier, mixed, monkeypatch):
-    """The S3 endpoint goes away for 4 s once some shards are committed (every connection reset), then
-    comes back: transient-error retries carry the run through, and every row is in the output once."""
+def test_s3_server_restart_mid_run_is_carried_by_retries(prefect_harness, classifier, mixed, monkeypatch):
+    """The S3 server stops for 4 s once some shards are committed (connections refused and reset), then
+    starts again: retries (botocore's, then the task's) carry the run through, every row is in the
+    output once."""
+    import socket
     import threading
 
     import boto3
@@ -576,37 +532,45 @@ def test_s3_outage_mid_run_is_carried_by_retries(prefect_harness, s3, classifier
 
     from flows.inference import batch_inference
 
-    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3.endpoint})
-    fs.put(str(mixed), "hfbatch/input/mixed.parquet")
-    proxy = FlakyProxy(s3.port)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
-    s3fs.S3FileSystem.clear_instance_cache()
-    direct = boto3.client("s3", endpoint_url=s3.endpoint)
+    server = RestartableS3().start()
     outage = {}
 
-    def break_mid_run():
+    def restart_mid_run(client):
         deadline = time.time() + 120
         while time.time() < deadline:
-            listed = direct.list_objects_v2(Bucket="hfbatch", Prefix="predictions/_markers/")
+            listed = client.list_objects_v2(Bucket="hfbatch", Prefix="predictions/_markers/")
             if listed.get("KeyCount", 0) >= 3:
                 outage["markers_before"] = listed["KeyCount"]
-                proxy.down()
+                server.stop()
                 time.sleep(4)
-                outage["refused"] = proxy.refused
-                proxy.up()
+                try:  # really down: connections are refused
+                    socket.create_connection(("127.0.0.1", server.port), timeout=1).close()
+                except ConnectionRefusedError:
+                    outage["refused"] = True
+                server.start()
+                outage["restarted"] = True
                 return
             time.sleep(0.05)
 
-    breaker = threading.Thread(target=break_mid_run, daemon=True)
-    breaker.start()
     try:
+        for name, value in {"AWS_ENDPOINT_URL": server.endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+            monkeypatch.setenv(name, value)
+        s3fs.S3FileSystem.clear_instance_cache()
+        client = boto3.client("s3", endpoint_url=server.endpoint)
+        client.create_bucket(Bucket="hfbatch")
+        fs = s3fs.S3FileSystem()
+        fs.put(str(mixed), "hfbatch/input/mixed.parquet")
+        restarter = threading.Thread(target=restart_mid_run, args=(client,), daemon=True)
+        restarter.start()
         summary = batch_inference(model=classifier, task="text-classification", input="s3://hfbatch/input",
                                   output="s3://hfbatch/predictions", shard_rows=10)
+        restarter.join(10)
+        assert outage.get("restarted") and outage.get("refused") and outage["markers_before"] < 23, f"the restart missed the run: {outage}"
+        assert (summary["rows"], summary["rows_out"], summary["shards"]) == (230, 230, 23)
+        parts = sorted(fs.glob("hfbatch/predictions/part-*.parquet"))
+        ids = pa.concat_tables([pq.read_table(fs.open(f, "rb")) for f in parts]).column("idx").to_pylist()
+        assert ids == list(range(230)) and len(parts) == 23
     finally:
-        breaker.join(10)
-        proxy.close()
-    assert outage.get("refused", 0) > 0 and outage["markers_before"] < 23, f"the outage missed the run: {outage}"
-    assert (summary["rows"], summary["rows_out"], summary["shards"]) == (230, 230, 23)
-    parts = sorted(fs.glob("hfbatch/predictions/part-*.parquet"))
-    ids = pa.concat_tables([pq.read_table(fs.open(f, "rb")) for f in parts]).column("idx").to_pylist()
-    assert ids == list(range(230)) and len(parts) == 23
+        s3fs.S3FileSystem.clear_instance_cache()
+        server.stop()

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from prefect.tasks import exponential_backoff
 
-from ..prefect_tasks import is_transient
+from ..prefect_tasks import IO_RETRIES
 from .runner import InferSpec, run_shard
 from .shards import Shard
 
 
 @task(name="infer-shard", task_run_name="shard-{shard.index}", cache_policy=NO_CACHE, persist_result=False,
-      retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.5,
-      retry_condition_fn=is_transient)
+      **IO_RETRIES)
 def infer_shard_task(shard: Shard, spec: InferSpec) -> dict:
     """Predict and commit one shard; returns its small manifest entry."""
     return run_shard(shard, spec)
