@@ -386,6 +386,21 @@ def test_corrupt_file_quarantined_or_named(classifier, with_bad_rows, tmp_path):
     assert pq.read_table(out).num_rows == 57
 
 
+def test_corrupt_data_page_names_file_and_row_group(classifier, with_bad_rows, tmp_path):
+    """A valid footer over a damaged data page: the error names the file and row group (and keeps the
+    OSError type that Prefect retries, since a network read fails the same way)."""
+    data = bytearray(with_bad_rows.read_bytes())
+    chunk = pq.ParquetFile(with_bad_rows).metadata.row_group(1).column(0)
+    for k in range(chunk.data_page_offset, chunk.data_page_offset + 40):
+        data[k] ^= 0xFF
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "damaged.parquet").write_bytes(bytes(data))
+    with pytest.raises(OSError, match=r"damaged\.parquet.*row group 1"):
+        run_local("text-classification", resolve_model(classifier), str(tmp_path / "in"), str(tmp_path / "out"),
+                  shard_rows=30, on_bad_row="quarantine")
+    assert len(list((tmp_path / "out").glob("part-*.parquet"))) == 1  # row group 0 committed, kept
+
+
 def test_bad_row_fails_naming_file_row_group_and_row(classifier, with_bad_rows, tmp_path):
     with pytest.raises(DataError, match=r"bad\.parquet.*row group 0, row 13 .*null 'text'"):
         run_local("text-classification", resolve_model(classifier), str(with_bad_rows), str(tmp_path / "out"),

@@ -8,6 +8,7 @@ always gives the same shards, with the same keys, in the same order.
 from __future__ import annotations
 
 import hashlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -191,12 +192,27 @@ def iter_shard_batches(shard: Shard, columns: list[str], batch_rows: int = 4096
             rg_rows = pf.metadata.row_group(rg).num_rows
             lo, hi = max(shard.start - offset, 0), min(shard.stop - offset, rg_rows)
             pos = 0
-            for batch in pf.iter_batches(batch_size=batch_rows, row_groups=[rg], columns=columns):
-                a, b = max(lo - pos, 0), min(hi - pos, batch.num_rows)
-                if b > a:
-                    yield rg, pos + a, batch.slice(a, b - a)
-                pos += batch.num_rows
-                if pos >= hi:
-                    break
+            with _naming(shard.file, rg):
+                for batch in pf.iter_batches(batch_size=batch_rows, row_groups=[rg], columns=columns):
+                    a, b = max(lo - pos, 0), min(hi - pos, batch.num_rows)
+                    if b > a:
+                        yield rg, pos + a, batch.slice(a, b - a)
+                    pos += batch.num_rows
+                    if pos >= hi:
+                        break
             offset += rg_rows
+
+
+@contextmanager
+def _naming(url: str, row_group: int) -> Iterator[None]:
+    """Errors while decoding a row group name the file and row group. Invalid data is a `DataError`;
+    a plain `OSError` (a corrupt page, as from a network read) keeps its type, so it is retried."""
+    try:
+        yield
+    except pa.ArrowInvalid as e:
+        raise DataError(f"corrupt Parquet data in {url!r}, row group {row_group}: {e}") from e
+    except OSError as e:
+        if type(e) is not OSError:
+            raise
+        raise OSError(f"reading {url!r}, row group {row_group}: {e}") from e
 
