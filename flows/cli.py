@@ -58,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--top-k", type=int, default=5, help="fill-mask: tokens per row")
     i.add_argument("--max-answer-len", type=int, default=15, help="question-answering: longest answer, in tokens")
     i.add_argument("--handle-impossible-answer", action="store_true", help="question-answering: allow no answer")
+    i.add_argument("--precision", default="auto", metavar="auto|int8",
+                   help="auto: exact, fp32 on CPU and bf16/fp16 on CUDA; int8: quantized linear layers on CPU "
+                   "(faster, approximate scores)")
     i.add_argument("--task-runner", default="threads", metavar="threads|dask",
                    help="run the shards on this process's threads, or on a Dask cluster (prefect-dask)")
     i.add_argument("--dask-address", help="with --task-runner dask: an existing scheduler, e.g. tcp://host:8786 "
@@ -126,7 +129,8 @@ def _infer(args) -> dict:
                                candidate_labels=split(args.labels), top_k=args.top_k,
                                max_answer_len=args.max_answer_len,
                                handle_impossible_answer=args.handle_impossible_answer, store=args.store,
-                               task_runner=args.task_runner, dask_address=args.dask_address)
+                               task_runner=args.task_runner, dask_address=args.dask_address,
+                               precision=args.precision)
 
 
 class _InferProgress:

@@ -174,6 +174,27 @@ def conll(data_dir, tmp_path_factory) -> Path:
     return path
 
 
+def test_int8_precision_quantizes_and_stays_close(minilm, mixed, tmp_path):
+    """`precision="int8"`: the linear layers run quantized, and the embeddings of the real MiniLM stay
+    close to the exact ones (a broken quantization would scatter them)."""
+    ref = resolve_model(minilm)
+    embeddings = {}
+    for precision in ("auto", "int8"):
+        run_local("feature-extraction", ref, str(mixed), str(tmp_path / precision), shard_rows=120,
+                  options=predictors.TaskOptions(precision=precision))
+        embeddings[precision] = np.stack(pq.read_table(tmp_path / precision).column("embedding").to_numpy(
+            zero_copy_only=False))
+    exact, fast = embeddings["auto"], embeddings["int8"]
+    cosine = (exact * fast).sum(1) / np.linalg.norm(exact, axis=1) / np.linalg.norm(fast, axis=1)
+    assert cosine.min() > 0.9 and cosine.mean() > 0.96 and not np.allclose(exact, fast, atol=1e-4)
+    quantized = predictors.get_predictor("feature-extraction", ref, predictors.TaskOptions(precision="int8"))
+    linear = [type(m).__module__ for m in quantized.model.modules() if type(m).__name__ == "Linear"]
+    assert linear and all(".quantized" in m for m in linear), linear
+    with pytest.raises(ConfigError, match="precision must be one of"):
+        run_local("feature-extraction", ref, str(mixed), str(tmp_path / "bad"),
+                  options=predictors.TaskOptions(precision="int4"))
+
+
 def test_token_classification_matches_pipeline(tiny_models, conll, tmp_path):
     from transformers import pipeline
 

@@ -33,7 +33,7 @@ from ..errors import ConfigError, DataError, HfbatchError
 from ..fingerprint import digest
 from ..models import ModelRef
 from ..store import Store
-from .predictors import PREDICTORS, TaskOptions, canonical_task, get_predictor, input_names
+from .predictors import PRECISIONS, PREDICTORS, TaskOptions, canonical_task, get_predictor, input_names
 from .shards import InputFile, Shard, input_fingerprint, iter_shard_batches, read_footer
 
 ID_COLUMNS = ("id", "idx")
@@ -91,6 +91,8 @@ def build_spec(task: str, model: ModelRef, output: str, files: list[InputFile], 
     """
     task = canonical_task(task)
     PREDICTORS[task].check_options(options)
+    if options.precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {PRECISIONS}, got {options.precision!r}")
     if on_bad_row not in BAD_ROW_POLICIES:
         raise ConfigError(f"on_bad_row must be one of {BAD_ROW_POLICIES}, got {on_bad_row!r}")
     if batch_tokens < 1:
