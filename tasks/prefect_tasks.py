@@ -6,6 +6,7 @@ every machine that uses the same store.
 """
 from __future__ import annotations
 
+import base64
 from dataclasses import asdict
 
 from prefect import task
@@ -13,7 +14,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.filesystems import LocalFileSystem, RemoteFileSystem
 from prefect.tasks import exponential_backoff
 
-from . import evaluation, ingest as ingest_mod, registry, tokenization, train as train_mod
+from . import evaluation, ingest as ingest_mod, plots, registry, tokenization, train as train_mod
 from .errors import HfbatchError
 from .fingerprint import digest
 from .store import Store
@@ -88,12 +89,14 @@ def evaluate_task(model, data, store_url: str, metrics: tuple[str, ...], artifac
 @task(name="register", cache_key_fn=_key("register"), **CACHED, **IO_RETRIES)
 def register_task(trained, evaluated, store_url: str, name: str, metric: str, margin: float,
                   champion_score: float | None):
-    reg = registry.Registry(Store(store_url), name).register(trained, evaluated, metric, margin, champion_score)
+    store = Store(store_url)
+    reg = registry.Registry(store, name).register(trained, evaluated, metric, margin, champion_score)
     create_markdown_artifact(
         key=f"{_slug(name)}-registration",
         markdown=f"# {name} v{reg.version}\n\n- promoted: **{reg.promoted}** (champion: v{reg.champion})\n"
                  f"- reason: {reg.reason}\n- location: `{reg.uri}`\n",
         description=f"Registration of {name} v{reg.version}")
+    publish_training_artifacts(store, name, reg.version)
     return reg
 
 
@@ -106,6 +109,55 @@ def publish_eval_artifacts(result: evaluation.EvalResult, key: str) -> None:
                           table=evaluation.per_class_table(result))
     create_markdown_artifact(key=f"{slug}-confusion-matrix", description="Confusion matrix",
                              markdown="# Confusion matrix\n\n" + evaluation.confusion_markdown(result))
+
+
+def publish_training_artifacts(store: Store, name: str, version: str) -> dict[str, str]:
+    """The training-loss curve and the model card of the registered version `name` v`version` as
+    markdown artifacts with stable keys `<name>-loss-curve` and `<name>-model-card`.
+
+    The curve is rendered from the version's `train_log.json` and written to the store as
+    `models/<name>/<version>/loss_curve.png`; the artifact embeds it as a `data:image/png` URI (both
+    Prefect UIs render those in markdown, so the dashboard needs no access to the store) and names
+    the PNG's store URI. Returns {artifact key: artifact markdown}.
+    """
+    version_key = registry.Registry(store, name).version_key(version)
+    title, slug = f"{name} v{version}", _slug(name)
+    log_key = f"{version_key}/train_log.json"
+    log_history = store.read_json(log_key) if store.exists(log_key) else []
+    png = plots.loss_curve_png(log_history, title=f"{title}: training loss")
+    png_key = f"{version_key}/loss_curve.png"
+    store.write_bytes(png_key, png)
+    curve = loss_curve_markdown(title, log_history, png, store.uri(png_key))
+    card = card_markdown(store.fs.cat_file(store.uri(f"{version_key}/README.md")).decode())
+    artifacts = {f"{slug}-loss-curve": curve, f"{slug}-model-card": card}
+    create_markdown_artifact(key=f"{slug}-loss-curve", markdown=curve, description=f"Training loss of {title}")
+    create_markdown_artifact(key=f"{slug}-model-card", markdown=card, description=f"Model card of {title}")
+    return artifacts
+
+
+def loss_curve_markdown(title: str, log_history: list[dict], png: bytes, png_uri: str) -> str:
+    points, mean = plots.loss_points(log_history), plots.final_train_loss(log_history)
+    lines = [f"# {title}: training loss", "",
+             f"![Training loss of {title}](data:image/png;base64,{base64.b64encode(png).decode()})", ""]
+    if points:
+        lines.append(f"- logged loss: {points[0][1]:.4f} at step {points[0][0]} → {points[-1][1]:.4f} "
+                     f"at step {points[-1][0]} ({len(points)} points)")
+    else:
+        lines.append("- no per-step loss logged (fewer steps than `logging_steps`)")
+    if mean is not None:
+        lines.append(f"- mean training loss: {mean:.4f}")
+    lines.append(f"- PNG in the store: `{png_uri}`")
+    return "\n".join(lines) + "\n"
+
+
+def card_markdown(card: str) -> str:
+    """A model card (README.md) for a markdown renderer: its YAML front matter, which a renderer
+    would show as a heading, becomes a YAML code block."""
+    if card.startswith("---\n"):
+        end = card.find("\n---\n", 4)
+        if end != -1:
+            return f"```yaml\n{card[4:end + 1]}```\n{card[end + 5:]}"
+    return card
 
 
 def _slug(text: str) -> str:

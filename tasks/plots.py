@@ -1,0 +1,65 @@
+"""Plots for the dashboard: small PNGs rendered with matplotlib's Agg backend.
+
+Figures are built with `matplotlib.figure.Figure` and an Agg canvas, never through `pyplot`: no
+global state, no GUI backend, and safe in the threads that Prefect runs tasks in.
+"""
+from __future__ import annotations
+
+import io
+import math
+
+
+def loss_points(log_history: list[dict], key: str = "loss") -> list[tuple[int, float]]:
+    """(step, value) of every finite `key` entry of a Trainer `log_history`, by step."""
+    points = {}
+    for entry in log_history:
+        value, step = entry.get(key), entry.get("step")
+        if isinstance(value, (int, float)) and isinstance(step, (int, float)) and math.isfinite(value):
+            points[int(step)] = float(value)
+    return sorted(points.items())
+
+
+def final_train_loss(log_history: list[dict]) -> float | None:
+    """The mean training loss the Trainer logs once at the end (`train_loss`), if finite."""
+    values = [e["train_loss"] for e in log_history if isinstance(e.get("train_loss"), (int, float))]
+    return float(values[-1]) if values and math.isfinite(values[-1]) else None
+
+
+def loss_curve_png(log_history: list[dict], title: str = "Training loss", width: float = 6.0,
+                   height: float = 3.0, dpi: int = 80) -> bytes:
+    """A PNG (`width` x `height` inches at `dpi`: 480x240 pixels by default) of the training loss
+    per logged step in a `transformers` Trainer `log_history` (the model's `train_log.json`), with
+    `eval_loss` if it was logged and the run's mean training loss as a dashed line.
+
+    A run shorter than its `logging_steps` logs no per-step loss; the PNG then says so.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(width, height), dpi=dpi, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    train, evals, mean = loss_points(log_history), loss_points(log_history, "eval_loss"), final_train_loss(log_history)
+    if train:
+        steps, losses = zip(*train)
+        ax.plot(steps, losses, marker="o" if len(train) <= 30 else None, markersize=3, linewidth=1.5,
+                label="training loss")
+    if evals:
+        steps, losses = zip(*evals)
+        ax.plot(steps, losses, marker="s", markersize=3, linewidth=1.5, label="eval loss")
+    if mean is not None:
+        ax.axhline(mean, color="grey", linestyle="--", linewidth=1, label=f"mean training loss {mean:.4f}")
+    if not train and not evals:
+        last_step = max((int(e["step"]) for e in log_history if isinstance(e.get("step"), (int, float))), default=0)
+        ax.set_xlim(0, max(last_step, 1))
+        ax.text(0.5, 0.5, "no per-step loss logged\n(fewer steps than logging_steps)", ha="center",
+                va="center", transform=ax.transAxes, color="grey")
+    if train or evals or mean is not None:
+        ax.legend(loc="upper right", fontsize="small", frameon=False)
+    ax.set(title=title, xlabel="step", ylabel="loss")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(True, alpha=0.3)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, metadata={"Software": None})
+    return buf.getvalue()

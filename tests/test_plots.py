@@ -1,0 +1,169 @@
+"""Dashboard artifacts of a registered model: the loss-curve PNG and the model card, published through a
+real Prefect API (no training: a real Trainer log history and a real model card stand in for one)."""
+import base64
+import io
+import json
+import re
+import uuid
+
+import pytest
+from prefect import flow
+
+from tasks.card import write_model_card
+from tasks.evaluation import EvalResult
+from tasks.plots import loss_curve_png, loss_points
+from tasks.prefect_tasks import card_markdown, publish_training_artifacts, register_task
+from tasks.registry import Registry
+from tasks.store import Store
+from tasks.train import TrainedModel
+
+# `train_log.json` of the 5-step run in test_train.py (logging_steps=2): the Trainer's log_history
+LOG_HISTORY = [
+    {"loss": 0.6946556568145752, "grad_norm": 0.5447663068771362, "learning_rate": 4e-05, "epoch": 0.4, "step": 2},
+    {"loss": 0.69144606590271, "grad_norm": 0.8709468245506287, "learning_rate": 2e-05, "epoch": 0.8, "step": 4},
+    {"train_runtime": 23.8948, "train_samples_per_second": 3.348, "train_steps_per_second": 0.209,
+     "total_flos": 157537595904.0, "train_loss": 0.6937498092651367, "epoch": 1.0, "step": 5},
+]
+# a run shorter than logging_steps (2 steps, logging every 50) logs only the final summary
+SHORT_LOG_HISTORY = [{"train_runtime": 3.1, "train_samples_per_second": 20.6, "train_steps_per_second": 0.64,
+                      "total_flos": 1.0e9, "train_loss": 0.7012, "epoch": 1.0, "step": 2}]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def png_size(png: bytes) -> tuple[int, int]:
+    """(width, height) from the IHDR chunk, which a PNG must start with."""
+    assert png[:8] == PNG_MAGIC and png[12:16] == b"IHDR"
+    return int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+
+
+@pytest.mark.parametrize("log_history", [LOG_HISTORY, SHORT_LOG_HISTORY, []], ids=["logged", "short", "empty"])
+def test_loss_curve_png_is_a_small_decodable_png(log_history):
+    import matplotlib.image
+
+    png = loss_curve_png(log_history, title="sst2 v1: training loss")
+    assert png_size(png) == (480, 240)  # 6x3 inches at 80 dpi
+    pixels = matplotlib.image.imread(io.BytesIO(png), format="png")
+    assert pixels.shape[:2] == (240, 480)
+    assert pixels.min() < pixels.max()  # something was drawn
+    assert len(png) < 60_000
+    assert loss_curve_png(log_history, title="sst2 v1: training loss") == png  # deterministic
+
+
+def test_loss_points_are_the_logged_steps_only():
+    assert loss_points(LOG_HISTORY) == [(2, 0.6946556568145752), (4, 0.69144606590271)]
+    assert loss_points(SHORT_LOG_HISTORY) == [] and loss_points([{"loss": float("nan"), "step": 1}]) == []
+
+
+def test_card_front_matter_becomes_a_code_block():
+    card = "---\nlibrary_name: transformers\ntags: [hfbatch]\n---\n\n# m v1\n\ntext\n"
+    assert card_markdown(card) == "```yaml\nlibrary_name: transformers\ntags: [hfbatch]\n```\n\n# m v1\n\ntext\n"
+    assert card_markdown("# no front matter\n") == "# no front matter\n"
+
+
+def _trained(store: Store, run_key: str, log_history: list) -> TrainedModel:
+    """A trained model committed to `store` as train() leaves it (weights aside): train_log.json + card."""
+    trained = TrainedModel(
+        store=store.url, key=f"runs/{run_key}/model", run_key=run_key, base_model="sentence-transformers/all-MiniLM-L6-v2",
+        base_revision=None, base_fingerprint="f" * 16, dataset_fingerprint="d" * 16, label_names=("negative", "positive"),
+        config={"batch_size": 16, "epochs": 1.0, "learning_rate": 5e-05}, device="cpu", precision="fp32", global_step=5,
+        resumed_from_step=0, train_samples=80, train_samples_per_second=3.348, train_loss=LOG_HISTORY[-1]["train_loss"])
+    with store.staging(trained.key) as tmp:
+        (tmp / "train_log.json").write_text(json.dumps(log_history))
+        write_model_card(tmp, trained)
+    return trained
+
+
+def _evaluated(store: Store) -> EvalResult:
+    return EvalResult(store=store.url, key="evals/x", model="m", model_fingerprint="m" * 16,
+                      dataset_fingerprint="e" * 16, num_rows=800, label_names=("negative", "positive"),
+                      metrics={"accuracy": 0.5, "f1": 0.4}, per_class={}, confusion_matrix=[[1, 1], [1, 1]])
+
+
+def _latest_artifacts(*keys: str) -> dict:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=list(keys))))
+    latest = {}
+    for artifact in sorted(found, key=lambda a: a.created):
+        latest[artifact.key] = artifact
+    return latest
+
+
+def test_publish_training_artifacts_creates_loss_curve_and_card(prefect_harness, tmp_path):
+    store = Store(str(tmp_path / "store"))
+    name = f"Plots_{uuid.uuid4().hex[:8]}"  # a key of its own in the session's Prefect API
+    reg = Registry(store, name).register(_trained(store, "r1", LOG_HISTORY), _evaluated(store))
+
+    @flow(name="publish-test")
+    def publish():
+        return publish_training_artifacts(store, name, reg.version)
+
+    published = publish()
+
+    slug = name.lower().replace("_", "-")
+    keys = {f"{slug}-loss-curve", f"{slug}-model-card"}
+    assert set(published) == keys
+    artifacts = _latest_artifacts(*keys)
+    assert set(artifacts) == keys and all(a.type == "markdown" and a.flow_run_id for a in artifacts.values())
+
+    png_path = tmp_path / "store" / "models" / name / "1" / "loss_curve.png"
+    png = png_path.read_bytes()
+    assert png_size(png) == (480, 240)
+    curve = artifacts[f"{slug}-loss-curve"]
+    assert curve.description == f"Training loss of {name} v1"
+    embedded = re.search(r"!\[[^\]]*\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", curve.data)
+    assert embedded and base64.b64decode(embedded.group(1)) == png  # the UI shows it without the store
+    assert f"`{store.uri(f'models/{name}/1/loss_curve.png')}`" in curve.data
+    assert "0.6947 at step 2 → 0.6914 at step 4 (2 points)" in curve.data and "mean training loss: 0.6937" in curve.data
+    assert not list(png_path.parent.glob("*.tmp-*"))  # written atomically
+
+    card = artifacts[f"{slug}-model-card"]
+    readme = (png_path.parent / "README.md").read_text()
+    assert card.data == card_markdown(readme) and card.data.startswith("```yaml\nlibrary_name: transformers\n")
+    assert f"# {name} v1" in card.data and "| accuracy | 0.5000 |" in card.data
+    assert card.description == f"Model card of {name} v1"
+
+
+def test_register_task_publishes_dashboard_artifacts_for_a_short_run(prefect_harness, tmp_path):
+    """The task the train flow calls publishes registration, loss curve and card, even for a run that
+    logged no per-step loss (the flow tests' 2-step run)."""
+    store = Store(str(tmp_path / "store"))
+    name = f"short-{uuid.uuid4().hex[:8]}"
+    trained, evaluated = _trained(store, "r2", SHORT_LOG_HISTORY), _evaluated(store)
+
+    @flow(name="register-test")
+    def register():
+        return register_task(trained, evaluated, store.url, name, "accuracy", 0.0, None)
+
+    reg = register()
+    assert (reg.version, reg.promoted) == ("1", True)
+    artifacts = _latest_artifacts(f"{name}-registration", f"{name}-loss-curve", f"{name}-model-card")
+    assert set(artifacts) == {f"{name}-registration", f"{name}-loss-curve", f"{name}-model-card"}
+    assert "no per-step loss logged" in artifacts[f"{name}-loss-curve"].data
+    assert all(a.task_run_id and a.flow_run_id for a in artifacts.values())  # created inside the task run
+    png = (tmp_path / "store" / "models" / name / "1" / "loss_curve.png").read_bytes()
+    assert png_size(png) == (480, 240)
+
+
+def test_publish_training_artifacts_on_s3_store(prefect_harness, s3):
+    """On an S3 store (a real S3 server, moto) the PNG is PUT next to the version's files and the card
+    is read from S3."""
+    import s3fs
+
+    store = Store("s3://hfbatch/store")
+    name = f"s3-{uuid.uuid4().hex[:8]}"
+    reg = Registry(store, name).register(_trained(store, "r3", LOG_HISTORY), _evaluated(store))
+
+    @flow(name="publish-s3-test")
+    def publish():
+        return publish_training_artifacts(store, name, reg.version)
+
+    published = publish()
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3.endpoint})
+    png = fs.cat_file(f"hfbatch/store/models/{name}/1/loss_curve.png")
+    assert png_size(png) == (480, 240)
+    assert f"`s3://hfbatch/store/models/{name}/1/loss_curve.png`" in published[f"{name}-loss-curve"]
+    assert f"# {name} v1" in published[f"{name}-model-card"]
+    assert set(_latest_artifacts(*published)) == set(published)
