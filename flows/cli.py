@@ -65,6 +65,30 @@ def _parser() -> argparse.ArgumentParser:
                    help="run the shards on this process's threads, or on a Dask cluster (prefect-dask)")
     i.add_argument("--dask-address", help="with --task-runner dask: an existing scheduler, e.g. tcp://host:8786 "
                    "(default: a temporary LocalCluster of 2 worker processes)")
+
+    s = sub.add_parser("status", help="champions, metric trends and the last flow runs (Prefect API)")
+    s.add_argument("--store", help="artifact store URL holding the model registry")
+    s.add_argument("--json", action="store_true", help="print the result as JSON only")
+    s.add_argument("--limit", type=int, default=5, help="last N runs of each deployment / flow")
+
+    v = sub.add_parser("serve", help="serve watch-data, retrain, train and batch-inference here (needs a "
+                       "Prefect server: PREFECT_API_URL)")
+    v.add_argument("--name", required=True, help="model name: retrain registers versions of it, "
+                   "batch-inference uses its champion")
+    v.add_argument("--model", required=True, help="base model to fine-tune: local directory or hub id[@revision]")
+    v.add_argument("--watch", required=True, help="labelled data prefix to watch (directory or s3://)")
+    v.add_argument("--input", required=True, help="batch-inference input (Parquet file, directory, s3://)")
+    v.add_argument("--output", required=True, help="batch-inference output; may hold {date} and {model_version}")
+    v.add_argument("--task", default="text-classification")
+    v.add_argument("--cron", default="0 2 * * *", help="batch-inference schedule")
+    v.add_argument("--watch-interval", type=float, default=300, help="seconds between looks at --watch")
+    v.add_argument("--train-param", action="append", default=[], metavar="KEY=VALUE",
+                   help="train flow parameter (value parsed as JSON when it is), e.g. max_train_samples=3000")
+    v.add_argument("--store", help="artifact store URL")
+    v.set_defaults(json=False)
+
+    d = sub.add_parser("deploy", help="prefect deploy --all of deployments/prefect.yaml (PREFECT_API_URL)")
+    d.set_defaults(json=False)
     return p
 
 
@@ -91,6 +115,12 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args) -> dict:
     if args.command == "infer":
         return _infer(args)
+    if args.command in ("serve", "deploy"):
+        return _operate(args)
+    if args.command == "status":
+        from flows.status import collect_status
+
+        return collect_status(args.store, args.limit)
     from flows.training import evaluate_flow, train_flow
 
     common = dict(text_column=args.text_column, label_column=args.label_column, max_length=args.max_length,
@@ -133,6 +163,29 @@ def _infer(args) -> dict:
                                precision=args.precision)
 
 
+def _operate(args) -> dict:
+    from flows.deploy import build_deployments, deploy_all, serve_deployments
+    from tasks.errors import ConfigError
+
+    if args.command == "deploy":
+        rc = deploy_all()
+        if rc:
+            raise ConfigError(f"prefect deploy failed (exit status {rc})")
+        return {"deployed": True}
+    params = {}
+    for item in args.train_param:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--train-param takes KEY=VALUE, got {item!r}")
+        try:
+            params[key] = json.loads(value)
+        except json.JSONDecodeError:
+            params[key] = value
+    serve_deployments(build_deployments(args.name, args.model, args.watch, args.input, args.output, args.task,
+                                        args.cron, args.watch_interval, args.store, params))
+    return {"served": True}
+
+
 class _InferProgress:
     """A progress bar on stderr over the run's rows, advanced as shards finish (not in --json mode,
     nor when stderr is not a terminal, unless HFBATCH_PROGRESS=1)."""
@@ -165,6 +218,13 @@ class _InferProgress:
 
 
 def _print_human(command: str, result: dict) -> None:
+    if command in ("serve", "deploy"):
+        return
+    if command == "status":
+        from flows.status import format_status
+
+        print(format_status(result))
+        return
     if command == "infer":
         print(f"{result['rows']} rows → {result['output']}: {result['rows_out']} predicted, "
               f"{result['quarantined']} quarantined, {result['shards_skipped']}/{result['shards']} shards "

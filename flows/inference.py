@@ -14,7 +14,7 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from tasks.errors import ConfigError
 from tasks.inference.predictors import TaskOptions
 from tasks.inference.prefect_tasks import infer_shard_task
-from tasks.inference.runner import build_spec, finalize, prepare_output, quarantine_files
+from tasks.inference.runner import build_spec, finalize, output_for, prepare_output, quarantine_files
 from tasks.inference.shards import describe_input, plan_shards
 from tasks.models import resolve_model
 from tasks.store import Store
@@ -37,6 +37,14 @@ def progress_listener(callback: Callable[[dict], None]) -> Iterator[None]:
 def _notify(event: dict) -> None:
     for callback in list(_listeners):
         callback(event)
+
+
+def _run_day() -> str:
+    """The day this run was scheduled for (UTC), e.g. 2026-11-26."""
+    from prefect.runtime import flow_run
+
+    start = flow_run.scheduled_start_time
+    return start.date().isoformat() if start else time.strftime("%Y-%m-%d", time.gmtime())
 
 
 TASK_RUNNERS = ("threads", "dask")
@@ -115,6 +123,10 @@ def batch_inference(model: str, task: str, input: str, output: str, text_column:
     `_quarantine/` (and unreadable input files to `_quarantine/_files.parquet`, listed in the manifest).
     A rerun into the same `output` computes only the shards not committed yet.
 
+    `output` may hold `{date}` (the day the run was scheduled for) and `{model_version}`, e.g.
+    `s3://bucket/predictions/{date}/v{model_version}`: a scheduled run that resolves `NAME` to a new
+    champion then writes to a new place.
+
     `precision="int8"` quantizes the model's linear layers to int8 on CPU: faster, with scores that
     differ slightly from `pipeline`'s (and so, near a decision boundary, a label now and then).
 
@@ -132,6 +144,7 @@ def batch_inference(model: str, task: str, input: str, output: str, text_column:
     options = TaskOptions(top_k=top_k, candidate_labels=tuple(candidate_labels or ()), max_answer_len=max_answer_len,
                           handle_impossible_answer=handle_impossible_answer, precision=precision)
     ref = resolve_model(model, Store(store))
+    output = output_for(output, ref, _run_day())
     spec = build_spec(task, ref, output, files, text_column, columns, keep_columns, batch_tokens, on_bad_row,
                       options)  # schema errors surface here, before any model is loaded
     shards = plan_shards(files, shard_rows)

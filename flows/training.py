@@ -1,9 +1,13 @@
 """The training chain as Prefect flows: ingest → tokenize → train → evaluate → register."""
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 
 from prefect import flow, get_run_logger
+from prefect.client.orchestration import get_client
+from prefect.concurrency.sync import concurrency
 
 from tasks.metrics import AVAILABLE
 from tasks.models import ModelRef, resolve_model
@@ -37,20 +41,21 @@ def train_flow(dataset: str, model: str, name: str, eval_dataset: str | None = N
     config = TrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
                          max_train_samples=max_train_samples, seed=seed, save_steps=save_steps).validate()
     Registry(st, name)  # validates the name before any work
-    base = resolve_model(model)
-    t = StoreTasks(st)
-    data = _ingest(t, dataset, text_column, label_column)
-    if eval_dataset:
-        eval_data = _ingest(t, eval_dataset, text_column, label_column, data.label_names)
-    else:
-        data, eval_data = t.holdout(data, t.url, eval_fraction, seed)
-    tokens = t.tokenize(data, base, t.url, max_length)
-    eval_tokens = t.tokenize(eval_data, base, t.url, max_length)
-    trained = t.train(tokens, base, t.url, config)
-    evaluated = t.evaluate(trained.model_ref(), eval_tokens, t.url, tuple(AVAILABLE), f"{name}-eval")
-    champion_score = _champion_score(t, name, trained.run_key, eval_data, evaluated.dataset_fingerprint, metric,
-                                    max_length)
-    registration = t.register(trained, evaluated, t.url, name, metric, promotion_margin, champion_score)
+    with one_training_per_name(name):
+        base = resolve_model(model)
+        t = StoreTasks(st)
+        data = _ingest(t, dataset, text_column, label_column)
+        if eval_dataset:
+            eval_data = _ingest(t, eval_dataset, text_column, label_column, data.label_names)
+        else:
+            data, eval_data = t.holdout(data, t.url, eval_fraction, seed)
+        tokens = t.tokenize(data, base, t.url, max_length)
+        eval_tokens = t.tokenize(eval_data, base, t.url, max_length)
+        trained = t.train(tokens, base, t.url, config)
+        evaluated = t.evaluate(trained.model_ref(), eval_tokens, t.url, tuple(AVAILABLE), f"{name}-eval")
+        champion_score = _champion_score(t, name, trained.run_key, eval_data, evaluated.dataset_fingerprint, metric,
+                                        max_length)
+        registration = t.register(trained, evaluated, t.url, name, metric, promotion_margin, champion_score)
     logger.info("%s v%s: %s=%.4f, champion v%s (%s)", name, registration.version, metric,
                 evaluated.metrics[metric], registration.champion, registration.reason)
     return {"name": name, "version": registration.version, "champion": registration.champion,
@@ -59,6 +64,17 @@ def train_flow(dataset: str, model: str, name: str, eval_dataset: str | None = N
             "resumed_from_step": trained.resumed_from_step,
             "train_samples_per_second": trained.train_samples_per_second, "device": trained.device,
             "precision": trained.precision, "store": st.url}
+
+
+@contextmanager
+def one_training_per_name(name: str) -> Iterator[None]:
+    """Hold the slot of a global concurrency limit of 1 named after the model: two trainings of the
+    same name never run at once, whichever deployment, worker or machine starts them."""
+    limit = f"hfbatch-train-{name}"  # a valid model name is a valid limit name
+    with get_client(sync_client=True) as client:
+        client.upsert_global_concurrency_limit_by_name(limit, 1)
+    with concurrency(limit, occupy=1, strict=True):
+        yield
 
 
 def _champion_score(t: StoreTasks, name: str, run_key: str, eval_data, eval_fingerprint: str, metric: str,

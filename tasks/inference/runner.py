@@ -67,8 +67,7 @@ class InferSpec:
 
     @property
     def model_version(self) -> str:
-        """Registry version, hub revision, or (for a plain directory) the weights' fingerprint."""
-        return str(self.model.version or self.model.revision or f"sha256:{self.model.fingerprint[:16]}")
+        return model_version(self.model)
 
     @property
     def config_key(self) -> str:
@@ -78,6 +77,20 @@ class InferSpec:
 
     def marker_key(self, shard: Shard) -> str:
         return digest("marker", shard.fingerprint, self.model_version, self.config_key)
+
+
+def model_version(model: ModelRef) -> str:
+    """Registry version, hub revision, or (for a plain directory) the weights' fingerprint."""
+    return str(model.version or model.revision or f"sha256:{model.fingerprint[:16]}")
+
+
+def output_for(output: str, model: ModelRef, day: str) -> str:
+    """`output` with its `{date}` and `{model_version}` placeholders filled in: a scheduled run writes
+    where its day and model say (an output holds one model version's results)."""
+    try:
+        return output.format(date=day, model_version=model_version(model))
+    except (KeyError, IndexError, ValueError) as e:
+        raise ConfigError(f"output {output!r}: only {{date}} and {{model_version}} can be filled in ({e})") from e
 
 
 def build_spec(task: str, model: ModelRef, output: str, files: list[InputFile], text_column: str = "text",

@@ -1,0 +1,66 @@
+"""The operations loop as deployments: `watch-data` (scheduled) emits `hfbatch.dataset.updated` →
+`retrain` (triggered by that event) trains, evaluates and gates a new version → `batch-inference`
+(cron) predicts with whichever version is champion when it runs. `train` runs on demand.
+
+`serve_deployments` starts them in this process (`hfbatch serve`: runs execute as subprocesses here);
+`deployments/prefect.yaml` declares the same for workers (`hfbatch deploy`).
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from prefect.events import DeploymentEventTrigger
+
+from flows.inference import batch_inference
+from flows.training import train_flow
+from flows.watch import watch_data
+from tasks import watch
+from tasks.errors import ConfigError
+
+PREFECT_YAML = Path(__file__).resolve().parents[1] / "deployments" / "prefect.yaml"
+
+
+def retrain_trigger(prefix: str) -> DeploymentEventTrigger:
+    """Run the deployment when `watch_data` reports new or changed files under `prefix`, training on
+    the prefix the event names."""
+    return DeploymentEventTrigger(name=f"retrain on {prefix}", expect={watch.EVENT},
+                                  match={"prefect.resource.id": watch.resource_id(prefix)},
+                                  parameters={"dataset": "{{ event.payload.prefix }}"})
+
+
+def build_deployments(name: str, base_model: str, watch_prefix: str, infer_input: str, infer_output: str,
+                      task: str = "text-classification", cron: str = "0 2 * * *", watch_interval: float = 300,
+                      store: str | None = None, train_params: dict | None = None) -> list:
+    train = {"dataset": watch_prefix, "model": base_model, "name": name, "store": store, **(train_params or {})}
+    return [
+        watch_data.to_deployment("watch-data", interval=watch_interval,
+                                 parameters={"prefix": watch_prefix, "store": store}),
+        train_flow.to_deployment("retrain", parameters=train, triggers=[retrain_trigger(watch_prefix)],
+                                 concurrency_limit=1, description="Retrain when new labelled data lands"),
+        train_flow.to_deployment("train", parameters=train, concurrency_limit=1, description="Train on demand"),
+        batch_inference.to_deployment("batch-inference", cron=cron,
+                                      parameters={"model": name, "task": task, "input": infer_input,
+                                                  "output": infer_output, "store": store},
+                                      description=f"Predict with the champion of {name}"),
+    ]
+
+
+def serve_deployments(deployments: list) -> None:
+    """Register the deployments (with their schedules and triggers) and run their flow runs here.
+    Triggers are evaluated by the Prefect server, so a real one is needed (`PREFECT_API_URL`)."""
+    from prefect import serve
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        raise ConfigError("serving needs a Prefect server: start one (`prefect server start`) and set "
+                          "PREFECT_API_URL, e.g. http://127.0.0.1:4200/api")
+    serve(*deployments)
+
+
+def deploy_all(prefect_file: Path = PREFECT_YAML) -> int:
+    """`prefect deploy --all` of `deployments/prefect.yaml`, from the repository root (its entrypoints
+    are relative to it)."""
+    return subprocess.call([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all",
+                            "--prefect-file", str(prefect_file)], cwd=prefect_file.parents[1])

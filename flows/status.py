@@ -1,0 +1,116 @@
+"""`hfbatch status`: the registry's champions and metric trends, and the last flow runs from the Prefect API."""
+from __future__ import annotations
+
+import json
+
+from tasks.errors import ConfigError
+from tasks.registry import Registry
+from tasks.store import Store
+
+SUMMARY_KEY = "batch-inference-summary"  # the table artifact of flows/inference.py
+SUMMARY_FIELDS = ("rows", "rows_per_s", "model", "model_version")
+
+
+def collect_status(store: str | None = None, limit: int = 5) -> dict:
+    """The status as a JSON-serialisable dict: `models` from the store's registry, `flows` from the API."""
+    s = Store(store)
+    return {"store": s.url, "models": model_status(s), "flows": run_status(limit)}
+
+
+def model_status(store: Store) -> list[dict]:
+    """Per registered name: its champion and every version's metrics, promotion and time, oldest first."""
+    models = []
+    for name in store.list("models"):
+        try:
+            registry = Registry(store, name)
+        except ConfigError:  # not a model name: nothing the registry wrote
+            continue
+        if not registry.exists():
+            continue
+        index = registry.load()
+        versions = [{"version": v["version"], "created": v["created"], "metrics": v["metrics"],
+                     "promoted": v["promoted"], "champion": v["version"] == index["champion"]}
+                    for v in index["versions"]]
+        champion = registry.champion()
+        models.append({"name": name, "champion": champion and {k: champion.get(k) for k in (
+            "version", "created", "metrics", "base_model", "uri", "reason")}, "versions": versions})
+    return models
+
+
+def run_status(limit: int = 5) -> list[dict]:
+    """The last `limit` started runs of each deployment, and of each flow's runs outside a deployment."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey,
+                                                FlowFilter, FlowFilterId, FlowRunFilter,
+                                                FlowRunFilterDeploymentId, FlowRunFilterStartTime)
+    from prefect.client.schemas.sorting import ArtifactSort, FlowRunSort
+
+    groups = []
+    with get_client(sync_client=True) as client:
+        deployments = client.read_deployments()
+        for flow in sorted(client.read_flows(), key=lambda f: f.name):
+            targets = [(d.name, FlowRunFilterDeploymentId(any_=[d.id]))
+                       for d in sorted(deployments, key=lambda d: d.name) if d.flow_id == flow.id]
+            for deployment, by_deployment in [*targets, (None, FlowRunFilterDeploymentId(is_null_=True))]:
+                runs = client.read_flow_runs(
+                    flow_filter=FlowFilter(id=FlowFilterId(any_=[flow.id])),
+                    flow_run_filter=FlowRunFilter(deployment_id=by_deployment,
+                                                  start_time=FlowRunFilterStartTime(is_null_=False)),
+                    sort=FlowRunSort.START_TIME_DESC, limit=limit)
+                if runs or deployment:
+                    groups.append({"flow": flow.name, "deployment": deployment,
+                                   "runs": [_run(r) for r in runs]})
+        ids = [r["id"] for g in groups for r in g["runs"]]
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[SUMMARY_KEY]),
+                                           flow_run_id=ArtifactFilterFlowRunId(any_=ids)),
+            sort=ArtifactSort.CREATED_DESC) if ids else []
+    summaries = {}
+    for a in artifacts:  # newest first: a run's latest summary wins
+        table = json.loads(a.data) if isinstance(a.data, str) else a.data
+        summaries.setdefault(str(a.flow_run_id), table[0] if table else {})
+    for run in (r for g in groups for r in g["runs"]):
+        if run["id"] in summaries:
+            run.update({k: summaries[run["id"]].get(k) for k in SUMMARY_FIELDS})
+    return groups
+
+
+def _run(run) -> dict:
+    seconds = (run.total_run_time if run.end_time else run.estimated_run_time).total_seconds()
+    return {"id": str(run.id), "name": run.name, "state": run.state.name if run.state else None,
+            "start_time": run.start_time.isoformat() if run.start_time else None,
+            "duration_s": round(seconds, 1)}
+
+
+def format_status(status: dict) -> str:
+    """The status as text for a terminal."""
+    lines = [f"store {status['store']}"]
+    if not status["models"]:
+        lines.append("  no registered models")
+    for m in status["models"]:
+        champ = m["champion"]
+        lines.append(f"\nmodel {m['name']}: champion " + (
+            f"v{champ['version']} ({_metrics(champ['metrics'])})" if champ else "none"))
+        for v in m["versions"]:
+            mark = "*" if v["champion"] else "+" if v["promoted"] else " "
+            lines.append(f"  {mark} v{v['version']:<4} {v['created'][:19]}  {_metrics(v['metrics'])}")
+    if status["models"]:
+        lines.append("  (* champion, + promoted earlier)")
+    lines.append("")
+    if not status["flows"]:
+        lines.append("no flow runs in the Prefect API")
+    for g in status["flows"]:
+        lines.append(f"flow {g['flow']}" + (f", deployment {g['deployment']}" if g["deployment"] else ""))
+        if not g["runs"]:
+            lines.append("    no runs")
+        for r in g["runs"]:
+            line = (f"    {r['name']:<28} {r['state'] or '?':<10} {(r['start_time'] or '')[:19]}"
+                    f"  {r['duration_s']:>8.1f} s")
+            if "rows" in r:
+                line += f"  {r['rows']} rows, {r['rows_per_s']} rows/s, {r['model']} {r['model_version']}"
+            lines.append(line)
+    return "\n".join(lines)
+
+
+def _metrics(metrics: dict) -> str:
+    return ", ".join(f"{k} {v:.4f}" if isinstance(v, (int, float)) else f"{k} {v}" for k, v in metrics.items())

@@ -1,0 +1,59 @@
+"""Watch a data prefix for new or changed files: the plain functions behind the `watch_data` flow.
+
+What a prefix held when last seen is kept in the store at `watch/<prefix digest>.json`, so a change is
+reported once, whichever process or machine looks next.
+"""
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timezone
+
+from pathlib import Path
+
+import fsspec
+
+from .fingerprint import digest
+from .sources import BUILDERS, Source, fingerprint, parse_source
+from .store import Store, storage_options
+
+EVENT = "hfbatch.dataset.updated"
+
+
+def scan(prefix: str) -> dict[str, str]:
+    """`{file URI: content fingerprint}` of the data files (CSV, JSON, Parquet) under `prefix`; empty
+    while the prefix holds none (an object-store prefix exists only once a file is in it)."""
+    fs, root = fsspec.core.url_to_fs(prefix, **storage_options(prefix))
+    if not fs.exists(root) or not any(Path(f).suffix.lower() in BUILDERS for f in fs.find(root)):
+        return {}
+    source = parse_source(prefix)
+    return {f: fingerprint(Source("file", f, (f,))) for f in source.files}
+
+
+def resource_id(prefix: str) -> str:
+    """The Prefect resource of a watched prefix: what a retrain trigger matches on."""
+    return f"hfbatch.dataset.{prefix.rstrip('/')}"
+
+
+def state_key(prefix: str) -> str:
+    return f"watch/{digest('watch', prefix.rstrip('/'))[:32]}.json"
+
+
+def changes(store: Store, prefix: str, files: dict[str, str]) -> dict:
+    """What differs from the last recorded state: `added`, `changed` and `removed` file URIs, and the
+    fingerprint of the prefix's whole content now (the event's identity)."""
+    seen = store.read_json(state_key(prefix))["files"] if store.exists(state_key(prefix)) else {}
+    return {"prefix": prefix, "fingerprint": digest("prefix", sorted(files.items())), "files": len(files),
+            "added": sorted(set(files) - set(seen)),
+            "changed": sorted(f for f in files if f in seen and seen[f] != files[f]),
+            "removed": sorted(set(seen) - set(files))}
+
+
+def record(store: Store, prefix: str, files: dict[str, str]) -> None:
+    store.write_json(state_key(prefix), {"prefix": prefix, "files": files,
+                                         "seen_at": datetime.now(timezone.utc).isoformat()})
+
+
+def event_id(change: dict) -> uuid.UUID:
+    """The same content gives the same event id, so a re-emitted event (a crash between emitting and
+    recording) is recognisably the same one."""
+    return uuid.uuid5(uuid.NAMESPACE_URL, f"hfbatch:{change['prefix']}:{change['fingerprint']}")
