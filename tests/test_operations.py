@@ -1,12 +1,15 @@
 """The operations loop on a real Prefect server (`prefect server start`, SQLite, 127.0.0.1), served by
-`hfbatch serve`: a labelled file lands in the watched directory → watch-data emits
+`hfbatch serve`: a labelled file lands in the watched prefix → watch-data emits
 `hfbatch.dataset.updated` → the retrain deployment's trigger starts a training → a version is
 registered and gated → the next batch-inference run predicts with the champion. No manual step
-between the file landing and the new version; every process started here is stopped here."""
+between the file landing and the new version. Once with a local store, once with everything on S3
+(moto server mode); every process started here is stopped here."""
 from __future__ import annotations
 
+import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,12 +17,14 @@ import time
 import urllib.request
 from pathlib import Path
 
+import fsspec
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import MotoServer, free_port
 
 BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _start(cmd: list[str], env: dict, log: Path) -> subprocess.Popen:
@@ -46,71 +51,142 @@ def _wait(what: str, check, timeout: float, logs: list[Path]) -> None:
     pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{tails}")
 
 
-@pytest.fixture
-def prefect_server(tmp_path):
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
     """`prefect server start` on a free port of 127.0.0.1 with its own SQLite database."""
+    home = tmp_path_factory.mktemp("prefect-server")
     port = free_port()
-    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               PREFECT_API_URL=f"http://127.0.0.1:{port}/api")
-    log = tmp_path / "server.log"
+    url = f"http://127.0.0.1:{port}"
+    env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_API_URL=f"{url}/api", PREFECT_UI_API_URL=f"{url}/api")
+    log = home / "server.log"
     proc = _start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)], env, log)
 
     def healthy() -> bool:
         try:
-            return urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2).status == 200
+            return urllib.request.urlopen(f"{url}/api/health", timeout=2).status == 200
         except OSError:
             return False
 
     try:
         _wait("the Prefect server", healthy, 180, [log])
-        yield env
+        yield {"env": env, "url": url, "log": log}
     finally:
         _stop(proc)
 
 
-def test_new_data_retrains_and_next_inference_uses_the_champion(prefect_server, minilm, data_dir, tmp_path):
-    env = dict(prefect_server, PREFECT_RUNNER_POLL_FREQUENCY="2", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    labelled, unlabelled, store = tmp_path / "labelled", tmp_path / "unlabelled", tmp_path / "store"
-    labelled.mkdir()
-    unlabelled.mkdir()
+@pytest.fixture(scope="module", params=["local", "s3"])
+def loop(request, prefect_server, minilm, data_dir, tmp_path_factory):
+    """Serve the deployments, let a labelled file land, wait for the triggered retraining, then run
+    batch-inference; returns what the checks need. Each variant uses its own model name."""
+    work = tmp_path_factory.mktemp(f"ops-{request.param}")
+    env = dict(prefect_server["env"], PREFECT_RUNNER_POLL_FREQUENCY="2", HF_HUB_OFFLINE="1",
+               HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    moto = None
+    if request.param == "s3":
+        moto = MotoServer().start()
+        env |= {"AWS_ENDPOINT_URL": moto.endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+        fs = fsspec.filesystem("s3", key="testing", secret="testing", client_kwargs={"endpoint_url": moto.endpoint})
+        fs.mkdir("hfbatch")
+        root = "s3://hfbatch"
+    else:
+        fs, root = fsspec.filesystem("file"), str(work)
+    name = f"sst2-{request.param}"
+    labelled, unlabelled, store = f"{root}/labelled", f"{root}/unlabelled", f"{root}/store"
     sst2 = pq.read_table(data_dir / "sst2" / "train.parquet")
-    pq.write_table(sst2.slice(5000, 40).select(["idx", "text"]), unlabelled / "batch.parquet")
-    output = tmp_path / "predictions" / "{date}" / "v{model_version}"
-    serve_log = tmp_path / "serve.log"
-    serve = _start([str(BIN / "hfbatch"), "serve", "--name", "sst2", "--model", minilm, "--watch", str(labelled),
-                    "--input", str(unlabelled), "--output", str(output), "--watch-interval", "10",
-                    "--store", str(store), "--train-param", "max_train_samples=300",
+
+    def put(table, uri):
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        fs.makedirs(uri.rsplit("/", 1)[0], exist_ok=True)
+        fs.pipe_file(uri, buf.getvalue())
+
+    put(sst2.slice(5000, 40).select(["idx", "text"]), f"{unlabelled}/batch.parquet")
+    serve_log = work / "serve.log"
+    serve = _start([str(BIN / "hfbatch"), "serve", "--name", name, "--model", minilm, "--watch", labelled,
+                    "--input", unlabelled, "--output", f"{root}/predictions/{{date}}/v{{model_version}}",
+                    "--watch-interval", "10", "--store", store, "--train-param", "max_train_samples=300",
                     "--train-param", "max_length=32", "--train-param", "save_steps=1000"], env, serve_log)
-    registry = store / "models" / "sst2" / "registry.json"
+    registry = f"{store}/models/{name}/registry.json"
     try:
-        time.sleep(15)  # watch-data runs on an empty directory: nothing to report
-        assert not registry.exists()
-        pq.write_table(sst2.slice(0, 400), labelled / "day1.parquet")  # new labelled data lands
-        _wait("the triggered retraining to register a version", registry.exists, 480,
-              [serve_log, tmp_path / "server.log"])
-        index = json.loads(registry.read_text())
-        assert [v["version"] for v in index["versions"]] == ["1"] and index["champion"] == "1"
-
+        time.sleep(15)  # watch-data looks at an empty prefix meanwhile: nothing to report
+        registered_early = fs.exists(registry)
+        put(sst2.slice(0, 400), f"{labelled}/day1.parquet")  # new labelled data lands
+        _wait("the triggered retraining to register a version", lambda: fs.exists(registry), 480,
+              [serve_log, prefect_server["log"]])
+        index = json.loads(fs.cat_file(registry))
         run = subprocess.run([str(BIN / "prefect"), "deployment", "run", "batch_inference/batch-inference",
-                              "--watch", "--watch-timeout", "300"], env=env, capture_output=True, text=True,
-                             timeout=360)
+                              "--param", f"model={name}", "--watch", "--watch-timeout", "300"],
+                             env=env, capture_output=True, text=True, timeout=360)
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-        manifests = list((tmp_path / "predictions").glob("*/v1/_manifest.json"))
-        assert len(manifests) == 1, list((tmp_path / "predictions").rglob("*"))
-        manifest = json.loads(manifests[0].read_text())
-        assert (manifest["model"], manifest["model_version"], manifest["rows_out"]) == ("sst2", "1", 40)
-
-        # the event was emitted once: later looks at the same data start no other training
-        from prefect.client.orchestration import get_client
-        from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
-        from prefect.settings import PREFECT_API_URL, temporary_settings
-
-        with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}), get_client(sync_client=True) as client:
-            retrains = client.read_flow_runs(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["retrain"])))
-            watches = client.read_flow_runs(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["watch-data"])))
-        assert len(retrains) == 1 and retrains[0].state.is_completed()
-        assert retrains[0].parameters["dataset"] == str(labelled)  # from the event's payload
-        assert len(watches) >= 3
+        manifests = fs.glob(f"{root}/predictions/*/v1/_manifest.json")
+        manifest = json.loads(fs.cat_file(manifests[0])) if len(manifests) == 1 else manifests
+        time.sleep(12)  # one more look at the same data
+        yield {"name": name, "labelled": labelled, "registered_early": registered_early, "index": index,
+               "manifest": manifest, "env": env}
     finally:
         _stop(serve)
+        if moto:
+            moto.stop()
+
+
+def _runs(env: dict, deployment: str, flow: str) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (DeploymentFilter, DeploymentFilterName, FlowFilter,
+                                                FlowFilterName)
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}), get_client(sync_client=True) as client:
+        return client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow])),
+                                     deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[deployment])))
+
+
+def test_new_data_retrains_and_next_inference_uses_the_champion(loop):
+    assert not loop["registered_early"]
+    index = loop["index"]
+    assert [v["version"] for v in index["versions"]] == ["1"] and index["champion"] == "1"
+    assert loop["manifest"]["model"] == loop["name"], loop["manifest"]
+    assert (loop["manifest"]["model_version"], loop["manifest"]["rows_out"]) == ("1", 40)
+    # the event went out once: later looks at the same data started no other training
+    retrains = [r for r in _runs(loop["env"], "retrain", "train") if r.parameters.get("name") == loop["name"]]
+    assert len(retrains) == 1 and retrains[0].state.is_completed()
+    assert retrains[0].parameters["dataset"] == loop["labelled"]  # from the event's payload
+    assert len(_runs(loop["env"], "watch-data", "watch_data")) >= 3
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _browse(url: str, screenshot: Path | None = None) -> str:
+    """The DOM of `url` after its scripts ran (headless Chromium), and optionally a screenshot."""
+    args = [_chromium(), "--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1400,1000",
+            "--virtual-time-budget=30000"]
+    if screenshot:
+        subprocess.run([*args, f"--screenshot={screenshot}", url], capture_output=True, timeout=120, check=True)
+    return subprocess.run([*args, "--dump-dom", url], capture_output=True, text=True, timeout=120, check=True).stdout
+
+
+@pytest.mark.skipif(_chromium() is None, reason="needs Debian's chromium package (.ci/run installs it)")
+def test_prefect_ui_shows_the_runs_and_the_training_metrics(loop, prefect_server):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    url, name = prefect_server["url"], loop["name"]
+    retrain = next(r for r in _runs(loop["env"], "retrain", "train") if r.parameters.get("name") == name)
+    record = ROOT / "test-output"
+    record.mkdir(exist_ok=True)
+    inference = _runs(loop["env"], "batch-inference", "batch_inference")[0]
+    for run, flow in ((retrain, "train"), (inference, "batch_inference")):
+        page = _browse(f"{url}/runs/flow-run/{run.id}", record / f"prefect-ui-{flow}-{name}.png")
+        assert run.name in page and flow in page and "Completed" in page, (run.name, page[-2000:])
+    with temporary_settings({PREFECT_API_URL: loop["env"]["PREFECT_API_URL"]}), get_client(sync_client=True) as client:
+        metrics = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=[f"{name}-eval-metrics"])))
+    assert len(metrics) == 1
+    page = _browse(f"{url}/artifacts/artifact/{metrics[0].id}", record / f"prefect-ui-metrics-{name}.png")
+    accuracy = round(loop["index"]["versions"][0]["metrics"]["accuracy"], 4)
+    assert f"{name}-eval-metrics" in page and "accuracy" in page and str(accuracy) in page
+    assert (record / f"prefect-ui-metrics-{name}.png").stat().st_size > 10_000
