@@ -8,6 +8,7 @@ from dataclasses import asdict
 from prefect import flow, get_run_logger
 from prefect.client.orchestration import get_client
 from prefect.concurrency.sync import concurrency
+from prefect.exceptions import ObjectAlreadyExists
 
 from tasks.metrics import AVAILABLE
 from tasks.models import ModelRef, resolve_model
@@ -72,7 +73,10 @@ def one_training_per_name(name: str) -> Iterator[None]:
     same name never run at once, whichever deployment, worker or machine starts them."""
     limit = f"hfbatch-train-{name}"  # a valid model name is a valid limit name
     with get_client(sync_client=True) as client:
-        client.upsert_global_concurrency_limit_by_name(limit, 1)
+        try:
+            client.upsert_global_concurrency_limit_by_name(limit, 1)
+        except ObjectAlreadyExists:  # another training created it at the same moment
+            pass
     with concurrency(limit, occupy=1, strict=True):
         yield
 

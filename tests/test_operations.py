@@ -155,6 +155,33 @@ def test_new_data_retrains_and_next_inference_uses_the_champion(loop):
     assert len(_runs(loop["env"], "watch-data", "watch_data")) >= 3
 
 
+def test_two_trainings_of_one_name_never_overlap(prefect_harness):
+    """The train flow's global concurrency limit (one slot per model name): a second holder waits for
+    the first, whatever started them; another name does not wait."""
+    import threading
+
+    from flows.training import one_training_per_name
+
+    events = []
+
+    def hold(name: str, tag: str) -> None:
+        with one_training_per_name(name):
+            events.append(("in", tag))
+            time.sleep(2)
+            events.append(("out", tag))
+
+    threads = [threading.Thread(target=hold, args=("lock-a", tag)) for tag in ("first", "second")]
+    threads.append(threading.Thread(target=hold, args=("lock-b", "other")))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    same = [e for e in events if e[1] != "other"]
+    assert [kind for kind, _ in same] == ["in", "out", "in", "out"] and same[0][1] == same[1][1], events
+    other_in = events.index(("in", "other"))
+    assert other_in < events.index(same[1]) or other_in < events.index(same[3]), events  # lock-b ran alongside
+
+
 def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
