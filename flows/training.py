@@ -70,7 +70,16 @@ def train_flow(dataset: str, model: str, name: str, eval_dataset: str | None = N
 @contextmanager
 def one_training_per_name(name: str) -> Iterator[None]:
     """Hold the slot of a global concurrency limit of 1 named after the model: two trainings of the
-    same name never run at once, whichever deployment, worker or machine starts them."""
+    same name never run at once, whichever deployment, worker or machine starts them.
+
+    Only against a Prefect server (`PREFECT_API_URL`): it frees the slot of a killed training when its
+    lease expires. A temporary server keeps leases in its memory, and the next one would find the slot
+    taken for ever; a process with a temporary server of its own is alone anyway."""
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        yield
+        return
     limit = f"hfbatch-train-{name}"  # a valid model name is a valid limit name
     with get_client(sync_client=True) as client:
         try:
