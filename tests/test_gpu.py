@@ -1,9 +1,14 @@
-"""The CUDA path: mixed precision chosen from the hardware, training and evaluation on the GPU.
-Skipped where there is no GPU (CI has none)."""
+"""The CUDA path: mixed precision chosen from the hardware, training, evaluation and bulk inference on
+the GPU. Skipped where there is no GPU (CI has none)."""
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
 from tasks.evaluation import evaluate_model
+from tasks.inference.predictors import TaskOptions, get_predictor
+from tasks.inference.runner import run_local
 from tasks.ingest import ingest
 from tasks.metrics import AVAILABLE
 from tasks.models import pick_device, resolve_model
@@ -12,17 +17,53 @@ from tasks.tokenization import tokenize
 from tasks.train import TrainConfig, train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+EXPECTED = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp16"
 
 
-def test_training_and_evaluation_run_on_cuda_in_mixed_precision(sst2_split, minilm, tmp_path):
-    expected = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    assert pick_device() == ("cuda", expected)
-    store = Store(str(tmp_path / "store"))
+@pytest.fixture(scope="module")
+def trained_on_cuda(sst2_split, minilm, tmp_path_factory):
+    store = Store(str(tmp_path_factory.mktemp("store")))
     model = resolve_model(minilm)
     train_data = ingest(str(sst2_split[0]), store)
     eval_data = ingest(str(sst2_split[1]), store, label_names=train_data.label_names)
     train_set, eval_set = (tokenize(d, model, store, 64) for d in (train_data, eval_data))
     trained = train(train_set, model, store, TrainConfig(max_train_samples=3000, learning_rate=1e-4))
-    assert (trained.device, trained.precision, trained.global_step) == ("cuda", expected, 94)
+    return trained, eval_set, store
+
+
+def test_training_and_evaluation_run_on_cuda_in_mixed_precision(trained_on_cuda):
+    trained, eval_set, store = trained_on_cuda
+    assert pick_device() == ("cuda", EXPECTED)
+    assert (trained.device, trained.precision, trained.global_step) == ("cuda", EXPECTED, 94)
     result = evaluate_model(trained.model_ref(), eval_set, store, tuple(AVAILABLE))
     assert result.metrics["accuracy"] >= 0.80
+
+
+def test_bulk_inference_on_cuda_in_mixed_precision_keeps_the_fp32_pipeline_labels(trained_on_cuda, data_dir,
+                                                                                 tmp_path):
+    """hfbatch's exact mode on CUDA runs the model in bf16 (fp16 without bf16 units); its labels are
+    those of the fp32 `pipeline` on the same GPU for at least 99 % of mixed short and long rows."""
+    from transformers import pipeline
+
+    ref = trained_on_cuda[0].model_ref()
+    sst2 = pq.read_table(data_dir / "sst2" / "train.parquet").slice(60_800, 300).column("text").to_pylist()
+    imdb = pq.read_table(data_dir / "imdb" / "test_sample.parquet").slice(0, 300).column("text").to_pylist()
+    texts = [t for pair in zip(sst2, imdb) for t in pair]
+    pq.write_table(pa.table({"id": list(range(len(texts))), "text": texts}), tmp_path / "rows.parquet")
+
+    predictor = get_predictor("text-classification", ref, TaskOptions())
+    assert (predictor.device, predictor.precision) == ("cuda", EXPECTED)
+    assert next(predictor.model.parameters()).dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[EXPECTED]
+    manifest = run_local("text-classification", ref, str(tmp_path / "rows.parquet"), str(tmp_path / "out"),
+                         shard_rows=250)
+    out = pq.read_table(tmp_path / "out").sort_by("id")
+    assert manifest["rows_out"] == len(texts) and out.column("id").to_pylist() == list(range(len(texts)))
+
+    pipe = pipeline("text-classification", model=ref.path, tokenizer=ref.path, device="cuda")
+    assert next(pipe.model.parameters()).dtype == torch.float32
+    expected = pipe(texts, batch_size=32, truncation=True)
+    agree = np.mean([a == e["label"] for a, e in zip(out.column("label").to_pylist(), expected)])
+    scores = np.abs(np.array(out.column("score").to_pylist()) - [e["score"] for e in expected])
+    print(f"bf16 vs fp32 pipeline on {len(texts)} rows: labels {agree:.2%}, max score diff {scores.max():.4f}")
+    assert agree >= 0.99
+    assert np.median(scores) < 0.01
