@@ -31,7 +31,6 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -123,7 +122,7 @@ def main(argv=None) -> int:
     p.add_argument("--train-rows", type=int, default=0, help="fine-tune MiniLM on this many SST-2 rows first")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
-    p.add_argument("--batch-tokens", type=int, default=8192, help="hfbatch token budget per batch")
+    p.add_argument("--batch-tokens", type=int, help="hfbatch token budget per batch (default: hfbatch's)")
     p.add_argument("--data", default=os.environ.get("HFBATCH_TEST_DATA", str(ROOT.parent / "shared" / "data")))
     p.add_argument("--skip-per-row", action="store_true", help="skip the slow per-row pipeline")
     args = p.parse_args(argv)
@@ -196,9 +195,11 @@ def main(argv=None) -> int:
     for precision in ("auto", "int8") if args.device == "cpu" else ("auto",):
         options = TaskOptions(precision=precision)
         predictor = get_predictor("text-classification", ref, options)  # loaded once per worker, before the timing
-        predictor.predict({"text": texts[:32]}, args.batch_tokens)  # warm-up
+        budget = args.batch_tokens or predictor.batch_tokens
+        predictor.predict({"text": texts[:32]}, budget)  # warm-up
         if args.device == "cuda":
             HFBATCH[precision] = f"hfbatch (exact: {predictor.precision})"
+        HFBATCH[precision] += f" [{budget} tok]"
         t = time.perf_counter()
         manifest = run_local("text-classification", ref, str(path), str(tmp / f"out-{precision}"), shard_rows=10_000,
                              batch_tokens=args.batch_tokens, options=options)

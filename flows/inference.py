@@ -109,7 +109,7 @@ def _api_for_workers() -> Iterator[None]:
 @flow(name="batch_inference", task_runner=ThreadPoolTaskRunner(max_workers=2))
 def batch_inference(model: str, task: str, input: str, output: str, text_column: str = "text",
                     columns: dict[str, str] | None = None, keep_columns: list[str] | None = None,
-                    batch_tokens: int = 8192, shard_rows: int = 10_000, on_bad_row: str = "fail",
+                    batch_tokens: int | None = None, shard_rows: int = 10_000, on_bad_row: str = "fail",
                     candidate_labels: list[str] | None = None, top_k: int = 5, max_answer_len: int = 15,
                     handle_impossible_answer: bool = False, store: str | None = None,
                     task_runner: str = "threads", dask_address: str | None = None,

@@ -57,7 +57,8 @@ class InferSpec:
     inputs: tuple[tuple[str, str], ...]
     """(logical input, input column) pairs, e.g. (("text", "sentence"),)."""
     keep_columns: tuple[str, ...] = ()
-    batch_tokens: int = 8192
+    batch_tokens: int | None = None
+    """Token budget of one model batch; None: the predictor's default for its device."""
     on_bad_row: str = "fail"
     options: TaskOptions = field(default_factory=TaskOptions)
 
@@ -95,7 +96,7 @@ def output_for(output: str, model: ModelRef, day: str) -> str:
 
 def build_spec(task: str, model: ModelRef, output: str, files: list[InputFile], text_column: str = "text",
                columns: dict[str, str] | None = None, keep_columns: list[str] | tuple[str, ...] | None = None,
-               batch_tokens: int = 8192, on_bad_row: str = "fail", options: TaskOptions = TaskOptions()
+               batch_tokens: int | None = None, on_bad_row: str = "fail", options: TaskOptions = TaskOptions()
                ) -> InferSpec:
     """Validate the parameters and every input file's schema, and return the shard spec.
 
@@ -108,7 +109,7 @@ def build_spec(task: str, model: ModelRef, output: str, files: list[InputFile], 
         raise ConfigError(f"precision must be one of {PRECISIONS}, got {options.precision!r}")
     if on_bad_row not in BAD_ROW_POLICIES:
         raise ConfigError(f"on_bad_row must be one of {BAD_ROW_POLICIES}, got {on_bad_row!r}")
-    if batch_tokens < 1:
+    if batch_tokens is not None and batch_tokens < 1:
         raise ConfigError(f"batch_tokens must be >= 1, got {batch_tokens}")
     names = input_names(task)
     mapping = {n: n for n in names}
@@ -214,7 +215,7 @@ def run_shard(shard: Shard, spec: InferSpec) -> dict:
     predictor = get_predictor(spec.task, spec.model, spec.options)
     good, bad = _read_shard(shard, spec, predictor)
     texts = {name: good.column(f"__in_{name}").to_pylist() for name, _ in spec.inputs}
-    predictions, tokens = predictor.predict(texts, spec.batch_tokens)
+    predictions, tokens = predictor.predict(texts, spec.batch_tokens or predictor.batch_tokens)
     n = good.num_rows
     result = good.select([*spec.keep_columns, ROW_ID])
     for column in predictions.column_names:
