@@ -120,7 +120,8 @@ def batch_inference(model: str, task: str, input: str, output: str, text_column:
     `columns` maps a task's inputs to input columns (`text_column` is the shortcut for `text`);
     `keep_columns` are copied to the output (default: an `id` or `idx` column if there is one; a stable
     `row_id` is always added). Bad rows fail the run or, with `on_bad_row="quarantine"`, go to
-    `_quarantine/` (and unreadable input files to `_quarantine/_files.parquet`, listed in the manifest).
+    `_quarantine/`, with the rows of a row group whose data cannot be decoded (and unreadable input
+    files to `_quarantine/_files.parquet`, listed in the manifest).
     A rerun into the same `output` computes only the shards not committed yet.
 
     `output` may hold `{date}` (the day the run was scheduled for) and `{model_version}`, e.g.

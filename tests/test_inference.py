@@ -407,19 +407,32 @@ def test_corrupt_file_quarantined_or_named(classifier, with_bad_rows, tmp_path):
     assert pq.read_table(out).num_rows == 57
 
 
-def test_corrupt_data_page_names_file_and_row_group(classifier, with_bad_rows, tmp_path):
-    """A valid footer over a damaged data page: the error names the file and row group (and keeps the
-    OSError type that Prefect retries, since a network read fails the same way)."""
-    data = bytearray(with_bad_rows.read_bytes())
-    chunk = pq.ParquetFile(with_bad_rows).metadata.row_group(1).column(0)
+def test_corrupt_data_page_named_or_its_row_group_quarantined(classifier, data_dir, tmp_path):
+    """A valid footer over a damaged page header (Arrow raises a plain OSError, as for a broken network
+    read): the same error on a second read makes it corrupt data. `fail` names the file and row group;
+    `quarantine` sets that row group's rows aside (row ids, reason) and predicts the rest."""
+    texts = pq.read_table(data_dir / "sst2" / "train.parquet").slice(0, 60).column("text").to_pylist()
+    clean = tmp_path / "clean.parquet"
+    pq.write_table(pa.table({"text": texts}), clean, row_group_size=30)
+    data = bytearray(clean.read_bytes())
+    chunk = pq.ParquetFile(clean).metadata.row_group(1).column(0)
     for k in range(chunk.data_page_offset, chunk.data_page_offset + 40):
         data[k] ^= 0xFF
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "damaged.parquet").write_bytes(bytes(data))
-    with pytest.raises(OSError, match=r"damaged\.parquet.*row group 1"):
-        run_local("text-classification", resolve_model(classifier), str(tmp_path / "in"), str(tmp_path / "out"),
-                  shard_rows=30, on_bad_row="quarantine")
-    assert len(list((tmp_path / "out").glob("part-*.parquet"))) == 1  # row group 0 committed, kept
+    model = resolve_model(classifier)
+    with pytest.raises(DataError, match=r"(?s)corrupt Parquet data in .*damaged\.parquet.*row group 1.*second read"):
+        run_local("text-classification", model, str(tmp_path / "in"), str(tmp_path / "fail"), shard_rows=30)
+    assert len(list((tmp_path / "fail").glob("part-*.parquet"))) == 1  # row group 0 committed, kept
+
+    manifest = run_local("text-classification", model, str(tmp_path / "in"), str(tmp_path / "out"),
+                         shard_rows=30, on_bad_row="quarantine")
+    assert (manifest["rows_in"], manifest["rows_out"], manifest["quarantined"]) == (60, 30, 30)
+    quarantine = pq.read_table(tmp_path / "out" / "_quarantine")
+    assert quarantine.column("row_id").to_pylist() == [f"damaged.parquet:1:{i}" for i in range(30)]
+    assert all("corrupt Parquet data" in r and "row group 1" in r for r in quarantine.column("reason").to_pylist())
+    ids = pq.read_table(tmp_path / "out").column("row_id").to_pylist()
+    assert sorted(ids) == sorted(f"damaged.parquet:0:{i}" for i in range(30))
 
 
 def test_bad_row_fails_naming_file_row_group_and_row(classifier, with_bad_rows, tmp_path):

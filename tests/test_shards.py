@@ -78,3 +78,25 @@ def test_corrupt_file_is_named(tmp_path):
     bad.write_bytes(b"PAR1 this is not parquet")
     with pytest.raises(DataError, match="bad.parquet"):
         describe_input(str(bad))
+
+
+def test_damaged_later_page_yields_corrupt_rows_after_the_batches_read(data_dir, tmp_path):
+    """A row group whose later pages are damaged: the batches before the damage come first, then the
+    shard's rows of that row group as `CorruptRows` (the caller drops those batches); without
+    `skip_corrupt` a `DataError` names file and row group."""
+    texts = pq.read_table(data_dir / "sst2" / "train.parquet").slice(0, 60).column("text").to_pylist()
+    path = tmp_path / "pages.parquet"
+    pq.write_table(pa.table({"text": texts}), path, row_group_size=30, data_page_size=200, write_batch_size=5,
+                   compression="none", use_dictionary=False)  # several pages per row group
+    chunk = pq.ParquetFile(path).metadata.row_group(1).column(0)
+    data, end = bytearray(path.read_bytes()), chunk.data_page_offset + chunk.total_compressed_size
+    for k in range(end - 150, end - 100):  # inside the last pages of row group 1
+        data[k] ^= 0xFF
+    path.write_bytes(bytes(data))
+    shard = plan_shards(describe_input(str(path)), 100)[0]
+    seen = [(rg, first, type(b).__name__, b.num_rows)
+            for rg, first, b in iter_shard_batches(shard, ["text"], batch_rows=10, skip_corrupt=True)]
+    assert seen[:3] == [(0, 0, "RecordBatch", 10), (0, 10, "RecordBatch", 10), (0, 20, "RecordBatch", 10)]
+    assert seen[-1] == (1, 0, "CorruptRows", 30) and all(s[2] == "RecordBatch" for s in seen[3:-1])
+    with pytest.raises(DataError, match=r"corrupt Parquet data in .*pages\.parquet.*row group 1"):
+        list(iter_shard_batches(shard, ["text"], batch_rows=10))

@@ -34,7 +34,7 @@ from ..fingerprint import digest
 from ..models import ModelRef
 from ..store import Store
 from .predictors import PRECISIONS, PREDICTORS, TaskOptions, canonical_task, get_predictor, input_names
-from .shards import InputFile, Shard, input_fingerprint, iter_shard_batches, read_footer
+from .shards import CorruptRows, InputFile, Shard, input_fingerprint, iter_shard_batches, read_footer
 
 ID_COLUMNS = ("id", "idx")
 ROW_ID = "row_id"
@@ -239,38 +239,59 @@ def run_shard(shard: Shard, spec: InferSpec) -> dict:
 
 def _read_shard(shard: Shard, spec: InferSpec, predictor) -> tuple[pa.Table, pa.Table]:
     """Stream the shard's record batches; split rows into predictable ones and bad ones (with reasons),
-    or raise `DataError` naming file, row group and row for the first bad row when `on_bad_row=fail`."""
+    or raise `DataError` naming file, row group and row for the first bad row when `on_bad_row=fail`.
+    In quarantine mode a row group that cannot be decoded sets all the shard's rows of it aside."""
     columns = list(dict.fromkeys([*spec.keep_columns, *(c for _, c in spec.inputs)]))
-    good_parts, bad_parts = [], []
-    for rg, first, batch in iter_shard_batches(shard, columns):
+    good_parts, bad_parts = [], []  # (row group, table)
+    quarantine = spec.on_bad_row == "quarantine"
+    for rg, first, batch in iter_shard_batches(shard, columns, skip_corrupt=quarantine):
+        if isinstance(batch, CorruptRows):  # drop what was read of it before the damage
+            good_parts = [(g, t) for g, t in good_parts if g != rg]
+            bad_parts = [(g, t) for g, t in bad_parts if g != rg]
+            rows = list(range(first, first + batch.num_rows))
+            bad_parts.append((rg, _bad_rows(shard, spec, rg, rows, [batch.reason] * len(rows))))
+            continue
         values = {name: batch.column(col).to_pylist() for name, col in spec.inputs}
         reasons = []
         for i in range(batch.num_rows):
             row = {name: v[i] for name, v in values.items()}
             reason = _bad_value(row, spec) or predictor.problem(row)
-            if reason and spec.on_bad_row == "fail":
+            if reason and not quarantine:
                 raise DataError(f"bad row in {shard.file!r}, row group {rg}, row {first + i} of that row group: "
                                 f"{reason} (use on_bad_row='quarantine' to set such rows aside)")
             reasons.append(reason)
         table = pa.Table.from_batches([batch]).select(list(spec.keep_columns))
-        row_ids = pa.array([f"{shard.name}:{rg}:{first + i}" for i in range(batch.num_rows)], pa.string())
-        table = table.append_column(ROW_ID, row_ids)
+        table = table.append_column(ROW_ID, _row_ids(shard, rg, range(first, first + batch.num_rows)))
         ok = pa.array([r is None for r in reasons], pa.bool_())
         inputs = table
         for name, col in spec.inputs:
             inputs = inputs.append_column(f"__in_{name}", batch.column(col).cast(pa.string()))
-        good_parts.append(inputs.filter(ok))
+        good_parts.append((rg, inputs.filter(ok)))
         if not pc.all(ok).as_py():
-            bad = table.filter(pc.invert(ok))
-            bad_reasons = [r for r in reasons if r is not None]
             bad_rows = [first + i for i, r in enumerate(reasons) if r is not None]
-            bad = bad.append_column("file", pa.array([shard.name] * bad.num_rows, pa.string()))
-            bad = bad.append_column("row_group", pa.array([rg] * bad.num_rows, pa.int32()))
-            bad = bad.append_column("row", pa.array(bad_rows, pa.int64()))
-            bad_parts.append(bad.append_column("reason", pa.array(bad_reasons, pa.string())))
-    good = pa.concat_tables(good_parts) if good_parts else _empty_inputs(shard, spec)
-    bad = pa.concat_tables(bad_parts) if bad_parts else pa.table({})
+            bad_parts.append((rg, _bad_rows(shard, spec, rg, bad_rows, [r for r in reasons if r is not None],
+                                            table.filter(pc.invert(ok)))))
+    good = pa.concat_tables([t for _, t in good_parts]) if good_parts else _empty_inputs(shard, spec)
+    bad = pa.concat_tables([t for _, t in bad_parts]) if bad_parts else pa.table({})
     return good, bad
+
+
+def _row_ids(shard: Shard, rg: int, rows) -> pa.Array:
+    return pa.array([f"{shard.name}:{rg}:{i}" for i in rows], pa.string())
+
+
+def _bad_rows(shard: Shard, spec: InferSpec, rg: int, rows: list[int], reasons: list[str],
+              kept: pa.Table | None = None) -> pa.Table:
+    """Quarantine rows: the kept columns (null where the data could not be read), row id, file, row
+    group, row and reason."""
+    if kept is None:
+        schema = read_footer(shard.file).schema.to_arrow_schema()
+        kept = pa.table({**{c: pa.nulls(len(rows), schema.field(c).type) for c in spec.keep_columns},
+                         ROW_ID: _row_ids(shard, rg, rows)})
+    return (kept.append_column("file", pa.array([shard.name] * len(rows), pa.string()))
+            .append_column("row_group", pa.array([rg] * len(rows), pa.int32()))
+            .append_column("row", pa.array(rows, pa.int64()))
+            .append_column("reason", pa.array(reasons, pa.string())))
 
 
 def _bad_value(row: dict, spec: InferSpec) -> str | None:

@@ -180,10 +180,22 @@ def input_fingerprint(files: list[InputFile]) -> str:
     return digest("input", [(f.name, f.fingerprint) for f in files])
 
 
-def iter_shard_batches(shard: Shard, columns: list[str], batch_rows: int = 4096
-                       ) -> Iterator[tuple[int, int, pa.RecordBatch]]:
+@dataclass(frozen=True)
+class CorruptRows:
+    """The shard's rows of a row group whose data cannot be decoded."""
+
+    num_rows: int
+    reason: str
+
+
+def iter_shard_batches(shard: Shard, columns: list[str], batch_rows: int = 4096, skip_corrupt: bool = False
+                       ) -> Iterator[tuple[int, int, pa.RecordBatch | CorruptRows]]:
     """Stream the shard's rows as `(row_group, first row index within it, record batch)`, reading only
-    `columns` and only the shard's row groups; never more than one record batch is materialised here."""
+    `columns` and only the shard's row groups; never more than one record batch is materialised here.
+
+    A row group whose data cannot be decoded raises `DataError` naming file and row group; with
+    `skip_corrupt` it yields `(row_group, first row, CorruptRows)` for the shard's rows of it instead,
+    after any batches of it read before the damage (the caller drops those)."""
     fs, path = open_fs(shard.file)
     with fs.open(path, "rb") as fh:
         pf = pq.ParquetFile(fh)
@@ -192,21 +204,28 @@ def iter_shard_batches(shard: Shard, columns: list[str], batch_rows: int = 4096
             rg_rows = pf.metadata.row_group(rg).num_rows
             lo, hi = max(shard.start - offset, 0), min(shard.stop - offset, rg_rows)
             pos = 0
-            with _naming(shard.file, rg):
-                for batch in pf.iter_batches(batch_size=batch_rows, row_groups=[rg], columns=columns):
-                    a, b = max(lo - pos, 0), min(hi - pos, batch.num_rows)
-                    if b > a:
-                        yield rg, pos + a, batch.slice(a, b - a)
-                    pos += batch.num_rows
-                    if pos >= hi:
-                        break
+            try:
+                with _decoding(shard.file, rg, columns):
+                    for batch in pf.iter_batches(batch_size=batch_rows, row_groups=[rg], columns=columns):
+                        a, b = max(lo - pos, 0), min(hi - pos, batch.num_rows)
+                        if b > a:
+                            yield rg, pos + a, batch.slice(a, b - a)
+                        pos += batch.num_rows
+                        if pos >= hi:
+                            break
+            except DataError as e:
+                if not skip_corrupt:
+                    raise
+                yield rg, lo, CorruptRows(hi - lo, str(e))
             offset += rg_rows
 
 
 @contextmanager
-def _naming(url: str, row_group: int) -> Iterator[None]:
-    """Errors while decoding a row group name the file and row group. Invalid data is a `DataError`;
-    a plain `OSError` (a corrupt page, as from a network read) keeps its type, so it is retried."""
+def _decoding(url: str, row_group: int, columns: list[str]) -> Iterator[None]:
+    """Errors while decoding a row group name the file and row group. Invalid data is a `DataError`.
+    A plain `OSError` is what Arrow raises for a damaged page, but a broken network read can look the
+    same: the row group is read once more through a fresh handle, and only the same error again makes
+    it a `DataError`; otherwise it stays an `OSError`, which the shard task retries."""
     try:
         yield
     except pa.ArrowInvalid as e:
@@ -214,5 +233,22 @@ def _naming(url: str, row_group: int) -> Iterator[None]:
     except OSError as e:
         if type(e) is not OSError:
             raise
+        if _fails_again(url, row_group, columns, str(e)):
+            raise DataError(f"corrupt Parquet data in {url!r}, row group {row_group}: {e} "
+                            "(the same error on a second read)") from e
         raise OSError(f"reading {url!r}, row group {row_group}: {e}") from e
+
+
+def _fails_again(url: str, row_group: int, columns: list[str], message: str) -> bool:
+    """Whether reading the whole row group again fails with the same plain `OSError` (only on the error
+    path: it holds the row group's columns in memory)."""
+    fs, path = open_fs(url)
+    try:
+        with fs.open(path, "rb") as fh:
+            pq.ParquetFile(fh).read_row_group(row_group, columns=columns)
+    except OSError as e:
+        return type(e) is OSError and str(e) == message
+    except Exception:  # noqa: BLE001 - any other outcome: not the same deterministic failure
+        return False
+    return False
 
