@@ -1,6 +1,8 @@
 """Shard planning: deterministic, complete, row-group aligned, and streaming reads of exactly a shard."""
 from __future__ import annotations
 
+import errno
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -100,3 +102,15 @@ def test_damaged_later_page_yields_corrupt_rows_after_the_batches_read(data_dir,
     assert seen[-1] == (1, 0, "CorruptRows", 30) and all(s[2] == "RecordBatch" for s in seen[3:-1])
     with pytest.raises(DataError, match=r"corrupt Parquet data in .*pages\.parquet.*row group 1"):
         list(iter_shard_batches(shard, ["text"], batch_rows=10))
+
+
+def test_file_system_errors_pass_unchanged_to_be_retried():
+    """An OSError the file system raised (s3fs turns an S3 5xx into OSError(EIO, ...)) is not taken for
+    damaged data: no second read, same exception, so the shard task retries it."""
+    from tasks.inference.shards import _decoding
+
+    error = OSError(errno.EIO, "We encountered an internal error. Please try again.")
+    with pytest.raises(OSError) as info:
+        with _decoding("/nonexistent/never-read.parquet", 0, ["text"]):
+            raise error
+    assert info.value is error

@@ -223,20 +223,26 @@ def iter_shard_batches(shard: Shard, columns: list[str], batch_rows: int = 4096,
 @contextmanager
 def _decoding(url: str, row_group: int, columns: list[str]) -> Iterator[None]:
     """Errors while decoding a row group name the file and row group. Invalid data is a `DataError`.
-    A plain `OSError` is what Arrow raises for a damaged page, but a broken network read can look the
-    same: the row group is read once more through a fresh handle, and only the same error again makes
-    it a `DataError`; otherwise it stays an `OSError`, which the shard task retries."""
+    Arrow raises a plain `OSError` for a damaged page, and also when a read stops short: the row group
+    is read once more through a fresh handle, and only the same error again makes it a `DataError`;
+    otherwise it stays an `OSError`, which the shard task retries. Errors the file system raises
+    (their own types, or an errno) pass unchanged and are retried."""
     try:
         yield
     except pa.ArrowInvalid as e:
         raise DataError(f"corrupt Parquet data in {url!r}, row group {row_group}: {e}") from e
     except OSError as e:
-        if type(e) is not OSError:
+        if not _arrow_io_error(e):  # raised by the file system (s3fs gives 5xx as OSError(EIO, ...))
             raise
         if _fails_again(url, row_group, columns, str(e)):
             raise DataError(f"corrupt Parquet data in {url!r}, row group {row_group}: {e} "
                             "(the same error on a second read)") from e
         raise OSError(f"reading {url!r}, row group {row_group}: {e}") from e
+
+
+def _arrow_io_error(e: OSError) -> bool:
+    """An error of Arrow's own (a plain OSError without errno), not one a file system raised."""
+    return type(e) is OSError and e.errno is None
 
 
 def _fails_again(url: str, row_group: int, columns: list[str], message: str) -> bool:
@@ -247,7 +253,7 @@ def _fails_again(url: str, row_group: int, columns: list[str], message: str) -> 
         with fs.open(path, "rb") as fh:
             pq.ParquetFile(fh).read_row_group(row_group, columns=columns)
     except OSError as e:
-        return type(e) is OSError and str(e) == message
+        return _arrow_io_error(e) and str(e) == message
     except Exception:  # noqa: BLE001 - any other outcome: not the same deterministic failure
         return False
     return False
