@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ModelError
+from .errors import ConfigError, ModelError
 from .fingerprint import hash_files
 from .settings import get_settings
 from .store import Store
@@ -90,10 +90,14 @@ def _hub_ref(src: str) -> ModelRef:
 
 
 def pick_device() -> tuple[str, str]:
-    """(`cuda`|`cpu`, `bf16`|`fp16`|`fp32`): mixed precision only where the hardware has it."""
+    """(`cuda`|`cpu`, `bf16`|`fp16`|`fp32`) as `HFBATCH_DEVICE` asks (default: CUDA when present);
+    mixed precision only where the hardware has it."""
     import torch
 
-    if torch.cuda.is_available():
+    wanted = get_settings().device
+    if wanted == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("HFBATCH_DEVICE=cuda, but torch sees no CUDA device")
+    if wanted != "cpu" and torch.cuda.is_available():
         return "cuda", "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "cpu", "fp32"
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -23,6 +24,9 @@ class Settings(BaseSettings):
     """Allow model repositories to run their own Python code (off by default)."""
     allow_pickle_weights: bool = False
     """Accept `pytorch_model.bin` (pickle) weights; by default only safetensors load."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where models train and predict: `auto` uses CUDA when a GPU is there; `cpu` keeps a GPU host's
+    work on its CPU; `cuda` fails instead of falling back to the CPU."""
 
 
 def get_settings() -> Settings:

@@ -17,6 +17,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Results are compared with `pipeline` on the CPU in fp32: keep hfbatch there too on a GPU host
+# (tests/test_gpu.py asks for CUDA itself).
+os.environ.setdefault("HFBATCH_DEVICE", "cpu")
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("HFBATCH_TEST_DATA", ROOT.parent / "shared" / "data"))

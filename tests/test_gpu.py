@@ -20,6 +20,22 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA d
 EXPECTED = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp16"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def on_cuda():
+    """The other tests keep hfbatch on the CPU (HFBATCH_DEVICE=cpu, conftest); these ask for CUDA."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HFBATCH_DEVICE", "cuda")
+        yield
+
+
+@pytest.fixture(scope="module")
+def mixed_rows(data_dir) -> list[str]:
+    """300 SST-2 phrases (not among the training rows) and 300 IMDb reviews, interleaved."""
+    sst2 = pq.read_table(data_dir / "sst2" / "train.parquet").slice(60_800, 300).column("text").to_pylist()
+    imdb = pq.read_table(data_dir / "imdb" / "test_sample.parquet").slice(0, 300).column("text").to_pylist()
+    return [t for pair in zip(sst2, imdb) for t in pair]
+
+
 @pytest.fixture(scope="module")
 def trained_on_cuda(sst2_split, minilm, tmp_path_factory):
     store = Store(str(tmp_path_factory.mktemp("store")))
@@ -39,16 +55,13 @@ def test_training_and_evaluation_run_on_cuda_in_mixed_precision(trained_on_cuda)
     assert result.metrics["accuracy"] >= 0.80
 
 
-def test_bulk_inference_on_cuda_in_mixed_precision_keeps_the_fp32_pipeline_labels(trained_on_cuda, data_dir,
+def test_bulk_inference_on_cuda_in_mixed_precision_keeps_the_fp32_pipeline_labels(trained_on_cuda, mixed_rows,
                                                                                  tmp_path):
     """hfbatch's exact mode on CUDA runs the model in bf16 (fp16 without bf16 units); its labels are
     those of the fp32 `pipeline` on the same GPU for at least 99 % of mixed short and long rows."""
     from transformers import pipeline
 
-    ref = trained_on_cuda[0].model_ref()
-    sst2 = pq.read_table(data_dir / "sst2" / "train.parquet").slice(60_800, 300).column("text").to_pylist()
-    imdb = pq.read_table(data_dir / "imdb" / "test_sample.parquet").slice(0, 300).column("text").to_pylist()
-    texts = [t for pair in zip(sst2, imdb) for t in pair]
+    ref, texts = trained_on_cuda[0].model_ref(), mixed_rows
     pq.write_table(pa.table({"id": list(range(len(texts))), "text": texts}), tmp_path / "rows.parquet")
 
     predictor = get_predictor("text-classification", ref, TaskOptions())
@@ -67,3 +80,36 @@ def test_bulk_inference_on_cuda_in_mixed_precision_keeps_the_fp32_pipeline_label
     print(f"bf16 vs fp32 pipeline on {len(texts)} rows: labels {agree:.2%}, max score diff {scores.max():.4f}")
     assert agree >= 0.99
     assert np.median(scores) < 0.01
+
+
+def test_embeddings_on_cuda_in_mixed_precision_stay_close_to_fp32(minilm, mixed_rows):
+    """Feature extraction with the real MiniLM: bf16 on the GPU against the fp32 pipeline's mean-pooled
+    vectors on the same GPU."""
+    from transformers import pipeline
+
+    ref = resolve_model(minilm)
+    predictor = get_predictor("feature-extraction", ref, TaskOptions())
+    assert (predictor.device, predictor.precision) == ("cuda", EXPECTED)
+    table, _ = predictor.predict({"text": mixed_rows}, predictor.batch_tokens)
+    ours = np.array(table.column("embedding").to_pylist())
+    pipe = pipeline("feature-extraction", model=ref.path, tokenizer=ref.path, device="cuda")
+    theirs = np.array([np.mean(x[0], axis=0) for x in pipe(mixed_rows, truncation=True)])
+    cosine = (ours * theirs).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(theirs, axis=1)
+    print(f"bf16 vs fp32 embeddings on {len(mixed_rows)} rows: cosine min {cosine.min():.5f}, mean {cosine.mean():.5f}")
+    assert cosine.min() > 0.995
+
+
+def test_device_setting_keeps_a_gpu_hosts_work_on_its_cpu(trained_on_cuda, mixed_rows, monkeypatch):
+    """HFBATCH_DEVICE=cpu on a GPU host: fp32 on the CPU, scores as the CPU pipeline's."""
+    from transformers import pipeline
+
+    monkeypatch.setenv("HFBATCH_DEVICE", "cpu")
+    assert pick_device() == ("cpu", "fp32")
+    ref, texts = trained_on_cuda[0].model_ref(), mixed_rows[:60]
+    predictor = get_predictor("text-classification", ref, TaskOptions())
+    assert (predictor.device, next(predictor.model.parameters()).device.type) == ("cpu", "cpu")
+    table, _ = predictor.predict({"text": texts}, predictor.batch_tokens)
+    expected = pipeline("text-classification", model=ref.path, tokenizer=ref.path, device="cpu")(
+        texts, batch_size=8, truncation=True)
+    assert table.column("label").to_pylist() == [e["label"] for e in expected]
+    np.testing.assert_allclose(table.column("score").to_pylist(), [e["score"] for e in expected], atol=1e-4)

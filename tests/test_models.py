@@ -34,3 +34,23 @@ def test_missing_directory_and_unreachable_hub_are_named(tmp_path):
         resolve_model(str(tmp_path / "nope"))
     with pytest.raises(ModelError, match="cannot fetch model 'someone/some-model@main' from the Hugging Face Hub"):
         resolve_model("someone/some-model@main")
+
+
+def test_device_setting(monkeypatch):
+    """HFBATCH_DEVICE=cpu always gives the CPU in fp32; `cuda` without a GPU fails loudly instead of
+    quietly running on the CPU; anything else is refused."""
+    import pydantic
+    import torch
+
+    from tasks.errors import ConfigError
+    from tasks.models import pick_device
+
+    monkeypatch.setenv("HFBATCH_DEVICE", "cpu")
+    assert pick_device() == ("cpu", "fp32")
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("HFBATCH_DEVICE", "cuda")
+        with pytest.raises(ConfigError, match="no CUDA device"):
+            pick_device()
+    monkeypatch.setenv("HFBATCH_DEVICE", "tpu")
+    with pytest.raises(pydantic.ValidationError):
+        pick_device()

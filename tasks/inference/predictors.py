@@ -579,7 +579,7 @@ def get_predictor(task: str, model: ModelRef, options: TaskOptions = TaskOptions
     """The predictor for `task` and `model`, loaded on first use and then reused by every shard of
     this process (a worker loads each model once)."""
     cls = PREDICTORS[canonical_task(task)]
-    key = (cls.task, model.path, model.fingerprint, options)
+    key = (cls.task, model.path, model.fingerprint, options, pick_device())
     with _CACHE_LOCK:
         if key not in _CACHE:
             _CACHE[key] = cls(model, options)
