@@ -39,9 +39,6 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 
-HFBATCH = {"auto": "hfbatch (exact: fp32)", "int8": "hfbatch --precision int8"}
-
-
 def load_rows(data: Path, n: int, imdb_fraction: float, seed: int = 0, held_out: int = 0) -> list[str]:
     """`n` texts, SST-2 and IMDb mixed; the last `held_out` SST-2 rows are never chosen (training rows)."""
     n_imdb = round(n * imdb_fraction)
@@ -126,8 +123,7 @@ def main(argv=None) -> int:
     p.add_argument("--data", default=os.environ.get("HFBATCH_TEST_DATA", str(ROOT.parent / "shared" / "data")))
     p.add_argument("--skip-per-row", action="store_true", help="skip the slow per-row pipeline")
     args = p.parse_args(argv)
-    if args.device == "cpu":
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # hfbatch picks its device itself
+    os.environ["HFBATCH_DEVICE"] = args.device  # hfbatch on the same device as the pipelines
 
     import torch
     from transformers import pipeline
@@ -192,32 +188,31 @@ def main(argv=None) -> int:
     path.parent.mkdir()
     pq.write_table(pa.table({"idx": list(range(len(texts))), "text": texts}), path)
     ref = resolve_model(model_dir)
+    hfbatch: dict[str, str] = {}  # precision -> name in the report
     for precision in ("auto", "int8") if args.device == "cpu" else ("auto",):
         options = TaskOptions(precision=precision)
         predictor = get_predictor("text-classification", ref, options)  # loaded once per worker, before the timing
         budget = args.batch_tokens or predictor.batch_tokens
         predictor.predict({"text": texts[:32]}, budget)  # warm-up
-        if args.device == "cuda":
-            HFBATCH[precision] = f"hfbatch (exact: {predictor.precision})"
-        HFBATCH[precision] += f" [{budget} tok]"
+        mode = f"(exact: {predictor.precision})" if precision == "auto" else f"--precision {precision}"
+        hfbatch[precision] = f"hfbatch {mode} [{budget} tok]"
         t = time.perf_counter()
         manifest = run_local("text-classification", ref, str(path), str(tmp / f"out-{precision}"), shard_rows=10_000,
                              batch_tokens=args.batch_tokens, options=options)
         seconds = time.perf_counter() - t
         out = pq.read_table(tmp / f"out-{precision}")
         assert out.column("idx").to_pylist() == list(range(len(texts))) and manifest["tokens"] == tokens
-        report(HFBATCH[precision], seconds, out.column("label").to_pylist())
+        report(hfbatch[precision], seconds, out.column("label").to_pylist())
 
     batched_s, batched_labels = results["pipeline(KeyDataset, batch_size=32)"]
-    hf_s = results[HFBATCH["auto"]][0]
+    hf_s = results[hfbatch["auto"]][0]
     reference = results.get("pipeline per row", (None, batched_labels))[1]
     for name, (_, labels) in results.items():
         agree = np.mean([a == b for a, b in zip(labels, reference)])
         print(f"label agreement with {'per-row' if 'pipeline per row' in results else 'batched'} pipeline: "
               f"{name}: {agree:.2%}")
-    for name in results:
-        if name.startswith("hfbatch"):
-            print(f"{name} / batched pipeline: {batched_s / results[name][0]:.2f}x")
+    for name in hfbatch.values():
+        print(f"{name} / batched pipeline: {batched_s / results[name][0]:.2f}x")
     if args.device == "cuda":
         return 0  # the FLOP limit below is the CPU's
     gflops = matmul_gflops()

@@ -76,7 +76,8 @@ class Predictor:
         self.device, self.precision = pick_device()
         if options.precision == "int8":
             if self.device != "cpu":
-                raise ConfigError(f"precision 'int8' is a CPU mode; on {self.device} use 'auto' ({self.precision})")
+                raise ConfigError(f"precision 'int8' is a CPU mode; on {self.device} use 'auto' ({self.precision}), "
+                                  "or set HFBATCH_DEVICE=cpu to run on this host's CPU")
             self.precision = "int8"
         self.lock = threading.Lock()
 
