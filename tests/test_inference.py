@@ -16,6 +16,7 @@ import pytest
 
 from tasks.errors import ConfigError, DataError
 from tasks.inference import predictors
+from tasks.inference.first_token import FirstTokenLayer, first_token_only
 from tasks.inference.runner import run_local
 from tasks.models import resolve_model
 
@@ -128,6 +129,9 @@ def test_text_classification_matches_pipeline(prefect_harness, classifier, mixed
     assert result.column("row_id").to_pylist()[41] == "mixed.parquet:1:1"
     assert set(result.column("model_version").to_pylist()) == {summary["model_version"]}
 
+    # the last layer ran for the first token only (what the head reads), and the outputs are the pipeline's
+    used = predictors.get_predictor("text-classification", resolve_model(classifier))
+    assert used.first_token_only and isinstance(used.model.bert.encoder.layer[-1], FirstTokenLayer)
     pipe = pipeline("text-classification", model=classifier, tokenizer=classifier, truncation=True)
     expected = pipe(_texts(mixed))
     assert result.column("label").to_pylist() == [e["label"] for e in expected]
@@ -147,6 +151,40 @@ def test_text_classification_matches_pipeline(prefect_harness, classifier, mixed
     # the same output with another model is refused, not mixed
     with pytest.raises(ConfigError, match="another configuration"):
         run_local("feature-extraction", resolve_model(classifier), str(mixed), str(out))
+
+
+def test_first_token_only_where_the_head_reads_the_first_token(tiny_models, mixed):
+    """The last layer is cut to the first token only where a probe keeps the logits: not for a head
+    that reads every token, nor for a model without that layer structure."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
+
+    path = tiny_models["zero-shot-classification"]
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    batch = tokenizer(_texts(mixed)[:40], truncation=True, padding=True, return_tensors="pt")
+    model = AutoModelForSequenceClassification.from_pretrained(path)
+    full = copy.deepcopy(model)
+    with torch.inference_mode():
+        expected = full(**batch).logits
+        assert first_token_only(model) and isinstance(model.bert.encoder.layer[-1], FirstTokenLayer)
+        torch.testing.assert_close(model(**batch).logits, expected, rtol=0, atol=1e-5)
+
+        class MeanPooler(torch.nn.Module):  # a head that reads every token
+            def __init__(self, pooler):
+                super().__init__()
+                self.pooler = pooler
+
+            def forward(self, hidden):
+                return self.pooler.activation(self.pooler.dense(hidden.mean(dim=1)))
+
+        full.bert.pooler = MeanPooler(full.bert.pooler)
+        expected = full(**batch).logits
+        assert not first_token_only(full)
+        assert not isinstance(full.bert.encoder.layer[-1], FirstTokenLayer)
+        torch.testing.assert_close(full(**batch).logits, expected, rtol=0, atol=0)
+    assert not first_token_only(AutoModelForTokenClassification.from_pretrained(tiny_models["token-classification"]))
 
 
 def test_feature_extraction_is_mean_pooled_pipeline(minilm, mixed, tmp_path):
@@ -252,11 +290,13 @@ def test_zero_shot_matches_pipeline(tiny_models, mixed, tmp_path):
     texts = _texts(mixed)[:40]
     path = tmp_path / "zs.parquet"
     pq.write_table(pa.table({"text": texts}), path)
-    run_local("zero-shot-classification", resolve_model(model), str(path), str(tmp_path / "out"),
-              options=predictors.TaskOptions(candidate_labels=labels))
+    options = predictors.TaskOptions(candidate_labels=labels)
+    run_local("zero-shot-classification", resolve_model(model), str(path), str(tmp_path / "out"), options=options)
     got = pq.read_table(tmp_path / "out")
     pipe = pipeline("zero-shot-classification", model=model, tokenizer=model)
     expected = pipe(texts, candidate_labels=list(labels))
+    used = predictors.get_predictor("zero-shot-classification", resolve_model(model), options)
+    assert used.first_token_only  # an NLI model reads the first token of each (premise, hypothesis) pair
     assert got.column("labels").to_pylist() == [e["labels"] for e in expected]
     assert got.column("label").to_pylist() == [e["labels"][0] for e in expected]
     np.testing.assert_allclose(np.array(got.column("scores").to_pylist()), [e["scores"] for e in expected],

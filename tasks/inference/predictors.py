@@ -70,6 +70,8 @@ class Predictor:
 
     task: str = ""
     inputs: tuple[str, ...] = ("text",)
+    first_token_head = False
+    """Sequence classification: the head may read the first token only (`first_token.py`)."""
 
     def __init__(self, model: ModelRef, options: TaskOptions):
         self.model_ref, self.options = model, options
@@ -118,8 +120,13 @@ class Predictor:
         return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
 
     def _prepare(self, model):
-        """`model` on this predictor's device, in eval mode, its linear layers int8 where asked."""
+        """`model` on this predictor's device, in eval mode, its last layer cut to the first token where
+        the head reads only that (on CPU: on CUDA the forward passes are a small part of the time), its
+        linear layers int8 where asked."""
+        from .first_token import first_token_only
+
         model = model.to(self.device).eval()
+        self.first_token_only = self.first_token_head and self.device == "cpu" and first_token_only(model)
         if self.precision != "int8":
             return model
         import warnings
@@ -221,6 +228,7 @@ class TextClassification(EncoderPredictor):
     """`label` and `score` of the top class, as `pipeline("text-classification")` returns them."""
 
     task = "text-classification"
+    first_token_head = True
 
     def _load(self):
         from transformers import AutoModelForSequenceClassification
@@ -391,6 +399,7 @@ class ZeroShotClassification(PipelinePredictor):
     """`label`/`score` of the best candidate label, and all `labels`/`scores` (best first)."""
 
     task = "zero-shot-classification"
+    first_token_head = True
 
     @property
     def schema(self) -> pa.Schema:
