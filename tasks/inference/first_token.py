@@ -42,13 +42,24 @@ class FirstTokenLayer(nn.Module):
         return self.layer.output(self.layer.intermediate(attended), attended)
 
 
+def encoder_layers(model: nn.Module) -> nn.ModuleList | None:
+    """The layer list of a BERT-style (`encoder.layer`) or DistilBERT-style (`transformer.layer`)
+    encoder, else None."""
+    base = getattr(model, "base_model", model)
+    for path in ("encoder", "transformer"):
+        layers = getattr(getattr(base, path, None), "layer", None)
+        if isinstance(layers, nn.ModuleList) and len(layers):
+            return layers
+    return None
+
+
 def _last_layer_list(model: nn.Module) -> nn.ModuleList | None:
     """The encoder's layer list when the model is a BERT-style encoder with a sequence-classification
     head (the heads that read the first token), else None."""
     if not type(model).__name__.endswith("ForSequenceClassification") or model.config.is_decoder:
         return None
-    layers = getattr(getattr(getattr(model, model.base_model_prefix, None), "encoder", None), "layer", None)
-    if not isinstance(layers, nn.ModuleList) or not len(layers):
+    layers = encoder_layers(model)
+    if layers is None:
         return None
     last = layers[-1]
     parts = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output",

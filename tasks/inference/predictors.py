@@ -129,16 +129,9 @@ class Predictor:
         self.first_token_only = self.first_token_head and self.device == "cpu" and first_token_only(model)
         if self.precision != "int8":
             return model
-        import warnings
+        from .quantize import quantize_int8
 
-        import torch
-
-        with warnings.catch_warnings():  # torch.ao's dynamic quantization is deprecated in favour of torchao
-            warnings.simplefilter("ignore")
-            from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
-            # per output channel: per-tensor weight scales cost MiniLM's embeddings ~3x more cosine distance
-            return quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
+        return quantize_int8(model)
 
 
 def token_budget_batches(lengths: np.ndarray, batch_tokens: int, pad_slack: float = 0.1, min_slack: int = 8
