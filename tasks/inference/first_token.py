@@ -95,9 +95,9 @@ def first_token_only(model: nn.Module) -> bool:
     if layers is None:
         return False
     original = layers[-1]
-    probe = _probe(model)
     with torch.inference_mode():
         try:
+            probe = _probe(model)
             expected = model(**probe).logits
             layers[-1] = FirstTokenLayer(original)
             same = torch.allclose(model(**probe).logits, expected, rtol=0, atol=PROBE_ATOL)
