@@ -129,7 +129,7 @@ def batch_inference(model: str, task: str, input: str, output: str, text_column:
     champion then writes to a new place.
 
     `precision="int8"` quantizes the model's linear layers to int8 on CPU (all but those of the first
-    and last encoder layer): faster, with scores that differ slightly from `pipeline`'s (and so, near a
+    encoder layer): faster, with scores that differ slightly from `pipeline`'s (and so, near a
     decision boundary, a label now and then).
 
     `task_runner="dask"` runs the shards on a Dask cluster (prefect-dask): the scheduler at
