@@ -154,8 +154,9 @@ def test_text_classification_matches_pipeline(prefect_harness, classifier, mixed
 
 
 def test_first_token_only_where_the_head_reads_the_first_token(tiny_models, mixed):
-    """The last layer is cut to the first token only where a probe keeps the logits: not for a head
-    that reads every token, nor for a model without that layer structure."""
+    """The last layer is cut to the first token only where a probe keeps the logits: not for a
+    sequence-classification head that reads every token, nor for another kind of head (token
+    classification)."""
     import copy
 
     import torch
