@@ -81,6 +81,10 @@ class Predictor:
                 raise ConfigError(f"precision 'int8' is a CPU mode; on {self.device} use 'auto' ({self.precision}), "
                                   "or set HFBATCH_DEVICE=cpu to run on this host's CPU")
             self.precision = "int8"
+        if self.device == "cpu":
+            from .allocator import keep_freed_memory
+
+            keep_freed_memory()
         self.lock = threading.Lock()
 
     @property
