@@ -1,14 +1,16 @@
 """Bulk inference speed: `pipeline` per row vs `pipeline(KeyDataset, batch_size=32)` vs hfbatch.
 
 One run, the same rows (SST-2 phrases and IMDb reviews, interleaved), the same model (MiniLM-L6 with
-a seeded new 2-label head saved locally, or `--model DIR`), the same torch thread count. Prints
+a seeded new 2-label head saved locally, or `--model DIR`), the same torch thread count. The ways
+take turns: the rows are cut into `--rounds` interleaved slices and every way runs on each slice
+in a rotating order, so a busy neighbour on a shared machine slows every way alike. Prints
 rows/s and real (unpadded, truncated) tokens/s for each way, label agreement with the per-row
 pipeline, hfbatch ÷ batched pipeline, and hfbatch's fraction of this CPU's fp32 FLOP limit
 (from a matmul measured here, best of two measurements, and 2 × non-embedding parameters FLOP
 per token). hfbatch computes the last layer of a first-token classifier for that token only, so it
 also prints its rate on the FLOPs it does compute.
 
-    python benchmarks/infer_bench.py [--rows 400] [--imdb-fraction 0.5] [--threads N]
+    python benchmarks/infer_bench.py [--rows 400] [--imdb-fraction 0.5] [--threads N] [--rounds 4]
                                      [--model DIR | --train-rows N] [--device cpu|cuda]
 
 On CPU hfbatch runs twice: exact (fp32) and `--precision int8`. On CUDA every way runs on the GPU:
@@ -124,6 +126,57 @@ def first_token_skipped(model, lengths: list[int]) -> float:
     return per_token * others + 4.0 * model.config.hidden_size * sum(n * n - n for n in lengths)
 
 
+def _baseline_worker(conn, model_dir: str, device: str, threads: int, slices: list[list[str]], per_row: bool):
+    """Child process: the plain pipelines; answers (way, slice number) with (seconds, labels)."""
+    import datasets
+    import torch
+    from transformers import pipeline
+    from transformers.pipelines.pt_utils import KeyDataset
+
+    torch.set_num_threads(threads)
+    datasets.disable_progress_bars()
+    pipe = pipeline("text-classification", model=model_dir, tokenizer=model_dir, device=device)
+    ways = {}
+    if per_row:
+        pipe(slices[0][0], truncation=True)  # warm-up
+        ways["pipeline per row"] = lambda k: [pipe(x, truncation=True)[0]["label"] for x in slices[k]]
+    batched = [("pipeline(KeyDataset, batch_size=32)", pipe)]
+    if device == "cuda":
+        batched.append(("pipeline(KeyDataset, 32) bf16", pipeline(
+            "text-classification", model=model_dir, tokenizer=model_dir, device="cuda", dtype=torch.bfloat16)))
+    sets = [datasets.Dataset.from_dict({"text": rows}) for rows in slices]
+    for name, way in batched:
+        way(slices[0][:32], batch_size=32, truncation=True)  # warm-up (CUDA kernels, allocator)
+        ways[name] = lambda k, way=way: [r["label"] for r in way(KeyDataset(sets[k], "text"), batch_size=32,
+                                                                 truncation=True)]
+    conn.send(list(ways))
+    while (request := conn.recv()) is not None:
+        name, k = request
+        t = time.perf_counter()
+        labels = ways[name](k)
+        conn.send((time.perf_counter() - t, labels))
+
+
+def baseline_ways(model_dir: str, device: str, threads: int, slices: list[list[str]], per_row: bool) -> dict:
+    """{name: function(slice number) -> (seconds, labels)} for the pipelines, run in a child process."""
+    import atexit
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    parent, child = context.Pipe()
+    worker = context.Process(target=_baseline_worker, args=(child, model_dir, device, threads, slices, per_row),
+                             daemon=True)
+    worker.start()
+    atexit.register(parent.send, None)
+
+    def way(name):
+        def run(k: int) -> tuple[float, list[str]]:
+            parent.send((name, k))
+            return parent.recv()
+        return run
+    return {name: way(name) for name in parent.recv()}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, default=400)
@@ -135,12 +188,12 @@ def main(argv=None) -> int:
     p.add_argument("--batch-tokens", type=int, help="hfbatch token budget per batch (default: hfbatch's)")
     p.add_argument("--data", default=os.environ.get("HFBATCH_TEST_DATA", str(ROOT.parent / "shared" / "data")))
     p.add_argument("--skip-per-row", action="store_true", help="skip the slow per-row pipeline")
+    p.add_argument("--rounds", type=int, default=4, help="interleaved slices of the rows, every way runs on each")
     args = p.parse_args(argv)
     os.environ["HFBATCH_DEVICE"] = args.device  # hfbatch on the same device as the pipelines
 
     import torch
     from transformers import pipeline
-    from transformers.pipelines.pt_utils import KeyDataset
     import datasets
 
     from tasks.inference.predictors import TaskOptions, get_predictor
@@ -181,28 +234,35 @@ def main(argv=None) -> int:
         print(f"{name:<34} {seconds:8.2f} s {len(texts) / seconds:9.1f} rows/s {tokens / seconds:10.0f} tokens/s",
               flush=True)
 
-    if not args.skip_per_row:
-        pipe(texts[0], truncation=True)  # warm-up
-        t = time.perf_counter()
-        labels = [pipe(x, truncation=True)[0]["label"] for x in texts]
-        report("pipeline per row", time.perf_counter() - t, labels)
-
-    ds = datasets.Dataset.from_dict({"text": texts})
-    batched = [("pipeline(KeyDataset, batch_size=32)", pipe)]
-    if args.device == "cuda":
-        batched.append(("pipeline(KeyDataset, 32) bf16", pipeline(
-            "text-classification", model=model_dir, tokenizer=model_dir, device="cuda", dtype=torch.bfloat16)))
-    for name, way in batched:
-        way(texts[:32], batch_size=32, truncation=True)  # warm-up (CUDA kernels, allocator)
-        t = time.perf_counter()
-        labels = [r["label"] for r in way(KeyDataset(ds, "text"), batch_size=32, truncation=True)]
-        report(name, time.perf_counter() - t, labels)
-
-    path = tmp / "input" / "rows.parquet"
-    path.parent.mkdir()
-    pq.write_table(pa.table({"idx": list(range(len(texts))), "text": texts}), path)
+    # Every way runs over the same `--rounds` interleaved slices of the rows, one slice per round, in
+    # an order that rotates per round: a neighbour's load on this shared machine then falls on every
+    # way alike, not on whichever ran during it.
+    rounds = max(1, min(args.rounds, len(texts)))
+    slices = [list(range(k, len(texts), rounds)) for k in range(rounds)]
+    # The pipelines run in a process of their own, as a plain Hugging Face user runs them: hfbatch
+    # changes process-wide settings (glibc's malloc thresholds, `allocator.py`) that would speed them too.
+    ways = baseline_ways(model_dir, args.device, torch.get_num_threads(), [[texts[i] for i in rows] for rows in slices],
+                         per_row=not args.skip_per_row)
+    for k, rows in enumerate(slices):
+        path = tmp / "input" / f"{k}" / "rows.parquet"
+        path.parent.mkdir(parents=True)
+        pq.write_table(pa.table({"idx": rows, "text": [texts[i] for i in rows]}), path)
     ref = resolve_model(model_dir)
     hfbatch: dict[str, str] = {}  # precision -> name in the report
+
+    def hfbatch_way(precision: str, options: TaskOptions):
+        def run(k: int) -> tuple[float, list[str]]:
+            out_dir = tmp / f"out-{precision}-{k}"
+            t = time.perf_counter()
+            manifest = run_local("text-classification", ref, str(tmp / "input" / f"{k}"), str(out_dir),
+                                 shard_rows=10_000, batch_tokens=args.batch_tokens, options=options)
+            seconds = time.perf_counter() - t
+            out = pq.read_table(out_dir)
+            assert out.column("idx").to_pylist() == slices[k]
+            assert manifest["tokens"] == sum(lengths[i] for i in slices[k])
+            return seconds, out.column("label").to_pylist()
+        return run
+
     for precision in ("auto", "int8") if args.device == "cpu" else ("auto",):
         options = TaskOptions(precision=precision)
         predictor = get_predictor("text-classification", ref, options)  # loaded once per worker, before the timing
@@ -210,13 +270,20 @@ def main(argv=None) -> int:
         predictor.predict({"text": texts[:32]}, budget)  # warm-up
         mode = f"(exact: {predictor.precision})" if precision == "auto" else f"--precision {precision}"
         hfbatch[precision] = f"hfbatch {mode} [{budget} tok]"
-        t = time.perf_counter()
-        manifest = run_local("text-classification", ref, str(path), str(tmp / f"out-{precision}"), shard_rows=10_000,
-                             batch_tokens=args.batch_tokens, options=options)
-        seconds = time.perf_counter() - t
-        out = pq.read_table(tmp / f"out-{precision}")
-        assert out.column("idx").to_pylist() == list(range(len(texts))) and manifest["tokens"] == tokens
-        report(hfbatch[precision], seconds, out.column("label").to_pylist())
+        ways[hfbatch[precision]] = hfbatch_way(precision, options)
+
+    names = list(ways)
+    seconds = dict.fromkeys(names, 0.0)
+    labels = {name: [""] * len(texts) for name in names}
+    for k, rows in enumerate(slices):
+        for name in names[k % len(names):] + names[:k % len(names)]:
+            took, got = ways[name](k)
+            seconds[name] += took
+            for i, label in zip(rows, got):
+                labels[name][i] = label
+    print(f"{rounds} rounds of {len(slices[0])} rows, every way once per round")
+    for name in names:
+        report(name, seconds[name], labels[name])
 
     batched_s, batched_labels = results["pipeline(KeyDataset, batch_size=32)"]
     hf_s = results[hfbatch["auto"]][0]
