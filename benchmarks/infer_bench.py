@@ -193,7 +193,7 @@ def main(argv=None) -> int:
     os.environ["HFBATCH_DEVICE"] = args.device  # hfbatch on the same device as the pipelines
 
     import torch
-    from transformers import pipeline
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
     import datasets
 
     from tasks.inference.predictors import TaskOptions, get_predictor
@@ -217,9 +217,11 @@ def main(argv=None) -> int:
         else:
             model_dir = make_classifier(base, tmp / "model")
     texts = load_rows(Path(args.data), args.rows, args.imdb_fraction, held_out=args.train_rows)
-    pipe = pipeline("text-classification", model=model_dir, tokenizer=model_dir, device=args.device)
-    max_len = min(pipe.tokenizer.model_max_length, pipe.model.config.max_position_embeddings)
-    lengths = [len(x) for x in pipe.tokenizer(texts, truncation=True, max_length=max_len)["input_ids"]]
+    # for counting tokens and FLOPs only (the timed pipelines run in `_baseline_worker`)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir)
+    max_len = min(tokenizer.model_max_length, model.config.max_position_embeddings)
+    lengths = [len(x) for x in tokenizer(texts, truncation=True, max_length=max_len)["input_ids"]]
     tokens = sum(lengths)
     print(f"rows: {len(texts)} ({args.imdb_fraction:.0%} IMDb), real tokens: {tokens} "
           f"({tokens / len(texts):.0f}/row); model: {model_dir}; torch threads: {torch.get_num_threads()}; "
@@ -297,7 +299,7 @@ def main(argv=None) -> int:
     if args.device == "cuda":
         return 0  # the FLOP limit below is the CPU's
     gflops = max(peak_before, matmul_gflops())  # a busy neighbour lowers one measurement
-    linear, attention = model_flops(pipe.model, lengths)
+    linear, attention = model_flops(model, lengths)
     per_token = (linear + attention) / tokens
     achieved = (linear + attention) / hf_s / 1e9
     print(f"fp32 matmul peak here: {gflops:.1f} GFLOP/s ({torch.get_num_threads()} threads); model on these rows: "
@@ -307,7 +309,7 @@ def main(argv=None) -> int:
           f"({achieved:.1f} GFLOP/s of whole-model work)")
     predictor = get_predictor("text-classification", ref, TaskOptions())
     if getattr(predictor, "first_token_only", False):
-        done = linear + attention - first_token_skipped(pipe.model, lengths)
+        done = linear + attention - first_token_skipped(model, lengths)
         print(f"  it computes the last layer for the first token only ({done / tokens / 1e6:.1f} MFLOP/token): "
               f"{done / hf_s / 1e9:.1f} GFLOP/s = {done / hf_s / 1e9 / gflops:.0%} of the peak on the work it does")
     return 0

@@ -16,29 +16,20 @@ of 300 MiniLM rows went from ~1.08 GB to 1.14-1.29 GB, and `infer_memory.py`'s f
 from __future__ import annotations
 
 import ctypes
+import functools
 import sys
-import threading
 
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3  # glibc's malloc.h
 MMAP_THRESHOLD = 256 << 20
 TRIM_THRESHOLD = 512 << 20
 TOP_PAD = 64 << 20
 
-_lock = threading.Lock()
-_kept: bool | None = None
 
-
+@functools.cache
 def keep_freed_memory() -> bool:
-    """Set glibc's malloc to keep freed memory for reuse (once per process); True where it did
-    (Linux with glibc), False elsewhere, where nothing changes."""
-    global _kept
-    with _lock:
-        if _kept is None:
-            _kept = _mallopt_all()
-        return _kept
-
-
-def _mallopt_all() -> bool:
+    """Set glibc's malloc to keep freed memory for reuse (once per process: `mallopt` is idempotent,
+    so two threads racing here is harmless); True where it did (Linux with glibc), False elsewhere,
+    where nothing changes."""
     if not sys.platform.startswith("linux"):
         return False
     try:
