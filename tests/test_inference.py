@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -239,6 +240,47 @@ def test_int8_precision_quantizes_and_stays_close(minilm, mixed, tmp_path):
         run_local("feature-extraction", ref, str(mixed), str(tmp_path / "bad"),
                   options=predictors.TaskOptions(precision="int4"))
 
+
+
+def test_int8_text_classification_scores_close_calls_again_in_fp32(classifier, mixed, tmp_path):
+    """int8 text classification quantizes every encoder layer, and the rows whose two best int8 scores
+    are close (where rounding may have changed the label) get the fp32 model's scores; the others keep
+    int8's. The seeded head is sharpened (x40) so that scores spread across (0, 1) as a trained head's do."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    sharp = tmp_path / "sharp"
+    model = AutoModelForSequenceClassification.from_pretrained(classifier)
+    with torch.no_grad():
+        model.classifier.weight.mul_(40)
+    model.save_pretrained(sharp)
+    shutil.copy(Path(classifier) / "tokenizer.json", sharp)
+    shutil.copy(Path(classifier) / "tokenizer_config.json", sharp)
+    ref = resolve_model(str(sharp))
+    exact = predictors.get_predictor("text-classification", ref)
+    fast = predictors.get_predictor("text-classification", ref, predictors.TaskOptions(precision="int8"))
+    linear = [type(m).__module__ for m in fast.model.bert.encoder.modules() if type(m).__name__ == "Linear"]
+    assert len(linear) == 6 * 6 and all(".quantized" in m for m in linear)  # every encoder layer int8
+
+    texts = _texts(mixed)
+    want, _ = exact.predict({"text": texts}, 2048)
+    got, _ = fast.predict({"text": texts}, 2048)
+    enc = fast.tokenizer(texts, truncation=True, max_length=fast.max_length)
+    lengths = np.array([len(x) for x in enc["input_ids"]])
+    int8 = fast._outputs(fast.model, enc["input_ids"], enc["token_type_ids"], lengths, 2048)
+    close = fast.close_calls(int8)
+    far = np.setdiff1d(np.arange(len(texts)), close)
+    assert 10 < len(close) < len(texts) / 2, len(close)
+    scores, labels = got.column("score").to_numpy(), np.array(got.column("label").to_pylist())
+    exact_scores, exact_labels = want.column("score").to_numpy(), np.array(want.column("label").to_pylist())
+    np.testing.assert_allclose(scores[close], exact_scores[close], atol=1e-6)
+    assert (labels[close] == exact_labels[close]).all()
+    int8_table = fast._table(int8)
+    np.testing.assert_array_equal(scores[far], int8_table.column("score").to_numpy()[far])
+    assert not np.allclose(scores[far], exact_scores[far], atol=1e-4)  # int8 did run for these
+    int8_labels = np.array(int8_table.column("label").to_pylist())
+    assert (labels != exact_labels).sum() < (int8_labels != exact_labels).sum()  # 0 vs 15 here
+    assert (labels == exact_labels).mean() >= 0.99
 
 KEPT_MEMORY_PROBE = """
 import resource, sys, torch

@@ -1,10 +1,11 @@
 """`--precision int8`: dynamic int8 quantization of an encoder's linear layers, on CPU.
 
 Weights are quantized per output channel once; activations per tensor at every call (torch's
-dynamic quantization). The first encoder layer stays fp32: its inputs, the embeddings, are where
-int8 loses the most. On the fine-tuned MiniLM SST-2 classifier, 800 mixed SST-2/IMDb rows, labels
-changed: 22 with every layer int8, 7 with the first layer fp32, 20 with the fifth and sixth fp32
-instead, 22 with the sixth, 3 with the first, second and sixth.
+dynamic quantization). The first encoder layer stays fp32 unless the caller checks its results
+another way (text classification scores its close calls again in fp32): its inputs, the
+embeddings, are where int8 loses the most. On the fine-tuned MiniLM SST-2 classifier, 800 mixed
+SST-2/IMDb rows, labels changed: 22 with every layer int8, 7 with the first layer fp32, 20 with the
+fifth and sixth fp32 instead, 22 with the sixth, 3 with the first, second and sixth.
 """
 from __future__ import annotations
 
@@ -16,20 +17,21 @@ from torch import nn
 from .first_token import encoder_layers
 
 
-def fp32_linear_names(model: nn.Module) -> set[str]:
-    """Names of the linear layers `quantize_int8` keeps in fp32: those of the first encoder layer."""
-    layers = encoder_layers(model)
+def fp32_linear_names(model: nn.Module, keep_first_layer: bool = True) -> set[str]:
+    """Names of the linear layers `quantize_int8` keeps in fp32: those of the first encoder layer, or none."""
+    layers = encoder_layers(model) if keep_first_layer else None
     kept = {id(m) for m in layers[0].modules()} if layers is not None else set()
     return {name for name, m in model.named_modules() if isinstance(m, nn.Linear) and id(m) in kept}
 
 
-def quantize_int8(model: nn.Module) -> nn.Module:
-    """`model` (fp32, on CPU) with its linear layers int8, except those named by `fp32_linear_names`."""
+def quantize_int8(model: nn.Module, keep_first_layer: bool = True) -> nn.Module:
+    """A copy of `model` (fp32, on CPU) with its linear layers int8, except those named by
+    `fp32_linear_names`."""
     with warnings.catch_warnings():  # torch.ao's dynamic quantization is deprecated in favour of torchao
         warnings.simplefilter("ignore")
         from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
-        kept = fp32_linear_names(model)
+        kept = fp32_linear_names(model, keep_first_layer)
         # per output channel: per-tensor weight scales cost MiniLM's embeddings ~3x more cosine distance
         spec = {name: per_channel_dynamic_qconfig for name, m in model.named_modules()
                 if isinstance(m, nn.Linear) and name not in kept}
