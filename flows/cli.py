@@ -61,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--handle-impossible-answer", action="store_true", help="question-answering: allow no answer")
     i.add_argument("--precision", default="auto", metavar="auto|int8",
                    help="auto: exact, fp32 on CPU and bf16/fp16 on CUDA; int8: quantized linear layers on CPU "
-                   "(faster, approximate scores)")
+                   "(faster, approximate scores; text classification scores its close calls again in fp32)")
     i.add_argument("--task-runner", default="threads", metavar="threads|dask",
                    help="run the shards on this process's threads, or on a Dask cluster (prefect-dask)")
     i.add_argument("--dask-address", help="with --task-runner dask: an existing scheduler, e.g. tcp://host:8786 "

@@ -128,9 +128,10 @@ def batch_inference(model: str, task: str, input: str, output: str, text_column:
     `s3://bucket/predictions/{date}/v{model_version}`: a scheduled run that resolves `NAME` to a new
     champion then writes to a new place.
 
-    `precision="int8"` quantizes the model's linear layers to int8 on CPU (all but those of the first
-    encoder layer): faster, with scores that differ slightly from `pipeline`'s (and so, near a
-    decision boundary, a label now and then).
+    `precision="int8"` quantizes the model's linear layers to int8 on CPU: faster, with scores that
+    differ slightly from `pipeline`'s. Text classification quantizes every encoder layer and scores the
+    rows whose two best scores are within 0.2 again in fp32, so a label differs only now and then; the
+    other tasks keep the first encoder layer in fp32.
 
     `task_runner="dask"` runs the shards on a Dask cluster (prefect-dask): the scheduler at
     `dask_address`, or else a temporary `LocalCluster` of 2 worker processes, each loading the model
