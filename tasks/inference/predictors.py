@@ -208,7 +208,8 @@ class EncoderPredictor(Predictor):
         outputs = self._outputs(self.model, ids, types, lengths, batch_tokens)
         if self.precision == "int8" and self.rescores_close_calls:
             close = self.close_calls(outputs)
-            self.rescored_rows += len(close)
+            with self.lock:  # shards of a thread runner share this predictor
+                self.rescored_rows += len(close)
             if len(close):
                 outputs[close] = self._outputs(self.exact_model, [ids[i] for i in close],
                                                None if types is None else [types[i] for i in close],
