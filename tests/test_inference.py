@@ -154,6 +154,61 @@ def test_text_classification_matches_pipeline(prefect_harness, classifier, mixed
         run_local("feature-extraction", resolve_model(classifier), str(mixed), str(out))
 
 
+def test_cpu_batches_run_on_single_threaded_streams(classifier, mixed, monkeypatch):
+    """On the CPU a predictor's batches run two (torch's thread count) at a time, each with torch
+    single-threaded, and give one stream's outputs; torch's thread count is set back afterwards, also
+    when an item fails. With one stream, items run in the calling thread and torch is left alone."""
+    import threading
+
+    import torch
+
+    from tasks.inference import streams
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        pool = streams.Streams(2)
+        both = threading.Barrier(2, timeout=60)
+
+        def item(i):
+            if i < 2:
+                both.wait()  # BrokenBarrierError unless the first two items run at the same time
+            return i, threading.current_thread().name, torch.get_num_threads()
+
+        seen = pool.map(item, range(6))
+        assert [i for i, _, _ in seen] == list(range(6))
+        assert len({name for _, name, _ in seen[:2]}) == 2
+        assert all(name.startswith("hfbatch-stream") and threads == 1 for _, name, threads in seen)
+        assert torch.get_num_threads() == 2
+
+        def fails(i):
+            if i == 3:
+                raise ValueError("item 3")
+            return i
+
+        with pytest.raises(ValueError, match="item 3"):
+            pool.map(fails, range(8))
+        assert torch.get_num_threads() == 2
+        here = threading.current_thread().name
+        assert streams.Streams(1).map(lambda i: (threading.current_thread().name, torch.get_num_threads()),
+                                      range(3)) == [(here, 2)] * 3
+
+        predictor = predictors.get_predictor("text-classification", resolve_model(classifier))
+        texts = _texts(mixed)
+        batches = []
+        monkeypatch.setattr(pool, "map", lambda fn, items, map=pool.map: batches.append(len(items)) or map(fn, items))
+        monkeypatch.setattr(streams, "cpu_streams", lambda: pool)
+        many, tokens = predictor.predict({"text": texts}, 2048)
+        assert len(batches) == 1 and batches[0] > 10
+        monkeypatch.setattr(streams, "cpu_streams", lambda: streams.Streams(1))
+        one, same_tokens = predictor.predict({"text": texts}, 2048)
+        assert many.column("label").equals(one.column("label")) and tokens == same_tokens
+        # one thread or two per matmul: the reduction order, and so the last bit of a score, may differ
+        np.testing.assert_allclose(many.column("score").to_numpy(), one.column("score").to_numpy(), rtol=1e-6)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_first_token_only_where_the_head_reads_the_first_token(tiny_models, mixed):
     """The last layer is cut to the first token only where a probe keeps the logits: not for a
     sequence-classification head that reads every token, nor for another kind of head (token

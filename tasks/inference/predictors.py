@@ -3,7 +3,8 @@
 Text classification and feature extraction run the model directly, which is where the speed is:
 the rows of a shard are sorted by token length, cut into batches by a token budget (rows × longest
 row ≤ `batch_tokens`), padded only to the longest row of their batch, and run under
-`torch.inference_mode()`; results go back in input order. Scores are computed exactly as the
+`torch.inference_mode()`; on the CPU several batches run at once, each on one thread (`streams.py`);
+results go back in input order. Scores are computed exactly as the
 pipeline computes them (softmax for single-label models, sigmoid for one label or multi-label ones,
 raw logits for regression), so labels are the pipeline's and scores agree to float rounding.
 
@@ -217,30 +218,42 @@ class EncoderPredictor(Predictor):
         return self._table(outputs), int(lengths.sum())
 
     def _outputs(self, model, ids: list, types: list | None, lengths: np.ndarray, batch_tokens: int) -> np.ndarray:
-        """`_forward` of `model` over the tokenized rows, in token-budget batches, back in row order."""
+        """`_forward` of `model` over the tokenized rows, in token-budget batches, back in row order. On
+        the CPU the batches run on `cpu_streams()`, several at once; on CUDA one after another."""
         import torch
 
-        outputs: np.ndarray | None = None
         left = self.tokenizer.padding_side == "left"
-        with self.lock, torch.inference_mode(), self._kernels():
-            for rows in token_budget_batches(lengths, batch_tokens):
-                width = int(lengths[rows].max())
-                input_ids = np.full((len(rows), width), self.pad_id, dtype=np.int64)
-                mask = np.zeros((len(rows), width), dtype=np.int64)
-                token_types = np.zeros((len(rows), width), dtype=np.int64) if types is not None else None
-                for j, r in enumerate(rows):
-                    n = lengths[r]
-                    span = slice(width - n, width) if left else slice(0, n)
-                    input_ids[j, span], mask[j, span] = ids[r], 1
-                    if token_types is not None:
-                        token_types[j, span] = types[r]
-                batch = {"input_ids": input_ids, "attention_mask": mask}
+
+        def run(rows: np.ndarray) -> np.ndarray:
+            width = int(lengths[rows].max())
+            input_ids = np.full((len(rows), width), self.pad_id, dtype=np.int64)
+            mask = np.zeros((len(rows), width), dtype=np.int64)
+            token_types = np.zeros((len(rows), width), dtype=np.int64) if types is not None else None
+            for j, r in enumerate(rows):
+                n = lengths[r]
+                span = slice(width - n, width) if left else slice(0, n)
+                input_ids[j, span], mask[j, span] = ids[r], 1
                 if token_types is not None:
-                    batch["token_type_ids"] = token_types
-                out = self._forward(model, {k: torch.from_numpy(v).to(self.device) for k, v in batch.items()})
-                if outputs is None:
-                    outputs = np.empty((len(ids),) + out.shape[1:], dtype=out.dtype)
-                outputs[rows] = out
+                    token_types[j, span] = types[r]
+            batch = {"input_ids": input_ids, "attention_mask": mask}
+            if token_types is not None:
+                batch["token_type_ids"] = token_types
+            with torch.inference_mode(), self._kernels():
+                return self._forward(model, {k: torch.from_numpy(v).to(self.device) for k, v in batch.items()})
+
+        batches = token_budget_batches(lengths, batch_tokens)[::-1]  # the longest rows, the costliest, first
+        if self.device == "cpu":
+            from .streams import cpu_streams
+
+            results = cpu_streams().map(run, batches)
+        else:
+            with self.lock:  # shards of a thread runner share this predictor
+                results = [run(rows) for rows in batches]
+        outputs: np.ndarray | None = None
+        for rows, out in zip(batches, results):
+            if outputs is None:
+                outputs = np.empty((len(ids),) + out.shape[1:], dtype=out.dtype)
+            outputs[rows] = out
         return outputs
 
 
