@@ -6,8 +6,8 @@ take turns: the rows are cut into `--rounds` interleaved slices and every way ru
 in a rotating order, so a busy neighbour on a shared machine slows every way alike. Prints
 rows/s and real (unpadded, truncated) tokens/s for each way, label agreement with the per-row
 pipeline, hfbatch ÷ batched pipeline, and hfbatch's fraction of this CPU's fp32 FLOP limit
-(from a matmul measured here, best of two measurements, and 2 × non-embedding parameters FLOP
-per token). hfbatch computes the last layer of a first-token classifier for that token only, so it
+(from fp32 matmuls measured here, one on all threads and one per thread at once, the best of two
+measurements, and 2 × non-embedding parameters FLOP per token). hfbatch computes the last layer of a first-token classifier for that token only, so it
 also prints its rate on the FLOPs it does compute.
 
     python benchmarks/infer_bench.py [--rows 400] [--imdb-fraction 0.5] [--threads N] [--rounds 4]
@@ -87,20 +87,32 @@ def fine_tune(base: str, data: Path, rows: int, tmp: Path) -> str:
     return trained.model_ref().path
 
 
-def matmul_gflops(n: int = 1024, seconds: float = 2.0) -> float:
-    """Best fp32 matmul rate of this CPU at the current torch thread count."""
+def matmul_gflops(n: int = 1024, seconds: float = 2.0) -> tuple[float, float]:
+    """Best fp32 matmul rates of this CPU with torch's threads: (one matmul at a time on all of them,
+    one single-threaded matmul per thread at once, as hfbatch's CPU streams run batches)."""
     import torch
 
+    from tasks.inference.streams import Streams
+
     a, b = torch.randn(n, n), torch.randn(n, n)
-    for _ in range(3):
-        a @ b
-    best, deadline = 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        t = time.perf_counter()
+    threads = torch.get_num_threads()
+    streams = Streams(threads)
+
+    def best(matmuls) -> float:
+        matmuls()  # warm-up
+        top, deadline = 0.0, time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            t = time.perf_counter()
+            done = matmuls()
+            top = max(top, done * 2 * n ** 3 / (time.perf_counter() - t) / 1e9)
+        return top
+
+    def five(_=None) -> int:
         for _ in range(5):
             a @ b
-        best = max(best, 5 * 2 * n ** 3 / (time.perf_counter() - t) / 1e9)
-    return best
+        return 5
+
+    return best(five), best(lambda: sum(streams.map(five, range(threads)))) if threads > 1 else 0.0
 
 
 def model_flops(model, lengths: list[int]) -> tuple[float, float]:
@@ -228,7 +240,7 @@ def main(argv=None) -> int:
           f"torch {torch.__version__}; device: "
           f"{torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}")
 
-    peak_before = matmul_gflops() if args.device == "cpu" else 0.0  # and again at the end: the best of both
+    peaks = [matmul_gflops()] if args.device == "cpu" else []  # and again at the end: the best of both
     results: dict[str, tuple[float, list[str]]] = {}
 
     def report(name: str, seconds: float, labels: list[str]) -> None:
@@ -303,11 +315,14 @@ def main(argv=None) -> int:
         print(f"{hfbatch['int8']}: {rescored} close calls ({rescored / len(texts):.1%} of rows) scored again in fp32")
     if args.device == "cuda":
         return 0  # the FLOP limit below is the CPU's
-    gflops = max(peak_before, matmul_gflops())  # a busy neighbour lowers one measurement
+    peaks.append(matmul_gflops())  # a busy neighbour lowers one measurement
+    together, apart = (max(p[i] for p in peaks) for i in (0, 1))
+    gflops = max(together, apart)
     linear, attention = model_flops(model, lengths)
     per_token = (linear + attention) / tokens
     achieved = (linear + attention) / hf_s / 1e9
-    print(f"fp32 matmul peak here: {gflops:.1f} GFLOP/s ({torch.get_num_threads()} threads); model on these rows: "
+    print(f"fp32 matmul peak here: {gflops:.1f} GFLOP/s ({torch.get_num_threads()} threads: one matmul on all "
+          f"{together:.1f}, one per thread at once {apart:.1f}); model on these rows: "
           f"{per_token / 1e6:.1f} MFLOP/token ({linear / tokens / 1e6:.1f} linear + {attention / tokens / 1e6:.1f} "
           f"attention) -> limit {gflops * 1e9 / per_token:.0f} tokens/s")
     print(f"hfbatch: {tokens / hf_s:.0f} tokens/s = {achieved / gflops:.0%} of that limit "
