@@ -52,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--columns", help="task inputs to columns, e.g. text=sentence or question=q,context=c")
     i.add_argument("--keep-columns", help="input columns copied to the output (default: id or idx)")
     i.add_argument("--batch-tokens", type=int,
-                   help="token budget of one model batch (default: 8192 on CPU, 65536 on CUDA)")
+                   help="token budget of one model batch (default: 4096 on CPU, 65536 on CUDA)")
     i.add_argument("--shard-rows", type=int, default=10_000, help="target rows per shard")
     i.add_argument("--on-bad-row", choices=("fail", "quarantine"), default="fail")
     i.add_argument("--labels", help="zero-shot-classification: comma-separated candidate labels")
