@@ -7,8 +7,8 @@ in a rotating order, so a busy neighbour on a shared machine slows every way ali
 rows/s and real (unpadded, truncated) tokens/s for each way, label agreement with the per-row
 pipeline, hfbatch ÷ batched pipeline, and hfbatch's fraction of this CPU's fp32 FLOP limit
 (from fp32 matmuls measured here, one on all threads and one per thread at once, the best of two
-measurements, and 2 × non-embedding parameters FLOP per token). hfbatch computes the last layer of a first-token classifier for that token only, so it
-also prints its rate on the FLOPs it does compute.
+measurements, and 2 × non-embedding parameters FLOP per token). hfbatch computes the last layer of
+a first-token classifier for that token only, so it also prints its rate on the FLOPs it does compute.
 
     python benchmarks/infer_bench.py [--rows 400] [--imdb-fraction 0.5] [--threads N] [--rounds 4]
                                      [--model DIR | --train-rows N] [--device cpu|cuda]
