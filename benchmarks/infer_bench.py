@@ -92,11 +92,10 @@ def matmul_gflops(n: int = 1024, seconds: float = 2.0) -> tuple[float, float]:
     one single-threaded matmul per thread at once, as hfbatch's CPU streams run batches)."""
     import torch
 
-    from tasks.inference.streams import Streams
+    from tasks.inference.streams import cpu_streams
 
     a, b = torch.randn(n, n), torch.randn(n, n)
-    threads = torch.get_num_threads()
-    streams = Streams(threads)
+    streams = cpu_streams()  # hfbatch's own, as many as torch's threads (set before this first call)
 
     def best(matmuls) -> float:
         matmuls()  # warm-up
@@ -112,7 +111,7 @@ def matmul_gflops(n: int = 1024, seconds: float = 2.0) -> tuple[float, float]:
             a @ b
         return 5
 
-    return best(five), best(lambda: sum(streams.map(five, range(threads)))) if threads > 1 else 0.0
+    return best(five), best(lambda: sum(streams.map(five, range(streams.count)))) if streams.count > 1 else 0.0
 
 
 def model_flops(model, lengths: list[int]) -> tuple[float, float]:

@@ -113,9 +113,10 @@ class Predictor:
     @property
     def batch_tokens(self) -> int:
         """Default token budget of one batch: small on a CPU, where batches are not faster per token past
-        a few thousand tokens and each stream (`streams.py`) holds one batch (MiniLM, 800 mixed rows, two
-        streams: 2,048 to 8,192 tokens equally fast, peak RSS +0.54 GB at 4,096, +0.83 GB at 8,192); large
-        on a GPU, where a batch costs kernel launches and Python time."""
+        a few thousand tokens and each stream (`streams.py`) holds one batch (MiniLM, mixed SST-2/IMDb rows,
+        two streams: 2,048 to 8,192 tokens equally fast on 800 rows; peak RSS over the loaded model for
+        400 rows +0.54 GB at 4,096, +0.83 GB at 8,192); large on a GPU, where a batch costs kernel launches
+        and Python time."""
         return 65_536 if self.device == "cuda" else 4096
 
     def _kernels(self):
