@@ -36,7 +36,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
@@ -70,21 +69,26 @@ def make_classifier(base: str, out: Path) -> str:
 def fine_tune(base: str, data: Path, rows: int, tmp: Path) -> str:
     """MiniLM fine-tuned (1 epoch, max length 64) on the last `rows` SST-2 rows, with hfbatch's own
     training functions; returns the model directory."""
-    from tasks.ingest import ingest
-    from tasks.models import resolve_model
-    from tasks.store import Store
-    from tasks.tokenization import tokenize
-    from tasks.train import TrainConfig, train
+    from hfbatch.tasks.ingest import ingest
+    from hfbatch.tasks.models import resolve_model
+    from hfbatch.tasks.recipes import get_recipe
+    from hfbatch.tasks.settings import Settings
+    from hfbatch.tasks.store import Store
+    from hfbatch.tasks.tokenization import tokenize
+    from hfbatch.tasks.train import TrainConfig, train
 
     table = pq.read_table(data / "sst2" / "train.parquet")
     pq.write_table(table.slice(table.num_rows - rows), tmp / "train.parquet")
-    store, model = Store(str(tmp / "store")), resolve_model(base)
+    settings, recipe = Settings(), get_recipe("text-classification")
+    options = recipe.train_options()
+    store, model = Store(str(tmp / "store")), resolve_model(base, settings)
     t = time.perf_counter()
-    trained = train(tokenize(ingest(str(tmp / "train.parquet"), store), model, store, 64), model, store,
-                    TrainConfig(learning_rate=1e-4))
+    data = tokenize(ingest(str(tmp / "train.parquet"), store, recipe, options, settings), model, store, recipe,
+                    options, settings, 64)
+    trained = train(data, model, store, recipe, options, TrainConfig(learning_rate=1e-4), settings)
     print(f"fine-tuned on {rows} SST-2 rows in {time.perf_counter() - t:.1f} s ({trained.device}/"
           f"{trained.precision}, {trained.train_samples_per_second:.0f} samples/s, loss {trained.train_loss:.4f})")
-    return trained.model_ref().path
+    return str(store.local_dir(trained.key))
 
 
 def matmul_gflops(n: int = 1024, seconds: float = 2.0) -> tuple[float, float]:
@@ -92,7 +96,7 @@ def matmul_gflops(n: int = 1024, seconds: float = 2.0) -> tuple[float, float]:
     one single-threaded matmul per thread at once, as hfbatch's CPU streams run batches)."""
     import torch
 
-    from tasks.inference.streams import cpu_streams
+    from hfbatch.tasks.inference.streams import cpu_streams
 
     a, b = torch.randn(n, n), torch.randn(n, n)
     streams = cpu_streams()  # hfbatch's own, as many as torch's threads (set before this first call)
@@ -201,15 +205,18 @@ def main(argv=None) -> int:
     p.add_argument("--skip-per-row", action="store_true", help="skip the slow per-row pipeline")
     p.add_argument("--rounds", type=int, default=4, help="interleaved slices of the rows, every way runs on each")
     args = p.parse_args(argv)
-    os.environ["HFBATCH_DEVICE"] = args.device  # hfbatch on the same device as the pipelines
 
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     import datasets
 
-    from tasks.inference.predictors import TaskOptions, get_predictor
-    from tasks.inference.runner import run_local
-    from tasks.models import resolve_model
+    from hfbatch.tasks.inference.predictor import get_predictor
+    from hfbatch.tasks.inference.runner import run_local
+    from hfbatch.tasks.models import resolve_model
+    from hfbatch.tasks.recipes import get_recipe
+    from hfbatch.tasks.settings import Settings
+
+    settings, recipe = Settings(device=args.device), get_recipe("text-classification")
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -260,15 +267,15 @@ def main(argv=None) -> int:
         path = tmp / "input" / f"{k}" / "rows.parquet"
         path.parent.mkdir(parents=True)
         pq.write_table(pa.table({"idx": rows, "text": [texts[i] for i in rows]}), path)
-    ref = resolve_model(model_dir)
+    ref = resolve_model(model_dir, settings)  # hfbatch on the same device as the pipelines
     hfbatch: dict[str, str] = {}  # precision -> name in the report
 
-    def hfbatch_way(precision: str, options: TaskOptions):
+    def hfbatch_way(precision: str):
         def run(k: int) -> tuple[float, list[str]]:
             out_dir = tmp / f"out-{precision}-{k}"
             t = time.perf_counter()
-            manifest = run_local("text-classification", ref, str(tmp / "input" / f"{k}"), str(out_dir),
-                                 shard_rows=10_000, batch_tokens=args.batch_tokens, options=options)
+            manifest = run_local("text-classification", ref, str(tmp / "input" / f"{k}"), str(out_dir), settings,
+                                 shard_rows=10_000, batch_tokens=args.batch_tokens, precision=precision)
             seconds = time.perf_counter() - t
             out = pq.read_table(out_dir)
             assert out.column("idx").to_pylist() == slices[k]
@@ -277,15 +284,15 @@ def main(argv=None) -> int:
         return run
 
     for precision in ("auto", "int8") if args.device == "cpu" else ("auto",):
-        options = TaskOptions(precision=precision)
-        predictor = get_predictor("text-classification", ref, options)  # loaded once per worker, before the timing
+        # loaded once per worker, before the timing
+        predictor = get_predictor(recipe.predictor, ref, recipe.infer_options(), settings, precision)
         budget = args.batch_tokens or predictor.batch_tokens
         predictor.predict({"text": texts[:32]}, budget)  # warm-up
         if precision == "int8":
             int8, rescored_before = predictor, predictor.rescored_rows  # close calls of the warm-up not counted
         mode = f"(exact: {predictor.precision})" if precision == "auto" else f"--precision {precision}"
         hfbatch[precision] = f"hfbatch {mode} [{budget} tok]"
-        ways[hfbatch[precision]] = hfbatch_way(precision, options)
+        ways[hfbatch[precision]] = hfbatch_way(precision)
 
     names = list(ways)
     seconds = dict.fromkeys(names, 0.0)
@@ -326,7 +333,7 @@ def main(argv=None) -> int:
           f"attention) -> limit {gflops * 1e9 / per_token:.0f} tokens/s")
     print(f"hfbatch: {tokens / hf_s:.0f} tokens/s = {achieved / gflops:.0%} of that limit "
           f"({achieved:.1f} GFLOP/s of whole-model work)")
-    predictor = get_predictor("text-classification", ref, TaskOptions())
+    predictor = get_predictor(recipe.predictor, ref, recipe.infer_options(), settings)
     if getattr(predictor, "first_token_only", False):
         done = linear + attention - first_token_skipped(model, lengths)
         print(f"  it computes the last layer for the first token only ({done / tokens / 1e6:.1f} MFLOP/token): "

@@ -45,7 +45,6 @@ for _k, _v in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_
                "DO_NOT_TRACK": "1"}.items():
     os.environ.setdefault(_k, _v)
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 MB = 1024 * 1024
 
@@ -114,8 +113,8 @@ def child(args) -> int:
     shards finish; print one JSON line with the results."""
     import psutil
 
-    from flows import cli
-    from flows.inference import progress_listener
+    from hfbatch.flows import cli
+    from hfbatch.flows.inference import progress_listener
 
     me = psutil.Process()
     samples: list[tuple[int, int, int]] = []  # (shards done, shards, rss)

@@ -20,7 +20,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def plain_trainer(train_file: Path, model: str, args, out: Path) -> float:
@@ -63,7 +62,7 @@ def main() -> None:
     import pyarrow.parquet as pq
     from prefect.testing.utilities import prefect_test_harness
 
-    from flows.training import train_flow
+    from hfbatch.flows.training import train_flow
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -1,4 +1,5 @@
-"""`hfbatch` command line: each command runs the Prefect flow of the same name with the same parameters."""
+"""`hfbatch` command line: `train`, `evaluate` and `infer` run the Prefect flow of the same name, with
+options made from the flow's parameters (`flows/params.py`): same names, types, choices and defaults."""
 from __future__ import annotations
 
 import argparse
@@ -6,70 +7,40 @@ import contextlib
 import json
 import os
 import sys
+import types
+import typing
+from typing import Any
 
-from tasks.errors import HfbatchError
+from pydantic.fields import FieldInfo
+
+from hfbatch.flows.params import check_parameters, merged_fields
+from hfbatch.tasks.errors import ConfigError, HfbatchError
+
+COMMANDS = {"train": "fine-tune, evaluate, register and gate a model",
+            "evaluate": "evaluate a model on a labelled dataset",
+            "infer": "run a model over Parquet rows (sharded, exactly once)"}
 
 
-def _parser() -> argparse.ArgumentParser:
+def flows() -> dict[str, Any]:
+    """The flow behind each flow command."""
+    from hfbatch.flows.inference import batch_inference
+    from hfbatch.flows.training import evaluate_flow, train_flow
+
+    return {"train": train_flow, "evaluate": evaluate_flow, "infer": batch_inference}
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hfbatch", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
+    output = argparse.ArgumentParser(add_help=False)
+    output.add_argument("--json", action="store_true", help="print the result as JSON only")
+    for command, flow in flows().items():
+        parser = sub.add_parser(command, parents=[output], help=COMMANDS[command], description=COMMANDS[command])
+        for name, field in merged_fields(*flow.fn.parameter_models).items():
+            add_option(parser, name, field)
 
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--store", help="artifact store URL (default: $HFBATCH_STORE or ./hfbatch-store)")
-    common.add_argument("--json", action="store_true", help="print the result as JSON only")
-    common.add_argument("--text-column", default="text")
-    common.add_argument("--label-column", default="label")
-    common.add_argument("--max-length", type=int, default=128, help="truncate inputs to N tokens")
-
-    t = sub.add_parser("train", parents=[common], help="fine-tune, evaluate and register a classifier")
-    t.add_argument("--dataset", required=True, help="training data: file, directory, s3:// URI or hub id")
-    t.add_argument("--model", required=True, help="base model: local directory or hub id[@revision]")
-    t.add_argument("--name", required=True, help="registry name to add the new version to")
-    t.add_argument("--eval-dataset", help="evaluation data (default: hold out --eval-fraction of --dataset)")
-    t.add_argument("--eval-fraction", type=float, default=0.1)
-    t.add_argument("--max-train-samples", type=int)
-    t.add_argument("--epochs", type=float, default=1.0)
-    t.add_argument("--batch-size", type=int, default=32)
-    t.add_argument("--learning-rate", type=float, default=5e-5)
-    t.add_argument("--seed", type=int, default=42)
-    t.add_argument("--save-steps", type=int, default=200, help="checkpoint every N steps")
-    t.add_argument("--metric", default="accuracy", help="metric of the champion gate")
-    t.add_argument("--promotion-margin", type=float, default=0.0)
-
-    e = sub.add_parser("evaluate", parents=[common], help="evaluate a model on a labelled dataset")
-    e.add_argument("--model", required=True, help="NAME[@VERSION], a local directory or a hub id")
-    e.add_argument("--dataset", required=True)
-    e.add_argument("--metrics", default="accuracy,precision,recall,f1")
-    i = sub.add_parser("infer", help="run a model over Parquet rows (sharded, exactly once)")
-    i.add_argument("--model", required=True, help="NAME[@VERSION], a local directory or a hub id")
-    i.add_argument("--task", required=True, help="text-classification, feature-extraction, question-answering, "
-                   "fill-mask, token-classification, zero-shot-classification")
-    i.add_argument("--input", required=True, help="Parquet file, directory, glob or s3:// prefix")
-    i.add_argument("--output", required=True, help="output directory or s3:// prefix")
-    i.add_argument("--store", help="artifact store URL holding the model registry")
-    i.add_argument("--json", action="store_true", help="print the result as JSON only")
-    i.add_argument("--text-column", default="text")
-    i.add_argument("--columns", help="task inputs to columns, e.g. text=sentence or question=q,context=c")
-    i.add_argument("--keep-columns", help="input columns copied to the output (default: id or idx)")
-    i.add_argument("--batch-tokens", type=int,
-                   help="token budget of one model batch (default: 4096 on CPU, 65536 on CUDA)")
-    i.add_argument("--shard-rows", type=int, default=10_000, help="target rows per shard")
-    i.add_argument("--on-bad-row", choices=("fail", "quarantine"), default="fail")
-    i.add_argument("--labels", help="zero-shot-classification: comma-separated candidate labels")
-    i.add_argument("--top-k", type=int, default=5, help="fill-mask: tokens per row")
-    i.add_argument("--max-answer-len", type=int, default=15, help="question-answering: longest answer, in tokens")
-    i.add_argument("--handle-impossible-answer", action="store_true", help="question-answering: allow no answer")
-    i.add_argument("--precision", default="auto", metavar="auto|int8",
-                   help="auto: exact, fp32 on CPU and bf16/fp16 on CUDA; int8: quantized linear layers on CPU "
-                   "(faster, approximate scores; text classification scores its close calls again in fp32)")
-    i.add_argument("--task-runner", default="threads", metavar="threads|dask",
-                   help="run the shards on this process's threads, or on a Dask cluster (prefect-dask)")
-    i.add_argument("--dask-address", help="with --task-runner dask: an existing scheduler, e.g. tcp://host:8786 "
-                   "(default: a temporary LocalCluster of 2 worker processes)")
-
-    s = sub.add_parser("status", help="champions, metric trends and the last flow runs (Prefect API)")
+    s = sub.add_parser("status", parents=[output], help="champions, metric trends and the last flow runs")
     s.add_argument("--store", help="artifact store URL holding the model registry")
-    s.add_argument("--json", action="store_true", help="print the result as JSON only")
     s.add_argument("--limit", type=int, default=5, help="last N runs of each deployment / flow")
 
     v = sub.add_parser("serve", help="serve watch-data, retrain, train and batch-inference here (needs a "
@@ -80,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--watch", required=True, help="labelled data prefix to watch (directory or s3://)")
     v.add_argument("--input", required=True, help="batch-inference input (Parquet file, directory, s3://)")
     v.add_argument("--output", required=True, help="batch-inference output; may hold {date} and {model_version}")
-    v.add_argument("--task", default="text-classification")
+    v.add_argument("--task", default="text-classification", help="the ML task")
     v.add_argument("--cron", default="0 2 * * *", help="batch-inference schedule")
     v.add_argument("--watch-interval", type=float, default=300, help="seconds between looks at --watch")
     v.add_argument("--train-param", action="append", default=[], metavar="KEY=VALUE",
@@ -93,8 +64,74 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def add_option(parser: argparse.ArgumentParser, name: str, field: FieldInfo) -> None:
+    """`--name-with-dashes` for a flow parameter: its type, choices, default and description."""
+    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+    flags = [f"--{name.replace('_', '-')}", *extra.get("cli_aliases", ())]
+    kind, inner = _kind(field.annotation)
+    kwargs: dict[str, Any] = {"dest": name, "help": field.description or ""}
+    if field.is_required():
+        kwargs["required"] = True
+    else:
+        kwargs["default"] = field.default
+        if not _unset(field.default):
+            kwargs["help"] += " (default: %(default)s)"
+    if kind == "bool":
+        kwargs["action"] = argparse.BooleanOptionalAction
+    elif kind == "choice":
+        kwargs["choices"] = inner
+    elif kind == "list":
+        kwargs.update(type=_comma_list, metavar="A,B,...")
+    elif kind == "dict":
+        metavar = extra.get("metavar", "KEY=VALUE,...")
+        kwargs.update(type=_pairs(metavar), metavar=metavar)
+    else:
+        kwargs["type"] = inner
+    parser.add_argument(*flags, **kwargs)
+
+
+def _kind(annotation) -> tuple[str, Any]:
+    """What kind of option a parameter type makes: ("bool" | "choice" | "list" | "dict" | "value", detail)."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
+        return _kind(args[0])
+    origin = typing.get_origin(annotation)
+    if annotation is bool:
+        return "bool", None
+    if origin is typing.Literal:
+        return "choice", list(typing.get_args(annotation))
+    if origin in (list, tuple):
+        return "list", None
+    if origin is dict:
+        return "dict", None
+    return "value", annotation
+
+
+def _unset(default) -> bool:
+    """A default that says "not given" rather than a value (shown as nothing in help)."""
+    return default is None or default is False or default == () or default == []
+
+
+def _comma_list(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def _pairs(metavar: str):
+    def parse(text: str) -> dict[str, str]:
+        items = _comma_list(text)
+        bad = [item for item in items if "=" not in item]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(f"expected {metavar} pairs; got {text!r}")
+        return dict(item.split("=", 1) for item in items)
+
+    return parse
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # usage errors (argparse printed them) and --help
+        return int(e.code or 0)
     # Without PREFECT_API_URL, Prefect starts a temporary local server (SQLite); its 20 s default
     # start-up limit is too short on a busy small machine, where migrating a fresh database takes longer.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
@@ -114,59 +151,27 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> dict:
-    if args.command == "infer":
-        return _infer(args)
     if args.command in ("serve", "deploy"):
         return _operate(args)
     if args.command == "status":
-        from flows.status import collect_status
+        from hfbatch.flows.status import collect_status
+        from hfbatch.tasks.settings import Settings
 
-        return collect_status(args.store, args.limit)
-    from flows.training import evaluate_flow, train_flow
+        return collect_status(Settings(), args.store, args.limit)
+    flow = flows()[args.command]
+    values = {name: getattr(args, name) for name in merged_fields(*flow.fn.parameter_models)}
+    check_parameters(flow, values)  # before a flow run (and a temporary Prefect server) starts
+    if args.command != "infer":
+        return flow(**values)
+    from hfbatch.flows.inference import check_task_runner, progress_listener
 
-    common = dict(text_column=args.text_column, label_column=args.label_column, max_length=args.max_length,
-                  store=args.store)
-    if args.command == "train":
-        return train_flow(dataset=args.dataset, model=args.model, name=args.name,
-                          eval_dataset=args.eval_dataset, eval_fraction=args.eval_fraction,
-                          max_train_samples=args.max_train_samples, epochs=args.epochs,
-                          batch_size=args.batch_size, learning_rate=args.learning_rate, seed=args.seed,
-                          save_steps=args.save_steps, metric=args.metric,
-                          promotion_margin=args.promotion_margin, **common)
-    if args.command == "evaluate":
-        metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
-        return evaluate_flow(model=args.model, dataset=args.dataset, metrics=metrics, **common)
-    raise AssertionError(args.command)
-
-
-def _infer(args) -> dict:
-    from flows.inference import batch_inference, check_task_runner, progress_listener
-    from tasks.errors import ConfigError
-
-    def split(text):
-        return [x.strip() for x in text.split(",") if x.strip()] if text else None
-
-    pairs = split(args.columns) or []
-    bad = [p for p in pairs if "=" not in p]
-    if bad:
-        raise ConfigError(f"--columns takes INPUT=COLUMN pairs, e.g. question=q,context=c; got {bad}")
-    columns = dict(pair.split("=", 1) for pair in pairs) or None
-    check_task_runner(args.task_runner, args.dask_address)  # before a flow run is even created
+    check_task_runner(values["task_runner"], values["dask_address"])  # before a flow run is even created
     with _InferProgress(enabled=not args.json) as bar, progress_listener(bar.update):
-        return batch_inference(model=args.model, task=args.task, input=args.input, output=args.output,
-                               text_column=args.text_column, columns=columns,
-                               keep_columns=split(args.keep_columns), batch_tokens=args.batch_tokens,
-                               shard_rows=args.shard_rows, on_bad_row=args.on_bad_row,
-                               candidate_labels=split(args.labels), top_k=args.top_k,
-                               max_answer_len=args.max_answer_len,
-                               handle_impossible_answer=args.handle_impossible_answer, store=args.store,
-                               task_runner=args.task_runner, dask_address=args.dask_address,
-                               precision=args.precision)
+        return flow(**values)
 
 
 def _operate(args) -> dict:
-    from flows.deploy import build_deployments, deploy_all, serve_deployments
-    from tasks.errors import ConfigError
+    from hfbatch.flows.deploy import build_deployments, deploy_all, serve_deployments
 
     if args.command == "deploy":
         rc = deploy_all()
@@ -222,7 +227,7 @@ def _print_human(command: str, result: dict) -> None:
     if command in ("serve", "deploy"):
         return
     if command == "status":
-        from flows.status import format_status
+        from hfbatch.flows.status import format_status
 
         print(format_status(result))
         return
@@ -238,6 +243,31 @@ def _print_human(command: str, result: dict) -> None:
         print(f"{result['name']} v{result['version']}: {status}; {result['reason']}")
     for name, value in result["metrics"].items():
         print(f"  {name:>10}: {value:.4f}")
+
+
+def commands_markdown() -> str:
+    """The README's command reference: every command's options, from the parser (and so from the flows'
+    parameters)."""
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    lines = []
+    for command, sp in sub.choices.items():
+        lines += [f"### `hfbatch {command}`", "", sp.description or _help_of(sub, command), "",
+                  "| option | default | description |", "| --- | --- | --- |"]
+        for action in sp._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            flag = " / ".join(f"`{o}`" for o in action.option_strings if not o.startswith("--no-"))
+            default = "required" if action.required else "" if _unset(action.default) else f"`{action.default}`"
+            choices = f" ({', '.join(map(str, action.choices))})" if action.choices else ""
+            text = (action.help or "").replace(" (default: %(default)s)", "").replace("|", "\\|")
+            lines.append(f"| {flag} | {default} | {text}{choices} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _help_of(sub: argparse._SubParsersAction, command: str) -> str:
+    return next((a.help for a in sub._choices_actions if a.dest == command), "")
 
 
 if __name__ == "__main__":

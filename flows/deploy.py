@@ -13,11 +13,12 @@ from pathlib import Path
 
 from prefect.events import DeploymentEventTrigger
 
-from flows.inference import batch_inference
-from flows.training import train_flow
-from flows.watch import watch_data
-from tasks import watch
-from tasks.errors import ConfigError
+from hfbatch.flows.inference import batch_inference
+from hfbatch.flows.params import check_parameters
+from hfbatch.flows.training import train_flow
+from hfbatch.flows.watch import watch_data
+from hfbatch.tasks import watch
+from hfbatch.tasks.errors import ConfigError
 
 PREFECT_YAML = Path(__file__).resolve().parents[1] / "deployments" / "prefect.yaml"
 
@@ -34,15 +35,16 @@ def build_deployments(name: str, base_model: str, watch_prefix: str, infer_input
                       task: str = "text-classification", cron: str = "0 2 * * *", watch_interval: float = 300,
                       store: str | None = None, train_params: dict | None = None) -> list:
     train = {"dataset": watch_prefix, "model": base_model, "name": name, "store": store, **(train_params or {})}
+    infer = {"model": name, "task": task, "input": infer_input, "output": infer_output, "store": store}
+    check_parameters(train_flow, train)
+    check_parameters(batch_inference, infer)
     return [
         watch_data.to_deployment("watch-data", interval=watch_interval,
                                  parameters={"prefix": watch_prefix, "store": store}),
         train_flow.to_deployment("retrain", parameters=train, triggers=[retrain_trigger(watch_prefix)],
                                  concurrency_limit=1, description="Retrain when new labelled data lands"),
         train_flow.to_deployment("train", parameters=train, concurrency_limit=1, description="Train on demand"),
-        batch_inference.to_deployment("batch-inference", cron=cron,
-                                      parameters={"model": name, "task": task, "input": infer_input,
-                                                  "output": infer_output, "store": store},
+        batch_inference.to_deployment("batch-inference", cron=cron, parameters=infer,
                                       description=f"Predict with the champion of {name}"),
     ]
 

@@ -11,15 +11,19 @@ from prefect.artifacts import create_progress_artifact, create_table_artifact, u
 from prefect.context import FlowRunContext
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from tasks.errors import ConfigError
-from tasks.inference.predictors import TaskOptions
-from tasks.inference.prefect_tasks import infer_shard_task
-from tasks.inference.runner import build_spec, finalize, output_for, prepare_output, quarantine_files
-from tasks.inference.shards import describe_input, plan_shards
-from tasks.models import resolve_model
-from tasks.store import Store
+from hfbatch.flows.params import InferParams, parameters, recipe_options, validated
+from hfbatch.tasks.errors import ConfigError
+from hfbatch.tasks.inference.output import finalize, prepare_output, quarantine_files
+from hfbatch.tasks.inference.prefect_tasks import infer_shard_task
+from hfbatch.tasks.inference.shards import describe_input, plan_shards
+from hfbatch.tasks.inference.spec import build_spec, output_for
+from hfbatch.tasks.models import resolve_model
+from hfbatch.tasks.recipes import get_recipe
+from hfbatch.tasks.settings import Settings
+from hfbatch.tasks.store import Store
 
 
+SUMMARY_KEY = "batch-inference-summary"
 _listeners: list[Callable[[dict], None]] = []
 
 
@@ -47,7 +51,7 @@ def _run_day() -> str:
     return start.date().isoformat() if start else time.strftime("%Y-%m-%d", time.gmtime())
 
 
-TASK_RUNNERS = ("threads", "dask")
+TASK_RUNNERS = ("threads", "dask")  # InferParams.task_runner
 DASK_LOCAL_WORKERS = 2
 _THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
@@ -107,13 +111,8 @@ def _api_for_workers() -> Iterator[None]:
 # Two workers: while one shard computes (the model holds a lock, torch uses every core), the other
 # reads or writes Parquet.
 @flow(name="batch_inference", task_runner=ThreadPoolTaskRunner(max_workers=2))
-def batch_inference(model: str, task: str, input: str, output: str, text_column: str = "text",
-                    columns: dict[str, str] | None = None, keep_columns: list[str] | None = None,
-                    batch_tokens: int | None = None, shard_rows: int = 10_000, on_bad_row: str = "fail",
-                    candidate_labels: list[str] | None = None, top_k: int = 5, max_answer_len: int = 15,
-                    handle_impossible_answer: bool = False, store: str | None = None,
-                    task_runner: str = "threads", dask_address: str | None = None,
-                    precision: str = "auto") -> dict:
+@parameters(InferParams, *recipe_options("infer"))
+def batch_inference(**values) -> dict:
     """Run `model` (`NAME[@VERSION]` from the registry in `store`, a local directory or a hub id) over
     the Parquet rows of `input` and write predictions as Parquet parts plus `_manifest.json` to `output`.
 
@@ -139,18 +138,20 @@ def batch_inference(model: str, task: str, input: str, output: str, text_column:
     need this package, access to the model, `input` and `output` (e.g. `s3://`), and a Prefect API they
     can reach (`PREFECT_API_URL`; without it, this process's temporary server on 127.0.0.1).
     """
-    check_task_runner(task_runner, dask_address)
+    p = validated(InferParams, values)
+    check_task_runner(p.task_runner, p.dask_address)
     logger = get_run_logger()
     started = time.perf_counter()
-    corrupt = [] if on_bad_row == "quarantine" else None  # unreadable files: set aside, or fail the run
-    files = describe_input(input, corrupt)
-    options = TaskOptions(top_k=top_k, candidate_labels=tuple(candidate_labels or ()), max_answer_len=max_answer_len,
-                          handle_impossible_answer=handle_impossible_answer, precision=precision)
-    ref = resolve_model(model, Store(store))
-    output = output_for(output, ref, _run_day())
-    spec = build_spec(task, ref, output, files, text_column, columns, keep_columns, batch_tokens, on_bad_row,
-                      options)  # schema errors surface here, before any model is loaded
-    shards = plan_shards(files, shard_rows)
+    settings = Settings().with_overrides(device=p.device)
+    corrupt = [] if p.on_bad_row == "quarantine" else None  # unreadable files: set aside, or fail the run
+    files = describe_input(p.input, settings.storage_options(p.input), corrupt)
+    ref = resolve_model(p.model, settings, Store.open(settings, p.store))
+    recipe = get_recipe(p.task or ref.task or _missing_task(p.model))
+    output = output_for(p.output, ref, _run_day())
+    spec = build_spec(recipe.task, ref, output, files, settings, validated(recipe.infer_options, values),
+                      p.text_column, p.columns, p.keep_columns, p.batch_tokens, p.on_bad_row,
+                      p.precision)  # schema errors surface here, before any model is loaded
+    shards = plan_shards(files, p.shard_rows)
     prepare_output(spec)
     quarantine_files(spec, corrupt)
     logger.info("%s: %d rows in %d files, %d shards; model %s %s", spec.task, sum(s.num_rows for s in shards),
@@ -159,7 +160,7 @@ def batch_inference(model: str, task: str, input: str, output: str, text_column:
     total = sum(s.num_rows for s in shards)
     _notify({"done": 0, "shards": len(shards), "rows_done": 0, "rows": total, "skipped": False})
     entries, rows_done = [], 0
-    with shard_runner(task_runner, dask_address) as runner:
+    with shard_runner(p.task_runner, p.dask_address) as runner:
         # what `infer_shard_task.submit(shard, spec)` does, on the chosen runner
         futures = [runner.submit(infer_shard_task, {"shard": shard, "spec": spec}) for shard in shards]
         for shard, future in zip(shards, futures):
@@ -177,16 +178,12 @@ def batch_inference(model: str, task: str, input: str, output: str, text_column:
                "shards": manifest["shards"],
                "shards_skipped": manifest["shards_skipped"], "rows_per_s": round(rows_per_s, 1),
                "seconds": manifest["seconds"], "input_fingerprint": manifest["input_fingerprint"]}
-    create_table_artifact(key="batch-inference-summary", table=[summary],
+    create_table_artifact(key=SUMMARY_KEY, table=[summary],
                           description=f"{spec.task} with {spec.model_name} {spec.model_version}")
     logger.info("%d rows → %s (%d quarantined, %d/%d shards skipped, %.1f rows/s)", summary["rows"], output,
                 summary["quarantined"], summary["shards_skipped"], summary["shards"], rows_per_s)
     return summary
 
 
-if __name__ == "__main__":
-    import sys
-
-    from flows.cli import main
-
-    sys.exit(main(["infer", *sys.argv[1:]]))
+def _missing_task(model: str) -> str:
+    raise ConfigError(f"model {model!r} is not a registered model, so its task is unknown: give the task")

@@ -3,17 +3,18 @@ from __future__ import annotations
 
 import json
 
-from tasks.errors import ConfigError
-from tasks.registry import Registry
-from tasks.store import Store
+from hfbatch.flows.inference import SUMMARY_KEY
+from hfbatch.tasks.errors import ConfigError
+from hfbatch.tasks.registry import Registry
+from hfbatch.tasks.settings import Settings
+from hfbatch.tasks.store import Store
 
-SUMMARY_KEY = "batch-inference-summary"  # the table artifact of flows/inference.py
 SUMMARY_FIELDS = ("rows", "rows_per_s", "model", "model_version")
 
 
-def collect_status(store: str | None = None, limit: int = 5) -> dict:
+def collect_status(settings: Settings, store: str | None = None, limit: int = 5) -> dict:
     """The status as a JSON-serialisable dict: `models` from the store's registry, `flows` from the API."""
-    s = Store(store)
+    s = Store.open(settings, store)
     return {"store": s.url, "models": model_status(s), "flows": run_status(limit)}
 
 
@@ -28,7 +29,8 @@ def model_status(store: Store) -> list[dict]:
         if not registry.exists():
             continue
         index = registry.load()
-        versions = [{"version": v["version"], "created": v["created"], "metrics": v["metrics"],
+        versions = [{"version": v["version"], "task": v.get("task", "text-classification"),
+                     "created": v["created"], "metrics": v["metrics"],
                      "promoted": v["promoted"], "champion": v["version"] == index["champion"]}
                     for v in index["versions"]]
         champion = registry.champion()

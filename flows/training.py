@@ -3,68 +3,91 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
 
 from prefect import flow, get_run_logger
 from prefect.client.orchestration import get_client
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectAlreadyExists
 
-from tasks.metrics import AVAILABLE
-from tasks.models import ModelRef, resolve_model
-from tasks.prefect_tasks import StoreTasks
-from tasks.registry import Registry
-from tasks.sources import fingerprint, parse_source
-from tasks.store import Store
-from tasks.train import TrainConfig
+from hfbatch.flows.params import EvalParams, TrainParams, parameters, recipe_options, validated
+from hfbatch.tasks.models import label_names, resolve_model, trained_model
+from hfbatch.tasks.prefect_tasks import StoreTasks
+from hfbatch.tasks.recipes import Options, Recipe, get_recipe
+from hfbatch.tasks.refs import DatasetRef, ModelRef
+from hfbatch.tasks.registry import Registry
+from hfbatch.tasks.settings import Settings
+from hfbatch.tasks.sources import fingerprint, parse_source
+from hfbatch.tasks.store import Store
+from hfbatch.tasks.train import TrainConfig
 
 
-def _ingest(t: StoreTasks, src: str, text_column: str, label_column: str, label_names=None):
-    """Fingerprint the source here (cheap: bytes, ETag or revision) so the ingest task's cache key
-    is its content; an unchanged file is then never read again."""
-    return t.ingest(src, t.url, fingerprint(parse_source(src)), text_column, label_column, label_names)
+class _Run:
+    """What the steps of one flow run share: the recipe, its options, the settings and the store's tasks."""
+
+    def __init__(self, recipe: Recipe, values: dict, settings: Settings):
+        recipe.check_trainable()
+        self.recipe, self.settings = recipe, settings
+        self.options: Options = validated(recipe.train_options, values)
+        self.store = Store.open(settings)
+        self.tasks = StoreTasks(self.store)
+
+    def ingest(self, src: str, labels: tuple[str, ...] | None = None) -> DatasetRef:
+        """Fingerprint the source here (cheap: bytes, ETag or revision) so the ingest task's cache key
+        is its content; an unchanged file is then never read again."""
+        fs_options = self.settings.storage_options(src)
+        fp = fingerprint(parse_source(src, fs_options), fs_options)
+        return self.tasks.ingest(src, self.store, self.recipe.task, self.options, self.settings, fp, labels)
+
+    def tokenize(self, data: DatasetRef, model: ModelRef, max_length: int, split: str) -> DatasetRef:
+        return self.tasks.tokenize(data, model, self.store, self.recipe.task, self.options, self.settings,
+                                   max_length, split)
+
+    def evaluate(self, model: ModelRef, examples: DatasetRef, max_length: int, metrics: tuple[str, ...],
+                 artifact_key: str | None = None):
+        features = self.tokenize(examples, model, max_length, "eval")
+        return self.tasks.evaluate(model, examples, features, self.store, self.recipe.task, self.options,
+                                   self.settings, metrics, artifact_key)
 
 
 @flow(name="train")
-def train_flow(dataset: str, model: str, name: str, eval_dataset: str | None = None,
-               text_column: str = "text", label_column: str = "label", max_train_samples: int | None = None,
-               epochs: float = 1.0, batch_size: int = 32, learning_rate: float = 5e-5, max_length: int = 128,
-               seed: int = 42, save_steps: int = 200, eval_fraction: float = 0.1, metric: str = "accuracy",
-               promotion_margin: float = 0.0, store: str | None = None) -> dict:
-    """Fine-tune `model` on `dataset`, evaluate it, and register it as a new version of `name`.
+@parameters(TrainParams, TrainConfig, *recipe_options("train"))
+def train_flow(**values) -> dict:
+    """Fine-tune `model` on `dataset` for `task`, evaluate it, and register it as a new version of `name`.
 
     Without `eval_dataset`, a stratified `eval_fraction` of `dataset` is held out for evaluation.
     The new version becomes champion only if its `metric` beats the champion's on the same eval
     set by more than `promotion_margin`.
     """
     logger = get_run_logger()
-    st = Store(store)
-    config = TrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
-                         max_train_samples=max_train_samples, seed=seed, save_steps=save_steps).validate()
-    Registry(st, name)  # validates the name before any work
-    with one_training_per_name(name):
-        base = resolve_model(model)
-        t = StoreTasks(st)
-        data = _ingest(t, dataset, text_column, label_column)
-        if eval_dataset:
-            eval_data = _ingest(t, eval_dataset, text_column, label_column, data.label_names)
+    p, config = validated(TrainParams, values), validated(TrainConfig, values)
+    recipe = get_recipe(p.task)
+    run = _Run(recipe, values, Settings().with_overrides(store=p.store, device=p.device))
+    metric = p.metric or recipe.default_metric
+    recipe.check_metrics((metric,))
+    max_length = p.max_length or recipe.max_length
+    Registry(run.store, p.name)  # validates the name before any work
+    with one_training_per_name(p.name):
+        base = resolve_model(p.model, run.settings)
+        data = run.ingest(p.dataset)
+        if p.eval_dataset:
+            eval_data = run.ingest(p.eval_dataset, data.label_names or None)
         else:
-            data, eval_data = t.holdout(data, t.url, eval_fraction, seed)
-        tokens = t.tokenize(data, base, t.url, max_length)
-        eval_tokens = t.tokenize(eval_data, base, t.url, max_length)
-        trained = t.train(tokens, base, t.url, config)
-        evaluated = t.evaluate(trained.model_ref(), eval_tokens, t.url, tuple(AVAILABLE), f"{name}-eval")
-        champion_score = _champion_score(t, name, trained.run_key, eval_data, evaluated.dataset_fingerprint, metric,
-                                        max_length)
-        registration = t.register(trained, evaluated, t.url, name, metric, promotion_margin, champion_score)
-    logger.info("%s v%s: %s=%.4f, champion v%s (%s)", name, registration.version, metric,
+            data, eval_data = run.tasks.holdout(data, run.store, recipe.task, p.eval_fraction, config.seed)
+        tokens = run.tokenize(data, base, max_length, "train")
+        trained = run.tasks.train(tokens, base, run.store, recipe.task, run.options, config, run.settings)
+        model = trained_model(trained, run.store, run.settings)
+        evaluated = run.evaluate(model, eval_data, max_length, recipe.metrics, f"{p.name}-eval")
+        champion_score = _champion_score(run, p.name, trained.run_key, eval_data, metric, max_length)
+        registration = run.tasks.register(trained, evaluated, run.store, p.name, metric, p.promotion_margin,
+                                          champion_score)
+    logger.info("%s v%s: %s=%.4f, champion v%s (%s)", p.name, registration.version, metric,
                 evaluated.metrics[metric], registration.champion, registration.reason)
-    return {"name": name, "version": registration.version, "champion": registration.champion,
+    return {"name": p.name, "task": recipe.task, "version": registration.version, "champion": registration.champion,
             "promoted": registration.promoted, "reason": registration.reason, "metrics": evaluated.metrics,
             "uri": registration.uri, "run_key": trained.run_key, "global_step": trained.global_step,
             "resumed_from_step": trained.resumed_from_step,
             "train_samples_per_second": trained.train_samples_per_second, "device": trained.device,
-            "precision": trained.precision, "store": st.url}
+            "precision": trained.precision, "store": run.store.url}
 
 
 @contextmanager
@@ -90,37 +113,31 @@ def one_training_per_name(name: str) -> Iterator[None]:
         yield
 
 
-def _champion_score(t: StoreTasks, name: str, run_key: str, eval_data, eval_fingerprint: str, metric: str,
+def _champion_score(run: _Run, name: str, run_key: str, eval_data: DatasetRef, metric: str,
                     max_length: int) -> float | None:
     """The champion's `metric` on this eval set: from the registry if it was measured on it, else
     by evaluating the champion now (cached like any evaluation)."""
-    champion = Registry(t.store, name).champion()
+    champion = Registry(run.store, name).champion()
     if champion is None or champion["run_key"] == run_key:  # none yet, or this very run (a rerun)
         return None
-    if champion["eval_dataset"] == eval_fingerprint and metric in champion["metrics"]:
+    if champion["eval_dataset"] == eval_data.fingerprint and metric in champion["metrics"]:
         return champion["metrics"][metric]
-    champion_model = resolve_model(f"{name}@{champion['version']}", t.store)
-    tokens = t.tokenize(eval_data, champion_model, t.url, max_length)
-    return t.evaluate(champion_model, tokens, t.url, tuple(AVAILABLE)).metrics[metric]
+    champion_model = resolve_model(f"{name}@{champion['version']}", run.settings, run.store)
+    return run.evaluate(champion_model, eval_data, max_length, run.recipe.metrics).metrics[metric]
 
 
 @flow(name="evaluate")
-def evaluate_flow(model: str, dataset: str, metrics: tuple[str, ...] = tuple(AVAILABLE),
-                  text_column: str = "text", label_column: str = "label", max_length: int = 128,
-                  store: str | None = None) -> dict:
+@parameters(EvalParams, *recipe_options("train"))
+def evaluate_flow(**values) -> dict:
     """Evaluate a registered model (`NAME[@VERSION]`), a local model directory or a hub model."""
-    st = Store(store)
-    ref = resolve_model(model, st)
-    t = StoreTasks(st)
-    data = _ingest(t, dataset, text_column, label_column, _label_names(ref))
-    tokens = t.tokenize(data, ref, t.url, max_length)
-    result = t.evaluate(ref, tokens, t.url, tuple(metrics), f"{ref.name or 'model'}-eval")
-    return {"model": model, "version": ref.version, "dataset": dataset, "num_rows": result.num_rows,
-            "metrics": result.metrics, "per_class": result.per_class, "uri": result.uri}
-
-
-def _label_names(model: ModelRef) -> tuple[str, ...]:
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(model.path)
-    return tuple(config.id2label[i] for i in range(len(config.id2label)))
+    p = validated(EvalParams, values)
+    settings = Settings().with_overrides(store=p.store, device=p.device)
+    ref = resolve_model(p.model, settings, Store.open(settings))
+    recipe = get_recipe(p.task or ref.task or "text-classification")
+    run = _Run(recipe, values, settings)
+    metrics = tuple(p.metrics or recipe.metrics)
+    recipe.check_metrics(metrics)
+    data = run.ingest(p.dataset, label_names(ref) or None)
+    result = run.evaluate(ref, data, p.max_length or recipe.max_length, metrics, f"{ref.name or 'model'}-eval")
+    return {"model": p.model, "task": recipe.task, "version": ref.version, "dataset": p.dataset,
+            "num_rows": result.num_rows, "metrics": result.metrics, **result.details, "uri": result.uri}

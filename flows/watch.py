@@ -5,8 +5,9 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.events import emit_event
 
-from tasks import watch
-from tasks.store import Store
+from hfbatch.tasks import watch
+from hfbatch.tasks.settings import Settings
+from hfbatch.tasks.store import Store
 
 
 @flow(name="watch_data")
@@ -16,8 +17,9 @@ def watch_data(prefix: str, store: str | None = None) -> dict:
     its content fingerprint and the changed files), then remember the new state in `store`, so the
     same content never triggers twice. Removed files alone do not trigger a retraining."""
     logger = get_run_logger()
-    st = Store(store)
-    files = watch.scan(prefix)
+    settings = Settings()
+    st = Store.open(settings, store)
+    files = watch.scan(prefix, settings.storage_options(prefix))
     change = watch.changes(st, prefix, files)
     change["emitted"] = bool(change["added"] or change["changed"])
     if change["emitted"]:

@@ -5,12 +5,14 @@ so cache keys change exactly when the model or tokenizer files change.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
 from pathlib import Path
 
 from .errors import ConfigError, ModelError
 from .fingerprint import hash_files
-from .settings import get_settings
+from .refs import ModelRef, TrainedModel
+from .registry import Registry
+from .settings import Settings
 from .store import Store
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
@@ -20,50 +22,41 @@ PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model"]
 
 
-@dataclass(frozen=True)
-class ModelRef:
-    """A resolved model: where its files are on this machine and what identifies them."""
-
-    source: str
-    path: str
-    fingerprint: str
-    tokenizer_fingerprint: str
-    revision: str | None = None
-    name: str | None = None
-    version: str | None = None
-
-
-def resolve_model(src: str, store: Store | None = None) -> ModelRef:
-    """Resolve a model SRC; raise `ModelError` naming it if it cannot be found or has no safe weights."""
+def resolve_model(src: str, settings: Settings, store: Store | None = None) -> ModelRef:
+    """Resolve a model SRC; raise `ModelError` naming it if it cannot be found or has no safe weights.
+    A name registered in `store` wins over a hub id of the same spelling."""
     path = Path(src).expanduser()
     if path.is_dir():
-        return _local_ref(src, path)
+        return local_model(src, path, settings)
     if src.startswith((".", "/", "~")):
         raise ModelError(f"model directory {src!r} does not exist")
     if store is not None:
-        from .registry import Registry
-
         name, _, version = src.partition("@")
-        registry = Registry(store, name)
-        if registry.exists():
+        registry = Registry(store, name) if Registry.valid_name(name) else None
+        if registry is not None and registry.exists():
             v = registry.resolve(version or None)
-            local = store.local_dir(registry.version_key(v))
-            ref = _local_ref(src, local)
-            return ModelRef(src, ref.path, ref.fingerprint, ref.tokenizer_fingerprint, None, name, v)
-    return _hub_ref(src)
+            ref = local_model(src, store.local_dir(registry.version_key(v)), settings)
+            return ModelRef(src, ref.path, ref.fingerprint, ref.tokenizer_fingerprint, None, name, v,
+                            registry.task(v))
+    return _hub_model(src, settings)
 
 
-def _local_ref(src: str, path: Path) -> ModelRef:
+def trained_model(trained: TrainedModel, store: Store, settings: Settings) -> ModelRef:
+    """The model a training run committed to `store`."""
+    ref = local_model(trained.uri, store.local_dir(trained.key), settings)
+    return ModelRef(ref.source, ref.path, ref.fingerprint, ref.tokenizer_fingerprint, task=trained.task)
+
+
+def local_model(src: str, path: Path, settings: Settings) -> ModelRef:
     files = {p.name for p in path.iterdir()}
     weights = [f for f in SAFE_WEIGHTS if f in files]
     if not weights:
         pickled = [f for f in PICKLE_WEIGHTS if f in files]
-        if pickled and not get_settings().allow_pickle_weights:
+        if pickled and not settings.allow_pickle_weights:
             raise ModelError(f"model {src!r} has only pickle weights ({pickled[0]}); convert them to "
                              "safetensors or set HFBATCH_ALLOW_PICKLE_WEIGHTS=1 if you trust the file")
         if not pickled:
             raise ModelError(f"model directory {src!r} has no weights (expected model.safetensors)")
-        weights = pickled
     if "config.json" not in files:
         raise ModelError(f"model directory {src!r} has no config.json")
     tok = [path / f for f in TOKENIZER_FILES if f in files]
@@ -74,7 +67,7 @@ def _local_ref(src: str, path: Path) -> ModelRef:
     return ModelRef(src, str(path.resolve()), hash_files(weight_files), hash_files(tok))
 
 
-def _hub_ref(src: str) -> ModelRef:
+def _hub_model(src: str, settings: Settings) -> ModelRef:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError
 
@@ -85,39 +78,44 @@ def _hub_ref(src: str) -> ModelRef:
         raise ModelError(f"model {src!r} is neither a local directory, a registered model nor a hub id") from e
     except Exception as e:
         raise ModelError(f"cannot fetch model {src!r} from the Hugging Face Hub: {e}") from e
-    ref = _local_ref(src, Path(local))
+    ref = local_model(src, Path(local), settings)
     return ModelRef(src, ref.path, ref.fingerprint, ref.tokenizer_fingerprint, Path(local).name)
 
 
-def pick_device() -> tuple[str, str]:
-    """(`cuda`|`cpu`, `bf16`|`fp16`|`fp32`) as `HFBATCH_DEVICE` asks (default: CUDA when present);
-    mixed precision only where the hardware has it."""
+def label_names(model: ModelRef) -> tuple[str, ...]:
+    """The class names in the model's config (`id2label`), in id order."""
+    config = json.loads((Path(model.path) / "config.json").read_text())
+    id2label = {int(k): v for k, v in (config.get("id2label") or {}).items()}
+    return tuple(id2label[i] for i in range(len(id2label)))
+
+
+def pick_device(wanted: str = "auto") -> tuple[str, str]:
+    """(`cuda`|`cpu`, `bf16`|`fp16`|`fp32`) as `wanted` (`auto`, `cpu`, `cuda`) asks: `auto` takes CUDA
+    when present; mixed precision only where the hardware has it."""
     import torch
 
-    wanted = get_settings().device
+    if wanted not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"device must be auto, cpu or cuda, got {wanted!r}")
     if wanted == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("HFBATCH_DEVICE=cuda, but torch sees no CUDA device")
+        raise ConfigError("device 'cuda' (HFBATCH_DEVICE=cuda) was asked for, but torch sees no CUDA device")
     if wanted != "cpu" and torch.cuda.is_available():
         return "cuda", "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "cpu", "fp32"
 
 
-def load_tokenizer(model: ModelRef):
+def model_kwargs(settings: Settings) -> dict:
+    """`from_pretrained` arguments of the settings' loading policy (safetensors only, no remote code)."""
+    return dict(use_safetensors=not settings.allow_pickle_weights, trust_remote_code=settings.trust_remote_code)
+
+
+def load_tokenizer(model: ModelRef, settings: Settings):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(model.path, use_fast=True,
-                                         trust_remote_code=get_settings().trust_remote_code)
+    return AutoTokenizer.from_pretrained(model.path, use_fast=True, trust_remote_code=settings.trust_remote_code)
 
 
-def load_classifier(model: ModelRef, label_names: tuple[str, ...] | None = None):
-    """A sequence-classification model; with `label_names`, a head of that size (new if needed)."""
-    from transformers import AutoModelForSequenceClassification
+def load_model(model: ModelRef, auto_class: str, settings: Settings, **kwargs):
+    """`transformers.<auto_class>.from_pretrained` of `model` under the settings' loading policy."""
+    import transformers
 
-    settings = get_settings()
-    kwargs = {}
-    if label_names is not None:
-        kwargs = dict(num_labels=len(label_names), id2label=dict(enumerate(label_names)),
-                      label2id={n: i for i, n in enumerate(label_names)}, ignore_mismatched_sizes=True)
-    return AutoModelForSequenceClassification.from_pretrained(
-        model.path, use_safetensors=not settings.allow_pickle_weights,
-        trust_remote_code=settings.trust_remote_code, **kwargs)
+    return getattr(transformers, auto_class).from_pretrained(model.path, **model_kwargs(settings), **kwargs)

@@ -13,9 +13,8 @@ from datetime import datetime, timezone
 
 from .card import write_model_card
 from .errors import ConfigError, ModelError
-from .evaluation import EvalResult
+from .refs import EvalResult, TrainedModel
 from .store import MARKER, Store
-from .train import TrainedModel
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -33,10 +32,14 @@ class Registration:
 
 class Registry:
     def __init__(self, store: Store, name: str):
-        if not NAME_RE.match(name):
+        if not self.valid_name(name):
             raise ConfigError(f"invalid model name {name!r}: use letters, digits, '.', '_' or '-'")
         self.store, self.name = store, name
         self.index_key = f"models/{name}/registry.json"
+
+    @staticmethod
+    def valid_name(name: str) -> bool:
+        return bool(NAME_RE.match(name))
 
     def exists(self) -> bool:
         return self.store.exists(self.index_key)
@@ -48,6 +51,12 @@ class Registry:
 
     def version_key(self, version: str) -> str:
         return f"models/{self.name}/{version}"
+
+    def task(self, version: str) -> str:
+        """The task a version was trained for (versions registered before tasks were recorded: text
+        classification, the only one there was)."""
+        entry = next(v for v in self.load()["versions"] if v["version"] == version)
+        return entry.get("task", "text-classification")
 
     def champion(self) -> dict | None:
         index = self.load()
@@ -66,8 +75,10 @@ class Registry:
         return version
 
     def register(self, trained: TrainedModel, evaluation: EvalResult, metric: str = "accuracy",
-                 margin: float = 0.0, champion_score: float | None = None) -> Registration:
+                 margin: float = 0.0, champion_score: float | None = None, card_text: dict | None = None
+                 ) -> Registration:
         """Add `trained` as the next version; promote it if it beats `champion_score` by `margin`.
+        `card_text`: the task recipe's words for the model card (`Recipe.card_text`).
 
         `champion_score` must be the current champion's `metric` on the same eval set as
         `evaluation`. Registering the same training run again returns its existing version.
@@ -93,9 +104,10 @@ class Registry:
         with self.store.staging(self.version_key(version), {"name": self.name, "version": version}) as tmp:
             shutil.copytree(self.store.local_dir(trained.key), tmp, dirs_exist_ok=True)
             (tmp / MARKER).unlink(missing_ok=True)
-            write_model_card(tmp, trained, evaluation.metrics, self.name, version)
+            write_model_card(tmp, trained, card_text, evaluation.metrics, self.name, version)
         now = datetime.now(timezone.utc).isoformat()
-        entry = {"version": version, "run_key": trained.run_key, "created": now, "metrics": evaluation.metrics,
+        entry = {"version": version, "run_key": trained.run_key, "task": trained.task, "created": now,
+                 "metrics": evaluation.metrics,
                  "eval_dataset": evaluation.dataset_fingerprint, "base_model": trained.base_model,
                  "uri": self.store.uri(self.version_key(version)), "promoted": promoted, "reason": reason}
         index["versions"].append(entry)

@@ -1,33 +1,56 @@
-"""One settings model for every process: read from `HFBATCH_*` environment variables."""
+"""Settings of the machine a command runs on, read from `HFBATCH_*` environment variables.
+
+They are read once, where a command or flow starts (`Settings()`), and passed down as an argument;
+nothing below reads the environment.
+"""
 from __future__ import annotations
 
+import copy
+import functools
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Device = Literal["auto", "cpu", "cuda"]
+DEFAULT_CACHE_DIR = Path(os.path.expanduser("~/.cache/hfbatch"))
 
 
 class Settings(BaseSettings):
     """hfbatch settings (environment variables `HFBATCH_STORE`, `HFBATCH_CACHE_DIR`, ...)."""
 
-    model_config = SettingsConfigDict(env_prefix="HFBATCH_")
+    model_config = SettingsConfigDict(env_prefix="HFBATCH_", frozen=True)
 
     store: str = "./hfbatch-store"
     """Artifact store: a local directory or an fsspec URL such as `s3://bucket/prefix`."""
-    cache_dir: Path = Path(os.path.expanduser("~/.cache/hfbatch"))
+    cache_dir: Path = DEFAULT_CACHE_DIR
     """Local cache for files fetched from a remote store (content-addressed, safe to delete)."""
     storage_block: str | None = None
     """Name of a saved Prefect `RemoteFileSystem` block whose `settings` (endpoint, credentials) are the
-    fsspec options for `s3://` URLs; without it they come from the usual `AWS_*` variables."""
+    fsspec options for `s3://` URLs; without it botocore finds them in the usual `AWS_*` variables."""
     trust_remote_code: bool = False
     """Allow model repositories to run their own Python code (off by default)."""
     allow_pickle_weights: bool = False
     """Accept `pytorch_model.bin` (pickle) weights; by default only safetensors load."""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Device = "auto"
     """Where models train and predict: `auto` uses CUDA when a GPU is there; `cpu` keeps a GPU host's
     work on its CPU; `cuda` fails instead of falling back to the CPU."""
 
+    def with_overrides(self, **values: Any) -> "Settings":
+        """These settings with the values that are not None replaced (a flow's `store`, `device`)."""
+        values = {k: v for k, v in values.items() if v is not None}
+        return self.model_copy(update=values) if values else self
 
-def get_settings() -> Settings:
-    return Settings()
+    def storage_options(self, url: str) -> dict[str, Any]:
+        """fsspec options for `url`: for S3, the settings of the block `storage_block` if one is named."""
+        if url.startswith(("s3://", "s3a://")) and self.storage_block:
+            return copy.deepcopy(_block_settings(self.storage_block))
+        return {}
+
+
+@functools.lru_cache(maxsize=8)
+def _block_settings(name: str) -> dict[str, Any]:
+    from prefect.filesystems import RemoteFileSystem
+
+    return dict(RemoteFileSystem.load(name).settings)

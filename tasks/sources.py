@@ -8,16 +8,16 @@ SRC is one of
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import fsspec
 
 from .errors import DataError
-from .store import storage_options
+from .fingerprint import digest, file_fingerprint
 
 BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".pq": "parquet"}
 
@@ -31,10 +31,11 @@ class Source:
     split: str = "train"
 
 
-def parse_source(src: str) -> Source:
-    """Resolve SRC to a local/remote file list or a hub dataset; raise `DataError` naming SRC if neither."""
+def parse_source(src: str, options: dict[str, Any] | None = None) -> Source:
+    """Resolve SRC to a local/remote file list or a hub dataset; raise `DataError` naming SRC if neither.
+    `options`: fsspec storage options for a remote SRC."""
     if "://" in src and not src.startswith("file://"):
-        fs, root = fsspec.core.url_to_fs(src, **storage_options(src))
+        fs, root = fsspec.core.url_to_fs(src, **(options or {}))
         protocol = src.split("://", 1)[0]
         try:
             files = _data_files(fs, root)
@@ -69,27 +70,18 @@ def _data_files(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
     return files
 
 
-def fingerprint(source: Source) -> str:
+def fingerprint(source: Source, options: dict[str, Any] | None = None) -> str:
     """Content fingerprint: file bytes (local), ETag (S3 and other object stores), or hub revision sha."""
-    h = hashlib.sha256()
     if source.kind == "hub":
-        h.update(f"hub:{source.uri}:{source.config}:{source.split}:{_hub_revision(source.uri)}".encode())
-        return h.hexdigest()
+        return digest("hub", source.uri, source.config, source.split, _hub_revision(source.uri))
+    files = []
     for f in source.files:
-        fs, path = fsspec.core.url_to_fs(f, **storage_options(f))
-        h.update(os.path.basename(path).encode())
-        if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
-            with open(path, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(block)
-        else:
-            try:
-                info = fs.info(path)
-            except OSError as e:
-                raise DataError(f"cannot read {f}: {e}") from e
-            h.update(str(info.get("ETag") or info.get("etag") or fs.ukey(path)).encode())
-            h.update(str(info.get("size")).encode())
-    return h.hexdigest()
+        fs, path = fsspec.core.url_to_fs(f, **(options or {}))
+        try:
+            files.append((os.path.basename(path), file_fingerprint(fs, path, f)))
+        except OSError as e:
+            raise DataError(f"cannot read {f}: {e}") from e
+    return digest("files", files)
 
 
 def _hub_revision(repo: str) -> str:
@@ -104,7 +96,7 @@ def _hub_revision(repo: str) -> str:
         raise DataError(f"cannot reach hub dataset {repo!r}: {e}") from e
 
 
-def load(source: Source, cache_dir: str | None = None):
+def load(source: Source, options: dict[str, Any] | None = None, cache_dir: str | None = None):
     """Load `source` as one `datasets.Dataset` (remote files are fetched to a temporary directory)."""
     import datasets
 
@@ -119,7 +111,7 @@ def load(source: Source, cache_dir: str | None = None):
         for f in source.files:
             if "://" in f:
                 local = os.path.join(tmp, f"{len(files):05d}-{os.path.basename(f)}")
-                fs, path = fsspec.core.url_to_fs(f, **storage_options(f))
+                fs, path = fsspec.core.url_to_fs(f, **(options or {}))
                 try:
                     fs.get(path, local)
                 except OSError as e:

@@ -6,13 +6,15 @@ Layout under the store root::
     tokenized/<fingerprint>/         tokenized Arrow data
     runs/<run key>/checkpoints/      Trainer checkpoints, mirrored during training
     runs/<run key>/model/            final model + tokenizer (safetensors) and README.md model card
-    evals/<eval key>/                metrics.json, per_class.json, confusion_matrix.json
+    evals/<eval key>/                the metrics and the task's detail files
     models/<name>/registry.json      versions, champion and promotion history of one model name
     models/<name>/<version>/         a registered version: model files, card, metrics
     prefect-results/                 Prefect task results (the cache shared by every worker)
+    _staging/                        directories and files being written (local stores)
 
 A directory is complete only when its `_SUCCESS` marker exists; the marker is written last, so a
 crash mid-write leaves a directory that every reader treats as absent and the next run rewrites.
+Every step computes its output through `memoize`: once per content key, whichever process asks.
 """
 from __future__ import annotations
 
@@ -24,106 +26,126 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import fsspec
 
-from .settings import get_settings
+from .refs import Ref
+from .settings import DEFAULT_CACHE_DIR, Settings
 
 MARKER = "_SUCCESS"
-
-
-def storage_options(url: str) -> dict[str, Any]:
-    """fsspec options for `url`: for S3, the settings of the Prefect block `HFBATCH_STORAGE_BLOCK` if
-    one is named, else the endpoint from the usual AWS environment variables (credentials too are
-    then found by botocore in the environment)."""
-    if url.startswith(("s3://", "s3a://")):
-        block = get_settings().storage_block
-        if block:
-            from prefect.filesystems import RemoteFileSystem
-
-            return dict(RemoteFileSystem.load(block).settings)
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        return {"client_kwargs": {"endpoint_url": endpoint}} if endpoint else {}
-    return {}
+STAGING = "_staging"
+R = TypeVar("R", bound=Ref)
 
 
 class Store:
-    """An artifact store rooted at an fsspec URL."""
+    """An artifact store rooted at an fsspec URL (`options`: fsspec storage options). Files fetched
+    from a remote store are cached under `cache_dir`."""
 
-    def __init__(self, url: str | None = None):
-        url = url or get_settings().store
+    def __init__(self, url: str, options: dict[str, Any] | None = None, cache_dir: Path = DEFAULT_CACHE_DIR):
         if "://" not in url:
             url = str(Path(url).expanduser().resolve())
         self.url = url.rstrip("/")
-        self.options = storage_options(self.url)
+        self.options = dict(options or {})
+        self.cache_dir = Path(cache_dir)
         self.fs, self.root = fsspec.core.url_to_fs(self.url, **self.options)
-        self.is_local = "file" in _protocols(self.fs)
+        self.is_local = "file" in ((self.fs.protocol,) if isinstance(self.fs.protocol, str) else self.fs.protocol)
+
+    @classmethod
+    def open(cls, settings: Settings, url: str | None = None) -> "Store":
+        """The store at `url` (default: the settings' store) with the settings' storage options."""
+        url = url or settings.store
+        return cls(url, settings.storage_options(url), settings.cache_dir)
 
     def __repr__(self) -> str:
         return f"Store({self.url!r})"
+
+    def __reduce__(self):  # pickled (Dask, Prefect results) as its constructor arguments, not its file system
+        return Store, (self.url, self.options, self.cache_dir)
 
     def uri(self, key: str) -> str:
         """The full URL of `key` (a `/`-separated path under the store root)."""
         return f"{self.url}/{key}" if key else self.url
 
-    def _path(self, key: str) -> str:
+    def path(self, key: str) -> str:
+        """The file system path of `key` (for `self.fs`)."""
         return f"{self.root}/{key}" if key else self.root
 
     def exists(self, key: str) -> bool:
-        return self.fs.exists(self._path(key))
+        return self.fs.exists(self.path(key))
 
     def is_complete(self, key: str) -> bool:
         """Whether the directory `key` was committed (its marker exists)."""
-        return self.fs.exists(self._path(f"{key}/{MARKER}"))
+        return self.fs.exists(self.path(f"{key}/{MARKER}"))
 
     def read_json(self, key: str) -> Any:
-        with self.fs.open(self._path(key), "r") as f:
+        with self.fs.open(self.path(key), "r") as f:
             return json.load(f)
 
     def write_json(self, key: str, obj: Any) -> None:
-        """Write a small JSON file atomically (a local rename; an S3 PUT is atomic already)."""
-        data = json.dumps(obj, indent=2, sort_keys=True, default=str).encode()
-        self.write_bytes(key, data)
+        self.write_bytes(key, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
 
     def write_bytes(self, key: str, data: bytes) -> None:
-        path = self._path(key)
-        if self.is_local:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        else:
-            self.fs.pipe_file(path, data)
+        """Write `key` atomically: a file in `_staging/`, synced and renamed into place, on a local
+        store; one PUT, atomic already, on an object store."""
+        if not self.is_local:
+            self.fs.pipe_file(self.path(key), data)
+            return
+        target = self.path(key)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        os.makedirs(self.path(STAGING), exist_ok=True)
+        tmp = os.path.join(self.path(STAGING), uuid.uuid4().hex)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
 
     def remove(self, key: str) -> None:
-        if self.fs.exists(self._path(key)):
-            self.fs.rm(self._path(key), recursive=True)
+        if self.fs.exists(self.path(key)):
+            self.fs.rm(self.path(key), recursive=True)
 
     def list(self, key: str) -> list[str]:
         """Names directly under `key` (empty if it does not exist)."""
-        if not self.fs.exists(self._path(key)):
+        if not self.fs.exists(self.path(key)):
             return []
-        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self._path(key), detail=False))
+        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.path(key), detail=False))
+
+    def committed(self, key: str, ref_type: type[R]) -> R | None:
+        """The reference in the marker of the committed directory `key`, or None if there is none."""
+        return ref_type.from_meta(self.read_json(f"{key}/{MARKER}")) if self.is_complete(key) else None
+
+    def memoize(self, key: str, ref_type: type[R], produce: Callable[[Path], R]) -> R:
+        """The reference committed at `key`, or else the one `produce` returns after filling a staging
+        directory, which is then committed as `key` with the reference in its marker. Compute once per
+        content key: every step's output goes through here."""
+        done = self.committed(key, ref_type)
+        if done is not None:
+            return done
+        with self._scratch() as tmp:
+            ref = produce(tmp)
+            self.commit_dir(tmp, key, ref.to_meta(), move=True)
+        return ref
 
     @contextlib.contextmanager
     def staging(self, key: str, meta: dict | None = None) -> Iterator[Path]:
-        """Yield a local directory to fill; on success commit it as `key`, marker last.
+        """Yield a local directory to fill; on success commit it as `key`, marker (holding `meta`) last.
+        If the block raises, nothing is committed and an earlier complete `key` is left as it was."""
+        with self._scratch() as tmp:
+            yield tmp
+            self.commit_dir(tmp, key, meta, move=True)
 
-        On a local store the staging directory sits in the store itself and is renamed into place;
-        on a remote store it is a temporary directory uploaded after the block ends. If the block
-        raises, nothing is committed and an earlier complete `key` is left as it was.
-        """
+    @contextlib.contextmanager
+    def _scratch(self) -> Iterator[Path]:
+        """A temporary local directory, removed afterwards: inside the store on a local one (so that a
+        commit is a rename), in the system's temporary directory otherwise."""
         if self.is_local:
-            staging_root = Path(self._path("_staging"))
-            staging_root.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(dir=staging_root))
+            os.makedirs(self.path(STAGING), exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=self.path(STAGING)))
         else:
             tmp = Path(tempfile.mkdtemp(prefix="hfbatch-"))
         try:
             yield tmp
-            self.commit_dir(tmp, key, meta, move=True)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -132,7 +154,7 @@ class Store:
         local_dir = Path(local_dir)
         (local_dir / MARKER).unlink(missing_ok=True)
         self.remove(key)
-        dest = self._path(key)
+        dest = self.path(key)
         if self.is_local:
             os.makedirs(os.path.dirname(dest), exist_ok=True)
             if move:
@@ -149,22 +171,22 @@ class Store:
         if not self.is_complete(key):
             raise FileNotFoundError(f"{self.uri(key)} is not a complete artifact (no {MARKER} marker)")
         if self.is_local:
-            return Path(self._path(key))
-        digest = hashlib.sha256(self.uri(key).encode()).hexdigest()[:24]
-        cached = get_settings().cache_dir / "store" / digest
+            return Path(self.path(key))
+        cached = self.cache_dir / "store" / hashlib.sha256(self.uri(key).encode()).hexdigest()[:24]
         if (cached / MARKER).exists():
             return cached
-        tmp = Path(tempfile.mkdtemp(prefix="fetch-", dir=cached.parent if cached.parent.exists() else None))
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix="fetch-", dir=cached.parent))
         try:
-            self.fs.get(self._path(key) + "/", str(tmp) + "/", recursive=True)
-            cached.parent.mkdir(parents=True, exist_ok=True)
+            self.fs.get(self.path(key) + "/", str(tmp) + "/", recursive=True)
             shutil.rmtree(cached, ignore_errors=True)
             os.replace(tmp, cached)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return cached
 
+    def load_dataset(self, key: str):
+        """The `datasets` dataset committed at `key` (memory-mapped Arrow)."""
+        import datasets
 
-def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
-    proto = fs.protocol
-    return (proto,) if isinstance(proto, str) else tuple(proto)
+        return datasets.load_from_disk(str(self.local_dir(key)))

@@ -7,26 +7,27 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime, timezone
-
 from pathlib import Path
+from typing import Any
 
 import fsspec
 
 from .fingerprint import digest
 from .sources import BUILDERS, Source, fingerprint, parse_source
-from .store import Store, storage_options
+from .store import Store
 
 EVENT = "hfbatch.dataset.updated"
 
 
-def scan(prefix: str) -> dict[str, str]:
+def scan(prefix: str, options: dict[str, Any] | None = None) -> dict[str, str]:
     """`{file URI: content fingerprint}` of the data files (CSV, JSON, Parquet) under `prefix`; empty
-    while the prefix holds none (an object-store prefix exists only once a file is in it)."""
-    fs, root = fsspec.core.url_to_fs(prefix, **storage_options(prefix))
+    while the prefix holds none (an object-store prefix exists only once a file is in it).
+    `options`: fsspec storage options."""
+    fs, root = fsspec.core.url_to_fs(prefix, **(options or {}))
     if not fs.exists(root) or not any(Path(f).suffix.lower() in BUILDERS for f in fs.find(root)):
         return {}
-    source = parse_source(prefix)
-    return {f: fingerprint(Source("file", f, (f,))) for f in source.files}
+    source = parse_source(prefix, options)
+    return {f: fingerprint(Source("file", f, (f,)), options) for f in source.files}
 
 
 def resource_id(prefix: str) -> str:

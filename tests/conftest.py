@@ -1,10 +1,12 @@
-"""Shared fixtures: real data from ../shared/data, the real MiniLM checkpoint, a real S3 server (moto)."""
+"""Shared fixtures: real data from ../shared/data, the real MiniLM checkpoint and tiny models built from
+it, a real S3 server (moto), a Prefect API."""
 from __future__ import annotations
 
 import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,16 +23,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # (tests/test_gpu.py asks for CUDA itself).
 os.environ.setdefault("HFBATCH_DEVICE", "cpu")
 
+# Prefect's state and hfbatch's cache of remote files: new for every session
+_HOME = Path(tempfile.mkdtemp(prefix="hfbatch-prefect-"))
+os.environ["PREFECT_HOME"] = str(_HOME)
+os.environ.setdefault("HFBATCH_CACHE_DIR", str(_HOME / "cache"))
+
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+
+from tests.helpers import NER_LABELS, tiny  # noqa: E402  (reads the settings above)
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("HFBATCH_TEST_DATA", ROOT.parent / "shared" / "data"))
-
-
-def pytest_configure(config):
-    import tempfile
-
-    home = Path(tempfile.mkdtemp(prefix="hfbatch-prefect-"))
-    os.environ["PREFECT_HOME"] = str(home)
-    os.environ.setdefault("HFBATCH_CACHE_DIR", str(home / "cache"))
 
 
 @pytest.fixture(scope="session")
@@ -133,3 +137,39 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="session")
+def tiny_models(minilm, tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("tiny")
+    nli = {0: "contradiction", 1: "neutral", 2: "entailment"}
+    return {
+        "fill-mask": tiny(minilm, root / "mlm", "BertForMaskedLM"),
+        "token-classification": tiny(minilm, root / "ner", "BertForTokenClassification",
+                                      id2label=dict(enumerate(NER_LABELS)),
+                                      label2id={n: i for i, n in enumerate(NER_LABELS)}),
+        "zero-shot-classification": tiny(minilm, root / "nli", "BertForSequenceClassification",
+                                          id2label=nli, label2id={v: k for k, v in nli.items()}),
+    }
+
+
+@pytest.fixture(scope="session")
+def mixed(data_dir, tmp_path_factory) -> Path:
+    """200 SST-2 phrases and 30 long IMDb reviews (some over 512 tokens), interleaved; row groups of 40."""
+    sst2 = pq.read_table(data_dir / "sst2" / "train.parquet").slice(0, 200)
+    imdb = pq.read_table(data_dir / "imdb" / "test_sample.parquet").slice(0, 30)
+    texts = sst2.column("text").to_pylist()
+    for i, t in enumerate(imdb.column("text").to_pylist()):
+        texts.insert(7 * i + 3, t)
+    path = tmp_path_factory.mktemp("mixed") / "mixed.parquet"
+    pq.write_table(pa.table({"idx": list(range(len(texts))), "text": texts}), path, row_group_size=40)
+    return path
+
+
+@pytest.fixture(scope="session")
+def conll(data_dir, tmp_path_factory) -> Path:
+    table = pq.read_table(data_dir / "conll2003" / "validation.parquet").slice(0, 120)
+    texts = [" ".join(tokens) for tokens in table.column("tokens").to_pylist()]
+    path = tmp_path_factory.mktemp("conll") / "conll.parquet"
+    pq.write_table(pa.table({"id": table.column("id"), "text": texts}), path, row_group_size=50)
+    return path

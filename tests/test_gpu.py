@@ -5,27 +5,22 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-
-from tasks.evaluation import evaluate_model
-from tasks.inference.predictors import TaskOptions, get_predictor
-from tasks.inference.runner import run_local
-from tasks.ingest import ingest
-from tasks.metrics import AVAILABLE
-from tasks.models import pick_device, resolve_model
-from tasks.store import Store
-from tasks.tokenization import tokenize
-from tasks.train import TrainConfig, train
+from hfbatch.tasks.evaluation import evaluate_model
+from hfbatch.tasks.inference.predictor import get_predictor
+from hfbatch.tasks.inference.runner import run_local
+from hfbatch.tasks.ingest import ingest
+from hfbatch.tasks.models import pick_device, resolve_model, trained_model
+from hfbatch.tasks.recipes import get_recipe
+from hfbatch.tasks.settings import Settings
+from hfbatch.tasks.store import Store
+from hfbatch.tasks.tokenization import tokenize
+from hfbatch.tasks.train import TrainConfig, train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 EXPECTED = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp16"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def on_cuda():
-    """The other tests keep hfbatch on the CPU (HFBATCH_DEVICE=cpu, conftest); these ask for CUDA."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HFBATCH_DEVICE", "cuda")
-        yield
+# the other tests keep hfbatch on the CPU (HFBATCH_DEVICE=cpu, conftest); these ask for CUDA
+CUDA, CPU = Settings(device="cuda"), Settings(device="cpu")
+TC, FE = get_recipe("text-classification"), get_recipe("feature-extraction")
 
 
 @pytest.fixture(scope="module")
@@ -38,20 +33,22 @@ def mixed_rows(data_dir) -> list[str]:
 
 @pytest.fixture(scope="module")
 def trained_on_cuda(sst2_split, minilm, tmp_path_factory):
-    store = Store(str(tmp_path_factory.mktemp("store")))
-    model = resolve_model(minilm)
-    train_data = ingest(str(sst2_split[0]), store)
-    eval_data = ingest(str(sst2_split[1]), store, label_names=train_data.label_names)
-    train_set, eval_set = (tokenize(d, model, store, 64) for d in (train_data, eval_data))
-    trained = train(train_set, model, store, TrainConfig(max_train_samples=3000, learning_rate=1e-4))
-    return trained, eval_set, store
+    store, options = Store(str(tmp_path_factory.mktemp("store"))), TC.train_options()
+    model = resolve_model(minilm, CUDA)
+    train_data = ingest(str(sst2_split[0]), store, TC, options, CUDA)
+    eval_data = ingest(str(sst2_split[1]), store, TC, options, CUDA, label_names=train_data.label_names)
+    train_set = tokenize(train_data, model, store, TC, options, CUDA, 64)
+    eval_set = tokenize(eval_data, model, store, TC, options, CUDA, 64, "eval")
+    trained = train(train_set, model, store, TC, options, TrainConfig(max_train_samples=3000, learning_rate=1e-4),
+                    CUDA)
+    return trained_model(trained, store, CUDA), trained, eval_data, eval_set, store
 
 
 def test_training_and_evaluation_run_on_cuda_in_mixed_precision(trained_on_cuda):
-    trained, eval_set, store = trained_on_cuda
-    assert pick_device() == ("cuda", EXPECTED)
+    model, trained, eval_data, eval_set, store = trained_on_cuda
+    assert pick_device("cuda") == pick_device("auto") == ("cuda", EXPECTED)
     assert (trained.device, trained.precision, trained.global_step) == ("cuda", EXPECTED, 94)
-    result = evaluate_model(trained.model_ref(), eval_set, store, tuple(AVAILABLE))
+    result = evaluate_model(model, eval_data, eval_set, store, TC, TC.train_options(), CUDA)
     assert result.metrics["accuracy"] >= 0.80
 
 
@@ -61,13 +58,13 @@ def test_bulk_inference_on_cuda_in_mixed_precision_keeps_the_fp32_pipeline_label
     those of the fp32 `pipeline` on the same GPU for at least 99 % of mixed short and long rows."""
     from transformers import pipeline
 
-    ref, texts = trained_on_cuda[0].model_ref(), mixed_rows
+    ref, texts = trained_on_cuda[0], mixed_rows
     pq.write_table(pa.table({"id": list(range(len(texts))), "text": texts}), tmp_path / "rows.parquet")
 
-    predictor = get_predictor("text-classification", ref, TaskOptions())
+    predictor = get_predictor(TC.predictor, ref, TC.infer_options(), CUDA)
     assert (predictor.device, predictor.precision) == ("cuda", EXPECTED)
     assert next(predictor.model.parameters()).dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[EXPECTED]
-    manifest = run_local("text-classification", ref, str(tmp_path / "rows.parquet"), str(tmp_path / "out"),
+    manifest = run_local("text-classification", ref, str(tmp_path / "rows.parquet"), str(tmp_path / "out"), CUDA,
                          shard_rows=250)
     out = pq.read_table(tmp_path / "out").sort_by("id")
     assert manifest["rows_out"] == len(texts) and out.column("id").to_pylist() == list(range(len(texts)))
@@ -87,8 +84,8 @@ def test_embeddings_on_cuda_in_mixed_precision_stay_close_to_fp32(minilm, mixed_
     vectors on the same GPU."""
     from transformers import pipeline
 
-    ref = resolve_model(minilm)
-    predictor = get_predictor("feature-extraction", ref, TaskOptions())
+    ref = resolve_model(minilm, CUDA)
+    predictor = get_predictor(FE.predictor, ref, FE.infer_options(), CUDA)
     assert (predictor.device, predictor.precision) == ("cuda", EXPECTED)
     table, _ = predictor.predict({"text": mixed_rows}, predictor.batch_tokens)
     ours = np.array(table.column("embedding").to_pylist())
@@ -99,14 +96,13 @@ def test_embeddings_on_cuda_in_mixed_precision_stay_close_to_fp32(minilm, mixed_
     assert cosine.min() > 0.995
 
 
-def test_device_setting_keeps_a_gpu_hosts_work_on_its_cpu(trained_on_cuda, mixed_rows, monkeypatch):
-    """HFBATCH_DEVICE=cpu on a GPU host: fp32 on the CPU, scores as the CPU pipeline's."""
+def test_device_setting_keeps_a_gpu_hosts_work_on_its_cpu(trained_on_cuda, mixed_rows):
+    """Device `cpu` (HFBATCH_DEVICE=cpu) on a GPU host: fp32 on the CPU, scores as the CPU pipeline's."""
     from transformers import pipeline
 
-    monkeypatch.setenv("HFBATCH_DEVICE", "cpu")
-    assert pick_device() == ("cpu", "fp32")
-    ref, texts = trained_on_cuda[0].model_ref(), mixed_rows[:60]
-    predictor = get_predictor("text-classification", ref, TaskOptions())
+    assert pick_device("cpu") == ("cpu", "fp32")
+    ref, texts = trained_on_cuda[0], mixed_rows[:60]
+    predictor = get_predictor(TC.predictor, ref, TC.infer_options(), CPU)
     assert (predictor.device, next(predictor.model.parameters()).device.type) == ("cpu", "cpu")
     table, _ = predictor.predict({"text": texts}, predictor.batch_tokens)
     expected = pipeline("text-classification", model=ref.path, tokenizer=ref.path, device="cpu")(

@@ -4,14 +4,12 @@ glibc's malloc serves a request over its mmap threshold (at most 32 MiB on 64-bi
 with a fresh `mmap` and unmaps it on `free`. An encoder's large activations are over it: MiniLM's
 feed-forward output for a batch of 8,192 tokens is 8,192 × 1,536 × 4 bytes = 48 MiB. Every such
 tensor then comes back from the kernel page by page, each page faulted in and zeroed, at every layer
-of every batch: on this project's 2-core machine GELU over that tensor took 26 ms instead of 7-9 ms,
-and a whole CPU forward pass ~10 % longer (300k page faults per 300 rows, then ~0). This is why
-PyTorch's CPU performance guides recommend jemalloc or tcmalloc; hfbatch gets the same effect
-inside the process, without `LD_PRELOAD`, by raising glibc's thresholds with `mallopt`: requests up
-to `MMAP_THRESHOLD` come from the heap, and up to `TRIM_THRESHOLD` of freed memory stays in it for
-the next batch. The cost is resident memory: the heap grows until freed blocks fit the next
-requests (torch's aligned allocations do not always fit the block just freed), then stays; peak RSS
-of 300 MiniLM rows went from ~1.08 GB to 1.14-1.29 GB, and `infer_memory.py`'s flow stays at ~0.9 GB.
+of every batch. This is why PyTorch's CPU performance guides recommend jemalloc or tcmalloc; hfbatch
+gets the same effect inside the process, without `LD_PRELOAD`, by raising glibc's thresholds with
+`mallopt`: requests up to `MMAP_THRESHOLD` come from the heap, and up to `TRIM_THRESHOLD` of freed
+memory stays in it for the next batch. The cost is resident memory: the heap grows until freed blocks
+fit the next requests (torch's aligned allocations do not always fit the block just freed), then
+stays. Time and memory measured: `benchmarks/RESULTS.md`.
 """
 from __future__ import annotations
 

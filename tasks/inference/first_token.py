@@ -4,8 +4,7 @@ A BERT-style sequence classifier (BERT's pooler, RoBERTa's, ELECTRA's classifica
 the last layer's hidden state at the first position only. In that last layer every token's keys
 and values are still needed, but its query, attention output and feed-forward block are needed for
 the first token alone: computing them for one token instead of all of them skips about 5/6 of the
-layer (1/7 of MiniLM-L6's work on long rows). The arithmetic per output value is the pipeline's,
-so logits agree to float rounding.
+layer. The arithmetic per output value is the pipeline's, so logits agree to float rounding.
 
 `first_token_only` wraps the last layer only where the model has that layer structure, and keeps
 the wrapper only if a padded probe batch gives the full model's logits; otherwise the model is left

@@ -5,13 +5,14 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from ..prefect_tasks import IO_RETRIES
-from .runner import InferSpec, run_shard
+from ..prefect_tasks import RETRIES
+from .runner import run_shard
 from .shards import Shard
+from .spec import InferSpec
 
 
 @task(name="infer-shard", task_run_name="shard-{shard.index}", cache_policy=NO_CACHE, persist_result=False,
-      **IO_RETRIES)
+      **RETRIES)
 def infer_shard_task(shard: Shard, spec: InferSpec) -> dict:
     """Predict and commit one shard; returns its small manifest entry."""
     return run_shard(shard, spec)

@@ -3,9 +3,8 @@
 Weights are quantized per output channel once; activations per tensor at every call (torch's
 dynamic quantization). The first encoder layer stays fp32 unless the caller checks its results
 another way (text classification scores its close calls again in fp32): its inputs, the
-embeddings, are where int8 loses the most. On the fine-tuned MiniLM SST-2 classifier, 800 mixed
-SST-2/IMDb rows, labels changed: 22 with every layer int8, 7 with the first layer fp32, 20 with the
-fifth and sixth fp32 instead, 22 with the sixth, 3 with the first, second and sixth.
+embeddings, are where int8 loses the most (labels changed per layer kept in fp32:
+`benchmarks/RESULTS.md`).
 """
 from __future__ import annotations
 
@@ -32,7 +31,7 @@ def quantize_int8(model: nn.Module, keep_first_layer: bool = True) -> nn.Module:
         from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
         kept = fp32_linear_names(model, keep_first_layer)
-        # per output channel: per-tensor weight scales cost MiniLM's embeddings ~3x more cosine distance
+        # per output channel: per-tensor weight scales move MiniLM's embeddings much further
         spec = {name: per_channel_dynamic_qconfig for name, m in model.named_modules()
                 if isinstance(m, nn.Linear) and name not in kept}
         return quantize_dynamic(model, spec, dtype=torch.qint8)

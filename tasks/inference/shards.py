@@ -7,19 +7,17 @@ always gives the same shards, with the same keys, in the same order.
 """
 from __future__ import annotations
 
-import hashlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..errors import ConfigError, DataError
-from ..fingerprint import digest
-from ..store import storage_options
+from ..errors import ConfigError, DataError, TransientReadError
+from ..fingerprint import digest, file_fingerprint
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
 
@@ -59,22 +57,23 @@ class Shard:
         return digest("shard", self.file_fingerprint, self.start, self.stop)
 
 
-def open_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    return fsspec.core.url_to_fs(url, **storage_options(url))
+def open_fs(url: str, options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The file system of `url` and its path there (`options`: fsspec storage options)."""
+    return fsspec.core.url_to_fs(url, **(options or {}))
 
 
 def _protocol(url: str) -> str | None:
     return url.split("://", 1)[0] if "://" in url and not url.startswith("file://") else None
 
 
-def list_input_files(uri: str) -> list[tuple[str, str]]:
+def list_input_files(uri: str, options: dict[str, Any] | None = None) -> list[tuple[str, str]]:
     """`(url, name)` of every Parquet file of `uri` (a file, a directory, a glob or an `s3://` prefix),
     sorted by name; `name` is the path relative to the input root (the file name for a single file).
     Files and folders whose name starts with `_` or `.` (markers, temporary files) are skipped."""
     proto = _protocol(uri)
     if proto is None:
         uri = str(Path(uri.removeprefix("file://")).expanduser())
-    fs, root = open_fs(uri)
+    fs, root = open_fs(uri, options)
     try:
         if any(c in root for c in "*?["):
             base = root[: min(root.find(c) for c in "*?[" if c in root)].rsplit("/", 1)[0]
@@ -98,26 +97,9 @@ def list_input_files(uri: str) -> list[tuple[str, str]]:
     return files
 
 
-def file_fingerprint(url: str) -> str:
-    """Content fingerprint of one file: its bytes when local, ETag and size on an object store."""
-    fs, path = open_fs(url)
-    h = hashlib.sha256()
-    try:
-        if _protocol(url) is None:
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-        else:
-            info = fs.info(path)
-            h.update(f"{info.get('ETag') or info.get('etag') or fs.ukey(path)}:{info.get('size')}".encode())
-    except FileNotFoundError as e:
-        raise DataError(f"input file {url!r} does not exist") from e
-    return h.hexdigest()[:32]
-
-
-def read_footer(url: str) -> pq.FileMetaData:
+def read_footer(url: str, options: dict[str, Any] | None = None) -> pq.FileMetaData:
     """The Parquet footer of `url`; a corrupt or unreadable file is a `DataError` naming it."""
-    fs, path = open_fs(url)
+    fs, path = open_fs(url, options)
     try:
         with fs.open(path, "rb") as f:
             return pq.ParquetFile(f).metadata
@@ -125,23 +107,24 @@ def read_footer(url: str) -> pq.FileMetaData:
         raise DataError(f"corrupt or unreadable Parquet file {url!r}: {e}") from e
 
 
-def describe_input(uri: str, corrupt: list[dict] | None = None) -> list[InputFile]:
+def describe_input(uri: str, options: dict[str, Any] | None = None, corrupt: list[dict] | None = None
+                   ) -> list[InputFile]:
     """Every Parquet file of `uri` with its fingerprint and row-group sizes (footers only).
 
     A corrupt or unreadable file raises `DataError` naming it; when a `corrupt` list is given, the
     file is instead recorded there as `{"file": name, "reason": ...}` and left out (quarantine mode).
     """
     out = []
-    for url, name in list_input_files(uri):
+    for url, name in list_input_files(uri, options):
         try:
-            meta = read_footer(url)
+            meta = read_footer(url, options)
         except DataError as e:
             if corrupt is None:
                 raise
             corrupt.append({"file": name, "reason": str(e)})
             continue
         groups = tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
-        out.append(InputFile(url, name, file_fingerprint(url), meta.num_rows, groups))
+        out.append(InputFile(url, name, file_fingerprint(*open_fs(url, options), url), meta.num_rows, groups))
     if not out:
         raise DataError(f"input {uri!r} holds no readable Parquet file: {[c['reason'] for c in corrupt or []]}")
     return out
@@ -188,7 +171,8 @@ class CorruptRows:
     reason: str
 
 
-def iter_shard_batches(shard: Shard, columns: list[str], batch_rows: int = 4096, skip_corrupt: bool = False
+def iter_shard_batches(shard: Shard, columns: list[str], options: dict[str, Any] | None = None,
+                       batch_rows: int = 4096, skip_corrupt: bool = False
                        ) -> Iterator[tuple[int, int, pa.RecordBatch | CorruptRows]]:
     """Stream the shard's rows as `(row_group, first row index within it, record batch)`, reading only
     `columns` and only the shard's row groups; never more than one record batch is materialised here.
@@ -196,7 +180,7 @@ def iter_shard_batches(shard: Shard, columns: list[str], batch_rows: int = 4096,
     A row group whose data cannot be decoded raises `DataError` naming file and row group; with
     `skip_corrupt` it yields `(row_group, first row, CorruptRows)` for the shard's rows of it instead,
     after any batches of it read before the damage (the caller drops those)."""
-    fs, path = open_fs(shard.file)
+    fs, path = open_fs(shard.file, options)
     with fs.open(path, "rb") as fh:
         pf = pq.ParquetFile(fh)
         offset = sum(pf.metadata.row_group(i).num_rows for i in range(shard.rg_start))
@@ -205,7 +189,7 @@ def iter_shard_batches(shard: Shard, columns: list[str], batch_rows: int = 4096,
             lo, hi = max(shard.start - offset, 0), min(shard.stop - offset, rg_rows)
             pos = 0
             try:
-                with _decoding(shard.file, rg, columns):
+                with _decoding(shard.file, rg, columns, options):
                     for batch in pf.iter_batches(batch_size=batch_rows, row_groups=[rg], columns=columns):
                         a, b = max(lo - pos, 0), min(hi - pos, batch.num_rows)
                         if b > a:
@@ -221,12 +205,13 @@ def iter_shard_batches(shard: Shard, columns: list[str], batch_rows: int = 4096,
 
 
 @contextmanager
-def _decoding(url: str, row_group: int, columns: list[str]) -> Iterator[None]:
+def _decoding(url: str, row_group: int, columns: list[str], options: dict[str, Any] | None = None
+              ) -> Iterator[None]:
     """Errors while decoding a row group name the file and row group. Invalid data is a `DataError`.
     Arrow raises a plain `OSError` for a damaged page, and also when a read stops short: the row group
     is read once more through a fresh handle, and only the same error again makes it a `DataError`;
-    otherwise it stays an `OSError`, which the shard task retries. Errors the file system raises
-    (their own types, or an errno) pass unchanged and are retried."""
+    otherwise it is a `TransientReadError`, which the shard task retries. Errors the file system raises
+    (their own types, or an errno) pass unchanged, and are retried where they are transient."""
     try:
         yield
     except pa.ArrowInvalid as e:
@@ -234,10 +219,10 @@ def _decoding(url: str, row_group: int, columns: list[str]) -> Iterator[None]:
     except OSError as e:
         if not _arrow_io_error(e):  # raised by the file system (s3fs gives 5xx as OSError(EIO, ...))
             raise
-        if _fails_again(url, row_group, columns, str(e)):
+        if _fails_again(url, row_group, columns, str(e), options):
             raise DataError(f"corrupt Parquet data in {url!r}, row group {row_group}: {e} "
                             "(the same error on a second read)") from e
-        raise OSError(f"reading {url!r}, row group {row_group}: {e}") from e
+        raise TransientReadError(f"reading {url!r}, row group {row_group}: {e}") from e
 
 
 def _arrow_io_error(e: OSError) -> bool:
@@ -245,10 +230,11 @@ def _arrow_io_error(e: OSError) -> bool:
     return type(e) is OSError and e.errno is None
 
 
-def _fails_again(url: str, row_group: int, columns: list[str], message: str) -> bool:
+def _fails_again(url: str, row_group: int, columns: list[str], message: str,
+                 options: dict[str, Any] | None = None) -> bool:
     """Whether reading the whole row group again fails with the same plain `OSError` (only on the error
     path: it holds the row group's columns in memory)."""
-    fs, path = open_fs(url)
+    fs, path = open_fs(url, options)
     try:
         with fs.open(path, "rb") as fh:
             pq.ParquetFile(fh).read_row_group(row_group, columns=columns)

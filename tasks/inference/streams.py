@@ -5,10 +5,8 @@ on a CPU: a dynamic int8 linear layer finds its input's range and quantizes it o
 (fbgemm), and the many small ops (layer norms, GELU, softmax, bias adds) pay a fork and join on
 every call. Running as many batches at once as torch has threads, each batch on one thread, keeps
 every core busy through those parts: the "throughput streams" of OpenVINO, or the several instances
-of the PyTorch CPU performance guides, here inside one process and sharing one copy of the model.
-Measured on this project's 2-core machine (fine-tuned MiniLM SST-2 classifier, 800 mixed SST-2/IMDb
-rows, the same batches, four interleaved A/B rounds): fp32 1.04-1.24x, int8 1.23-1.36x faster than
-one stream of 2 threads.
+of the PyTorch CPU performance guides, here inside one process and sharing one copy of the model
+(what it gains: `benchmarks/RESULTS.md`).
 
 torch's intra-op thread count is one setting for the whole process (setting it from any thread
 changes it for all), so `Streams.map` sets it to 1 while any map runs and back to what it was when

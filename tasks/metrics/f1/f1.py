@@ -1,7 +1,7 @@
 """F1 per class, or averaged ("macro", "micro", "weighted"); average=None gives the per-class list."""
 import datasets
 import evaluate
-from tasks.metrics.scores import classification_score
+from hfbatch.tasks.metrics.scores import classification_score
 
 _FEATURES = datasets.Features({"predictions": datasets.Value("int64"), "references": datasets.Value("int64")})
 

@@ -1,8 +1,8 @@
 import json
 
 import pytest
-
-from tasks.store import MARKER, Store
+from hfbatch.tasks.settings import Settings
+from hfbatch.tasks.store import MARKER, Store
 
 
 def test_staging_commits_marker_last_and_failed_block_leaves_nothing(tmp_path):
@@ -41,9 +41,8 @@ def test_write_json_is_atomic_and_readable(tmp_path):
     assert [p.name for p in (tmp_path / "a").iterdir()] == ["b.json"]
 
 
-def test_s3_store_round_trip(s3, tmp_path, monkeypatch):
-    monkeypatch.setenv("HFBATCH_CACHE_DIR", str(tmp_path / "cache"))
-    store = Store("s3://hfbatch/store")
+def test_s3_store_round_trip(s3, tmp_path):
+    store = Store("s3://hfbatch/store", cache_dir=tmp_path / "cache")
     assert not store.is_local
     with store.staging("models/m/1", meta={"v": 1}) as tmp:
         (tmp / "weights.bin").write_bytes(b"\x00" * 1000)
@@ -69,7 +68,7 @@ def test_s3_settings_from_a_prefect_block(prefect_harness, s3, monkeypatch):
     import s3fs
 
     s3fs.S3FileSystem.clear_instance_cache()
-    store = Store("s3://hfbatch/via-block")
+    store = Store.open(Settings(), "s3://hfbatch/via-block")
     assert store.options["client_kwargs"] == {"endpoint_url": s3.endpoint}
     store.write_json("x/meta.json", {"ok": True})
     assert store.read_json("x/meta.json") == {"ok": True}  # reached moto: no AWS_* left to find it

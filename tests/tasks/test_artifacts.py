@@ -7,15 +7,14 @@ import re
 import uuid
 
 import pytest
+from hfbatch.tasks.artifacts import card_markdown, publish_training_artifacts
+from hfbatch.tasks.card import write_model_card
+from hfbatch.tasks.plots import loss_curve_png, loss_points
+from hfbatch.tasks.prefect_tasks import register_task
+from hfbatch.tasks.refs import EvalResult, TrainedModel
+from hfbatch.tasks.registry import Registry
+from hfbatch.tasks.store import Store
 from prefect import flow
-
-from tasks.card import write_model_card
-from tasks.evaluation import EvalResult
-from tasks.plots import loss_curve_png, loss_points
-from tasks.prefect_tasks import card_markdown, publish_training_artifacts, register_task
-from tasks.registry import Registry
-from tasks.store import Store
-from tasks.train import TrainedModel
 
 # `train_log.json` of the 5-step run in test_train.py (logging_steps=2): the Trainer's log_history
 LOG_HISTORY = [
@@ -63,7 +62,8 @@ def test_card_front_matter_becomes_a_code_block():
 def _trained(store: Store, run_key: str, log_history: list) -> TrainedModel:
     """A trained model committed to `store` as train() leaves it (weights aside): train_log.json + card."""
     trained = TrainedModel(
-        store=store.url, key=f"runs/{run_key}/model", run_key=run_key, base_model="sentence-transformers/all-MiniLM-L6-v2",
+        store=store.url, key=f"runs/{run_key}/model", run_key=run_key, task="text-classification",
+        base_model="sentence-transformers/all-MiniLM-L6-v2",
         base_revision=None, base_fingerprint="f" * 16, dataset_fingerprint="d" * 16, label_names=("negative", "positive"),
         config={"batch_size": 16, "epochs": 1.0, "learning_rate": 5e-05}, device="cpu", precision="fp32", global_step=5,
         resumed_from_step=0, train_samples=80, train_samples_per_second=3.348, train_loss=LOG_HISTORY[-1]["train_loss"])
@@ -76,7 +76,7 @@ def _trained(store: Store, run_key: str, log_history: list) -> TrainedModel:
 def _evaluated(store: Store) -> EvalResult:
     return EvalResult(store=store.url, key="evals/x", model="m", model_fingerprint="m" * 16,
                       dataset_fingerprint="e" * 16, num_rows=800, label_names=("negative", "positive"),
-                      metrics={"accuracy": 0.5, "f1": 0.4}, per_class={}, confusion_matrix=[[1, 1], [1, 1]])
+                      metrics={"accuracy": 0.5, "f1": 0.4})
 
 
 def _latest_artifacts(*keys: str) -> dict:
@@ -135,7 +135,7 @@ def test_register_task_publishes_dashboard_artifacts_for_a_short_run(prefect_har
 
     @flow(name="register-test")
     def register():
-        return register_task(trained, evaluated, store.url, name, "accuracy", 0.0, None)
+        return register_task(trained, evaluated, store, name, "accuracy", 0.0, None)
 
     reg = register()
     assert (reg.version, reg.promoted) == ("1", True)

@@ -1,18 +1,17 @@
 """Registry logic on small hand-made model directories (the files are copied, never loaded)."""
 import pytest
-
-from tasks.errors import ModelError
-from tasks.evaluation import EvalResult
-from tasks.registry import Registry
-from tasks.store import Store
-from tasks.train import TrainedModel
+from hfbatch.tasks.errors import ModelError
+from hfbatch.tasks.refs import EvalResult, TrainedModel
+from hfbatch.tasks.registry import Registry
+from hfbatch.tasks.store import Store
 
 
 def _trained(store: Store, run_key: str) -> TrainedModel:
     key = f"runs/{run_key}/model"
     with store.staging(key) as tmp:
         (tmp / "model.safetensors").write_bytes(run_key.encode())
-    return TrainedModel(store=store.url, key=key, run_key=run_key, base_model="base", base_revision=None,
+    return TrainedModel(store=store.url, key=key, run_key=run_key, task="text-classification", base_model="base",
+                        base_revision=None,
                         base_fingerprint="b" * 8, dataset_fingerprint="d" * 8, label_names=("neg", "pos"),
                         config={"epochs": 1}, device="cpu", precision="fp32", global_step=10,
                         resumed_from_step=0, train_samples=100, train_samples_per_second=1.0, train_loss=0.5)
@@ -20,8 +19,7 @@ def _trained(store: Store, run_key: str) -> TrainedModel:
 
 def _eval(accuracy: float, eval_set: str = "E1") -> EvalResult:
     return EvalResult(store="", key="evals/x", model="m", model_fingerprint="f", dataset_fingerprint=eval_set,
-                      num_rows=10, label_names=("neg", "pos"), metrics={"accuracy": accuracy, "f1": accuracy},
-                      per_class={}, confusion_matrix=[[0]])
+                      num_rows=10, label_names=("neg", "pos"), metrics={"accuracy": accuracy, "f1": accuracy})
 
 
 def test_champion_gate_margin_history_and_resolution(tmp_path):
@@ -62,7 +60,7 @@ def test_registering_the_same_run_twice_returns_its_version(tmp_path):
 
 
 def test_invalid_name_is_rejected(tmp_path):
-    from tasks.errors import ConfigError
+    from hfbatch.tasks.errors import ConfigError
 
     with pytest.raises(ConfigError, match="invalid model name"):
         Registry(Store(str(tmp_path)), "../etc")

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _train(args: list[str], env: dict) -> subprocess.Popen:
     # own session: the kill takes the CLI and the temporary Prefect server it started
-    return subprocess.Popen([sys.executable, "-m", "flows.cli", "train", *args], env=env, cwd=ROOT,
+    return subprocess.Popen([sys.executable, "-m", "hfbatch.flows.cli", "train", *args], env=env, cwd=ROOT,
                             start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -26,7 +26,7 @@ def _committed_steps(store: Path) -> list[int]:
 def test_killed_training_resumes_from_last_checkpoint(sst2_split, minilm, tmp_path):
     train, evald = sst2_split
     store = tmp_path / "store"
-    env = os.environ | {"PREFECT_HOME": str(tmp_path / "prefect"), "PYTHONPATH": str(ROOT)}
+    env = os.environ | {"PREFECT_HOME": str(tmp_path / "prefect")}
     # 1,280 rows in batches of 16: 80 steps, a checkpoint every 10
     args = ["--dataset", str(train), "--eval-dataset", str(evald), "--model", minilm, "--name", "resume",
             "--max-train-samples", "1280", "--batch-size", "16", "--max-length", "48", "--save-steps", "10",

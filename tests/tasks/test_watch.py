@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import pyarrow.parquet as pq
-
-from tasks import watch
-from tasks.store import Store
+from hfbatch.tasks import watch
+from hfbatch.tasks.store import Store
 
 
 def _write(data_dir, path, start: int, n: int) -> None:
@@ -29,7 +28,7 @@ def test_changes_reported_once_and_remembered_in_the_store(data_dir, tmp_path):
 
 
 def test_watch_data_flow_emits_only_for_new_content(prefect_harness, data_dir, tmp_path):
-    from flows.watch import watch_data
+    from hfbatch.flows.watch import watch_data
 
     prefix, store = tmp_path / "labelled", str(tmp_path / "store")
     prefix.mkdir()

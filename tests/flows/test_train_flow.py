@@ -5,9 +5,9 @@ import sys
 import time
 
 import pytest
+from hfbatch.flows.training import train_flow
 
-from flow_helpers import artifact_keys, task_states
-from flows.training import train_flow
+from tests.helpers import artifact_keys, task_states
 
 pytestmark = pytest.mark.slow
 
@@ -74,7 +74,7 @@ def test_changed_hyperparameter_reuses_ingest_and_tokenize_and_gate_applies(cold
 
 def test_cli_evaluate_resolves_champion_and_prints_json(cold_run, sst2_split):
     params, cold_state, _ = cold_run
-    out = subprocess.run([sys.executable, "-m", "flows.cli", "evaluate", "--model", "sst2", "--dataset",
+    out = subprocess.run([sys.executable, "-m", "hfbatch.flows.cli", "evaluate", "--model", "sst2", "--dataset",
                           str(sst2_split[1]), "--store", params["store"], "--max-length", "64", "--json"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -12,10 +12,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-from flows import inference
-from flows.cli import main
-from tasks.errors import ConfigError
+from hfbatch.flows import inference
+from hfbatch.flows.cli import main
+from prefect.exceptions import ParameterTypeError
 
 
 @pytest.fixture(scope="module")
@@ -103,13 +102,13 @@ def test_unknown_task_runner_is_a_config_error(prefect_harness, tmp_path, capsys
                  "--input", str(tmp_path / "never-read.parquet"), "--output", str(tmp_path / "out"),
                  "--task-runner", "ray"])
     assert code == 2
-    assert "task_runner must be one of ('threads', 'dask'), got 'ray'" in capsys.readouterr().err
+    assert "argument --task-runner: invalid choice: 'ray'" in capsys.readouterr().err
     code = main(["infer", "--model", str(tmp_path / "m"), "--task", "text-classification",
                  "--input", str(tmp_path / "never-read.parquet"), "--output", str(tmp_path / "out"),
                  "--dask-address", "tcp://127.0.0.1:8786"])
     assert code == 2
     assert "needs task_runner='dask'" in capsys.readouterr().err
-    with pytest.raises(ConfigError, match="task_runner must be one of"):
+    with pytest.raises(ParameterTypeError, match="task_runner: Input should be 'threads' or 'dask'"):
         inference.batch_inference(model=str(tmp_path / "m"), task="text-classification",
                                   input=str(tmp_path / "never-read.parquet"), output=str(tmp_path / "out"),
                                   task_runner="Dask")

@@ -4,11 +4,23 @@ from collections import Counter
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hfbatch.tasks import ingest as ingest_mod
+from hfbatch.tasks.errors import DataError
+from hfbatch.tasks.recipes import get_recipe
+from hfbatch.tasks.settings import Settings
+from hfbatch.tasks.sources import fingerprint, parse_source
+from hfbatch.tasks.store import Store
 
-from tasks.errors import DataError
-from tasks.ingest import holdout, ingest
-from tasks.sources import fingerprint, parse_source
-from tasks.store import Store
+TC = get_recipe("text-classification")
+
+
+def ingest(src: str, store: Store, label_names=None, **columns):
+    """Ingest for text classification with these columns."""
+    return ingest_mod.ingest(src, store, TC, TC.train_options(**columns), Settings(), label_names)
+
+
+def holdout(data, store, fraction, seed):
+    return ingest_mod.holdout(data, store, TC, fraction, seed)
 
 
 @pytest.fixture
@@ -22,7 +34,7 @@ def test_ingest_keeps_classlabel_names_and_is_keyed_by_content(sst2_small, tmp_p
     store = Store(str(tmp_path / "store"))
     ref = ingest(str(sst2_small), store)
     assert ref.num_rows == 500 and ref.label_names == ("negative", "positive")
-    ds = ref.load()
+    ds = store.load_dataset(ref.key)
     assert ds.column_names == ["text", "label"]
     assert ds.features["label"].names == ["negative", "positive"]
     original = pq.read_table(sst2_small)
@@ -47,7 +59,7 @@ def test_column_mapping_string_labels_csv_and_jsonl(tmp_path):
     for src in (csv, jsonl):
         ref = ingest(str(src), store, text_column="review", label_column="sentiment")
         assert ref.label_names == ("bad", "good", "meh")
-        ds = ref.load()
+        ds = store.load_dataset(ref.key)
         assert ds["label"] == [0, 1, 2] * 3 and ds["text"][0] == "text 0"
 
 
@@ -56,7 +68,7 @@ def test_eval_set_uses_training_label_ids_and_rejects_unknown_labels(tmp_path):
     path = tmp_path / "eval.parquet"
     pq.write_table(pa.table({"text": ["a", "b", "c"], "label": ["pos", "neg", "pos"]}), path)
     ref = ingest(str(path), store, label_names=("neg", "pos"))
-    assert ref.load()["label"] == [1, 0, 1]
+    assert store.load_dataset(ref.key)["label"] == [1, 0, 1]
     pq.write_table(pa.table({"text": ["a", "b", "c"], "label": ["pos", "neutral", "pos"]}), path)
     with pytest.raises(DataError, match=r"row 1: unknown label 'neutral' in column 'label'"):
         ingest(str(path), store, label_names=("neg", "pos"))
@@ -111,7 +123,8 @@ def test_holdout_is_deterministic_and_disjoint(sst2_small, tmp_path):
     assert (train.num_rows, evald.num_rows) == (400, 100)
     assert holdout(ref, store, 0.2, seed=1) == (train, evald)
     # a partition of the rows: together exactly the original multiset of texts
-    assert Counter(train.load()["text"]) + Counter(evald.load()["text"]) == Counter(ref.load()["text"])
+    texts = {part: store.load_dataset(r.key)["text"] for part, r in (("train", train), ("eval", evald), ("all", ref))}
+    assert Counter(texts["train"]) + Counter(texts["eval"]) == Counter(texts["all"])
 
 
 def test_s3_source_is_fingerprinted_by_etag_and_ingested(s3, sst2_small, tmp_path):
@@ -122,6 +135,6 @@ def test_s3_source_is_fingerprinted_by_etag_and_ingested(s3, sst2_small, tmp_pat
     store = Store(str(tmp_path / "store"))
     ref = ingest("s3://hfbatch/data/sst2.parquet", store)
     assert ref.num_rows == 500
-    assert ref.load()["text"][:3] == pq.read_table(sst2_small)["text"].to_pylist()[:3]
+    assert store.load_dataset(ref.key)["text"][:3] == pq.read_table(sst2_small)["text"].to_pylist()[:3]
     with pytest.raises(DataError, match="does not exist"):
         ingest("s3://hfbatch/data/nothing.parquet", store)

@@ -7,13 +7,12 @@ import shutil
 
 import pyarrow.parquet as pq
 import pytest
-
-from flows.cli import main
-from flows.status import collect_status, format_status
-from tasks.evaluation import EvalResult
-from tasks.registry import Registry
-from tasks.store import Store
-from tasks.train import TrainedModel
+from hfbatch.flows.cli import main
+from hfbatch.flows.status import collect_status, format_status
+from hfbatch.tasks.refs import EvalResult, TrainedModel
+from hfbatch.tasks.registry import Registry
+from hfbatch.tasks.settings import Settings
+from hfbatch.tasks.store import Store
 
 
 @pytest.fixture(scope="module")
@@ -37,22 +36,21 @@ def _register(store: Store, model_dir: str, run_key: str, accuracy: float, champ
     key = f"runs/{run_key}/model"
     with store.staging(key) as tmp:
         shutil.copytree(model_dir, tmp, dirs_exist_ok=True)
-    trained = TrainedModel(store=store.url, key=key, run_key=run_key, base_model="tiny", base_revision=None,
+    trained = TrainedModel(store=store.url, key=key, run_key=run_key, task="text-classification", base_model="tiny",
+                           base_revision=None,
                            base_fingerprint="b" * 8, dataset_fingerprint="d" * 8, label_names=("neg", "pos"),
                            config={"epochs": 1}, device="cpu", precision="fp32", global_step=10,
                            resumed_from_step=0, train_samples=100, train_samples_per_second=1.0, train_loss=0.5)
     evaluation = EvalResult(store=store.url, key=f"evals/{run_key}", model=key, model_fingerprint="f",
                             dataset_fingerprint="E1", num_rows=800, label_names=("neg", "pos"),
-                            metrics={"accuracy": accuracy, "f1": accuracy - 0.01}, per_class={},
-                            confusion_matrix=[[0]])
+                            metrics={"accuracy": accuracy, "f1": accuracy - 0.01})
     return Registry(store, "sst2").register(trained, evaluation, champion_score=champion_score)
 
 
 def test_status_shows_champion_trend_and_last_runs(prefect_harness, tiny_classifier, data_dir, tmp_path, capsys):
+    from hfbatch.flows.inference import batch_inference
     from prefect import get_client
     from prefect.states import Completed, Running
-
-    from flows.inference import batch_inference
 
     store = Store(str(tmp_path / "store"))
     assert [_register(store, tiny_classifier, f"r{i}", acc, champ).promoted
@@ -74,7 +72,7 @@ def test_status_shows_champion_trend_and_last_runs(prefect_harness, tiny_classif
         client.set_flow_run_state(scheduled.id, Running(), force=True)
         client.set_flow_run_state(scheduled.id, Completed(), force=True)
 
-    status = collect_status(store.url, limit=5)
+    status = collect_status(Settings(), store.url, limit=5)
     json.dumps(status)  # JSON-serialisable as it is
     assert status["store"] == store.url
     [model] = status["models"]
@@ -101,7 +99,7 @@ def test_status_shows_champion_trend_and_last_runs(prefect_harness, tiny_classif
     # this session's Prefect API may have some)
     assert str(scheduled.id) not in {r["id"] for r in groups.get(("train", None), [])}
 
-    latest = collect_status(store.url, limit=1)
+    latest = collect_status(Settings(), store.url, limit=1)
     assert [r["id"] for g in latest["flows"] if g["flow"] == "batch_inference" for r in g["runs"]] == [runs[1][0]]
 
     text = format_status(status)

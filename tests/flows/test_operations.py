@@ -24,7 +24,7 @@ import pytest
 from tests.conftest import MotoServer, free_port
 
 BIN = Path(sys.executable).parent
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _start(cmd: list[str], env: dict, log: Path) -> subprocess.Popen:
@@ -133,8 +133,7 @@ def loop(request, prefect_server, minilm, data_dir, tmp_path_factory):
 
 def _runs(env: dict, deployment: str, flow: str) -> list:
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (DeploymentFilter, DeploymentFilterName, FlowFilter,
-                                                FlowFilterName)
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowFilter, FlowFilterName
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}), get_client(sync_client=True) as client:
@@ -160,14 +159,14 @@ def test_two_trainings_of_one_name_never_overlap(prefect_harness):
     the first, whatever started them; another name does not wait."""
     import threading
 
-    from flows.training import one_training_per_name
+    from hfbatch.flows.training import one_training_per_name
 
     events = []
 
     def hold(name: str, tag: str) -> None:
         with one_training_per_name(name):
             events.append(("in", tag))
-            time.sleep(2)
+            time.sleep(5)  # long enough for the other name's slot to be taken meanwhile on a busy server
             events.append(("out", tag))
 
     threads = [threading.Thread(target=hold, args=("lock-a", tag)) for tag in ("first", "second")]

@@ -2,28 +2,32 @@
 import json
 
 import pytest
+from hfbatch.flows.params import validated
+from hfbatch.tasks.errors import ConfigError
+from hfbatch.tasks.ingest import ingest
+from hfbatch.tasks.models import resolve_model
+from hfbatch.tasks.plots import loss_curve_png, loss_points
+from hfbatch.tasks.recipes import get_recipe
+from hfbatch.tasks.settings import Settings
+from hfbatch.tasks.store import Store
+from hfbatch.tasks.tokenization import tokenize
+from hfbatch.tasks.train import TrainConfig, train
 
-from tasks.errors import ConfigError
-from tasks.ingest import ingest
-from tasks.models import resolve_model
-from tasks.plots import loss_curve_png, loss_points
-from tasks.store import Store
-from tasks.tokenization import tokenize
-from tasks.train import TrainConfig, train
+TC = get_recipe("text-classification")
 
 
 def test_checkpoints_at_save_steps_only_and_rerun_reuses_the_model(sst2_split, minilm, tmp_path):
-    store = Store(str(tmp_path / "store"))
-    model = resolve_model(minilm)
-    data = tokenize(ingest(str(sst2_split[1]), store), model, store, 32)
+    store, settings, options = Store(str(tmp_path / "store")), Settings(), TC.train_options()
+    model = resolve_model(minilm, settings)
+    data = tokenize(ingest(str(sst2_split[1]), store, TC, options, settings), model, store, TC, options, settings, 32)
     config = TrainConfig(max_train_samples=80, batch_size=16, save_steps=2)  # 5 steps
-    trained = train(data, model, store, config)
+    trained = train(data, model, store, TC, options, config, settings)
     assert (trained.global_step, trained.resumed_from_step, trained.train_samples) == (5, 0, 80)
     checkpoints = f"runs/{trained.run_key}/checkpoints"
     # saves at steps 2 and 4 (at most two kept); the Trainer's extra save after step 5 is skipped
     assert sorted(store.list(checkpoints)) == ["checkpoint-2", "checkpoint-4"]
     assert all(store.is_complete(f"{checkpoints}/{c}") for c in store.list(checkpoints))
-    assert train(data, model, store, config) == trained  # committed: not trained again
+    assert train(data, model, store, TC, options, config, settings) == trained  # committed: not trained again
     # the model's train_log.json (logged every 2 steps here) renders as the dashboard's loss curve
     log_history = json.loads((store.local_dir(trained.key) / "train_log.json").read_text())
     assert [step for step, _ in loss_points(log_history)] == [2, 4]
@@ -33,7 +37,7 @@ def test_checkpoints_at_save_steps_only_and_rerun_reuses_the_model(sst2_split, m
 
 
 def test_invalid_hyperparameters_are_named():
-    with pytest.raises(ConfigError, match="batch_size must be >= 1"):
-        TrainConfig(batch_size=0).validate()
-    with pytest.raises(ConfigError, match="epochs must be > 0"):
-        TrainConfig(epochs=0).validate()
+    with pytest.raises(ConfigError, match="batch_size: Input should be greater than or equal to 1"):
+        validated(TrainConfig, {"batch_size": 0})
+    with pytest.raises(ConfigError, match="epochs: Input should be greater than 0"):
+        validated(TrainConfig, {"epochs": 0})

@@ -1,7 +1,6 @@
 import evaluate
 import pytest
-
-from tasks.metrics import metric_path
+from hfbatch.tasks.metrics import metric_path
 
 
 def test_local_metrics_load_offline_and_combine():

@@ -1,9 +1,9 @@
 """The train flow with the whole store on S3 (a real S3 HTTP server, moto, on 127.0.0.1)."""
 import pytest
 import s3fs
+from hfbatch.flows.training import train_flow
 
-from flow_helpers import task_states
-from flows.training import train_flow
+from tests.helpers import task_states
 
 pytestmark = pytest.mark.slow
 

@@ -1,0 +1,43 @@
+"""Fill-mask: the top-k tokens for a row's single mask token (bulk inference only, through `pipeline`)."""
+from __future__ import annotations
+
+import pyarrow as pa
+from pydantic import Field
+
+from ..inference.predictor import PipelinePredictor
+from .base import Options, Recipe
+
+
+class FillMaskOptions(Options):
+    top_k: int = Field(5, ge=1, description="fill-mask: tokens to return per row")
+
+
+class FillMaskPredictor(PipelinePredictor):
+    """`predictions`: the top-k tokens for the (single) mask token, with scores and filled sequences."""
+
+    pipeline_task = "fill-mask"
+    squeezes_single_row = True
+
+    @classmethod
+    def output_schema(cls, options) -> pa.Schema:
+        item = pa.struct([("token", pa.int32()), ("token_str", pa.string()), ("score", pa.float32()),
+                          ("sequence", pa.string())])
+        return pa.schema([("predictions", pa.list_(item))])
+
+    def problem(self, row: dict[str, str]) -> str | None:
+        mask = self.pipe.tokenizer.mask_token
+        n = row["text"].count(mask)
+        return None if n == 1 else f"expected exactly one mask token {mask}, found {n}"
+
+    def _call_kwargs(self) -> dict:
+        return {"top_k": self.options.top_k}
+
+    def _rows(self, results: list) -> dict[str, list]:
+        return {"predictions": [[{k: p[k] for k in ("token", "token_str", "score", "sequence")} for p in r]
+                                for r in results]}
+
+
+class FillMask(Recipe):
+    task = "fill-mask"
+    predictor = FillMaskPredictor
+    infer_options = FillMaskOptions

@@ -1,0 +1,202 @@
+"""Text classification: a sequence classifier fine-tuned on (text, label) rows, scored with accuracy,
+precision, recall and F1 (macro and per class) and a confusion matrix, and run in bulk with the scores
+`pipeline("text-classification")` gives."""
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import Field
+
+from ..errors import DataError
+from ..inference.predictor import EncoderPredictor
+from ..metrics import compute
+from .base import Options, Recipe
+
+CLOSE_CALL_GAP = 0.2
+"""int8: rows whose two best scores are closer than this are scored again in fp32."""
+
+
+class Columns(Options):
+    text_column: str = Field("text", description="column of the input text")
+    label_column: str = Field("label", description="column of the class: names, ids, or a ClassLabel")
+
+
+class TextClassificationPredictor(EncoderPredictor):
+    """`label` and `score` of the top class, as `pipeline("text-classification")` returns them: scores
+    through softmax for single-label models, sigmoid for one label or multi-label ones, raw logits for
+    regression, computed in numpy float32 exactly as the pipeline's postprocess, so that labels are the
+    pipeline's and scores agree to float rounding."""
+
+    first_token_head = True
+    rescores_close_calls = True
+
+    def _load(self):
+        from transformers import AutoModelForSequenceClassification
+
+        return AutoModelForSequenceClassification.from_pretrained(self.model_ref.path, **self._load_kwargs())
+
+    @classmethod
+    def output_schema(cls, options) -> pa.Schema:
+        return pa.schema([("label", pa.string()), ("score", pa.float32())])
+
+    def _function(self) -> str:
+        """The pipeline's default `function_to_apply` for this model's config."""
+        config = self.model.config
+        if config.problem_type == "regression":
+            return "none"
+        if config.problem_type == "multi_label_classification" or config.num_labels == 1:
+            return "sigmoid"
+        if config.problem_type == "single_label_classification" or config.num_labels > 1:
+            return "softmax"
+        return getattr(config, "function_to_apply", None) or "none"
+
+    def _forward(self, model, batch: dict) -> np.ndarray:
+        return model(**batch).logits.float().cpu().numpy()
+
+    def _empty_output(self) -> np.ndarray:
+        return np.zeros((0, self.model.config.num_labels), dtype=np.float32)
+
+    def _scores(self, logits: np.ndarray) -> np.ndarray:
+        function = self._function()
+        if function == "sigmoid":
+            return 1.0 / (1.0 + np.exp(-logits))
+        if function == "softmax":
+            shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+            return shifted / shifted.sum(axis=-1, keepdims=True)
+        return logits
+
+    def close_calls(self, logits: np.ndarray) -> np.ndarray:
+        """Rows whose two best scores are less than `CLOSE_CALL_GAP` apart: the rows whose label int8's
+        rounding may have changed (how many, and how many labels that saves: `benchmarks/RESULTS.md`)."""
+        if logits.shape[-1] < 2:
+            return np.zeros(0, dtype=np.int64)
+        top2 = np.sort(self._scores(logits), axis=-1)[:, -2:]
+        return np.flatnonzero(top2[:, 1] - top2[:, 0] < CLOSE_CALL_GAP)
+
+    def _table(self, logits: np.ndarray) -> pa.Table:
+        scores = self._scores(logits)
+        id2label = self.model.config.id2label
+        labels = [id2label[int(i)] for i in scores.argmax(axis=-1)]
+        return pa.table({"label": pa.array(labels, pa.string()),
+                         "score": pa.array(scores.max(axis=-1) if len(scores) else [], pa.float32())},
+                        schema=self.schema)
+
+
+class TextClassification(Recipe):
+    task = "text-classification"
+    aliases = ("sentiment-analysis",)
+    predictor = TextClassificationPredictor
+    train_options = Columns
+    model_class = "AutoModelForSequenceClassification"
+    metrics: ClassVar[tuple[str, ...]] = ("accuracy", "precision", "recall", "f1")
+    stratify_by = "label"
+
+    def prepare(self, dataset, src: str, options: Columns, label_names):
+        """`text` (string) and `label` (a `ClassLabel`): label names from `label_names` (an eval set
+        takes its training set's), else the source's `ClassLabel` names, else its sorted distinct values."""
+        import datasets
+
+        table, names = self._labelled(dataset.data.table, dataset.features, src, options, label_names)
+        features = datasets.Features({"text": datasets.Value("string"),
+                                      "label": datasets.ClassLabel(names=list(names))})
+        return datasets.Dataset(table.replace_schema_metadata(None)).cast(features), names
+
+    @staticmethod
+    def _labelled(table: pa.Table, features, src: str, options: Columns, label_names):
+        text_column, label_column = options.text_column, options.label_column
+        if table.num_rows == 0:
+            raise DataError(f"data source {src!r} is empty (0 rows)")
+        for col, flag in ((text_column, "--text-column"), (label_column, "--label-column")):
+            if col not in table.column_names:
+                raise DataError(f"data source {src!r} has no column {col!r} ({flag}); "
+                                f"its columns are {table.column_names}")
+        text = table[text_column]
+        if not pa.types.is_string(text.type) and not pa.types.is_large_string(text.type):
+            raise DataError(f"column {text_column!r} of {src!r} is {text.type}, not text")
+        first_bad_row(pc.is_null(text), src, text_column, "is null")
+        first_bad_row(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(text)), 0), src, text_column, "is empty")
+
+        labels = table[label_column]
+        first_bad_row(pc.is_null(labels), src, label_column, "is null")
+        source_names = getattr(features.get(label_column), "names", None) if features is not None else None
+        if source_names is not None:  # ClassLabel ids → their names
+            labels = pc.take(pa.array(source_names), labels)
+        elif pa.types.is_integer(labels.type) or pa.types.is_boolean(labels.type) \
+                or pa.types.is_large_string(labels.type):
+            labels = pc.cast(labels, pa.string())
+        elif not pa.types.is_string(labels.type):
+            raise DataError(f"column {label_column!r} of {src!r} is {labels.type}; labels must be names or ids")
+        if label_names is None:
+            distinct = pc.unique(labels).to_pylist()
+            if source_names is not None:
+                label_names = tuple(source_names)
+            elif all(v.lstrip("-").isdigit() for v in distinct):
+                label_names = tuple(str(v) for v in sorted(int(v) for v in distinct))
+            else:
+                label_names = tuple(sorted(distinct))
+        ids = pc.index_in(labels, value_set=pa.array(list(label_names)))
+        bad = pc.is_null(ids)
+        if pc.any(bad).as_py():
+            row = int(np.flatnonzero(bad.to_numpy(zero_copy_only=False))[0])
+            raise DataError(f"{src!r} row {row}: unknown label {labels[row].as_py()!r} in column "
+                            f"{label_column!r} (known labels: {list(label_names)})")
+        out = pa.table({"text": pc.cast(text, pa.string()), "label": pc.cast(ids, pa.int64())})
+        return out, tuple(label_names)
+
+    def tokenize(self, dataset, tokenizer, options: Columns, max_length: int, split: str):
+        return dataset.map(lambda batch: tokenizer(batch["text"], truncation=True, max_length=max_length),
+                           batched=True, batch_size=1000, remove_columns=["text"], desc="tokenize")
+
+    def model_kwargs(self, label_names):
+        return dict(num_labels=len(label_names), id2label=dict(enumerate(label_names)),
+                    label2id={n: i for i, n in enumerate(label_names)}, ignore_mismatched_sizes=True)
+
+    def score(self, predictions, features, examples, label_names, model_config, metrics, options):
+        to_data_id = _label_mapping(model_config.id2label, label_names, model_config.name_or_path)
+        predicted = to_data_id[np.asarray(predictions).argmax(-1)]
+        references = np.asarray(features["label"])
+        labels = list(range(len(label_names)))
+        scores = compute(metrics, predicted, references, average="macro", labels=labels)
+        per_class = {m: dict(zip(label_names, compute((m,), predicted, references, average=None, labels=labels)[m]))
+                     for m in metrics if m != "accuracy"}
+        per_class["support"] = dict(zip(label_names, np.bincount(references, minlength=len(labels)).tolist()))
+        matrix = compute(("confusion_matrix",), predicted, references, labels=labels)["confusion_matrix"]
+        return scores, {"per_class": per_class, "confusion_matrix": {"labels": list(label_names), "matrix": matrix}}
+
+    def detail_artifacts(self, details, label_names):
+        per_class = details["per_class"]
+        table = [{"label": name, **{m: round(v[name], 4) for m, v in per_class.items() if m != "support"},
+                  "support": per_class["support"][name]} for name in label_names]
+        names, matrix = details["confusion_matrix"]["labels"], details["confusion_matrix"]["matrix"]
+        head = "| reference \\ predicted | " + " | ".join(names) + " |\n|" + " --- |" * (len(names) + 1)
+        rows = [f"| **{n}** | " + " | ".join(str(v) for v in row) + " |" for n, row in zip(names, matrix)]
+        return {"per-class": ("table", table),
+                "confusion-matrix": ("markdown", "# Confusion matrix\n\n" + "\n".join([head, *rows]))}
+
+    def card_text(self, label_names):
+        labels = ", ".join(f"`{n}`" for n in label_names)
+        return {"summary": "A sequence classifier",
+                "intended_use": f"Classifying short English texts into {labels}, in the domain of the training data.",
+                "limitations": ("Accuracy outside the training data's domain, language and text length is unknown.",
+                                "Inputs longer than the training `max_length` are truncated.")}
+
+
+def first_bad_row(mask, src: str, column: str, what: str) -> None:
+    """Raise a `DataError` naming the first row where `mask` is true."""
+    if pc.any(mask).as_py():
+        row = int(np.flatnonzero(mask.to_numpy(zero_copy_only=False))[0])
+        raise DataError(f"{src!r} row {row}: column {column!r} {what}")
+
+
+def _label_mapping(id2label: dict, label_names: tuple[str, ...], source: str) -> np.ndarray:
+    """Model class id → eval-set label id, matched by name; fails if a class name is unknown."""
+    index = {n: i for i, n in enumerate(label_names)}
+    model_names = [id2label[i] for i in range(len(id2label))]
+    missing = [n for n in model_names if n not in index]
+    if missing:
+        raise DataError(f"model {source!r} predicts labels {missing} that the eval set does not have "
+                        f"(eval labels: {list(label_names)})")
+    return np.array([index[n] for n in model_names])

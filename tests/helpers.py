@@ -1,0 +1,88 @@
+"""Helpers the tests share: plain-function entry points with the test settings, tiny local models, and
+what a flow run did, read back from the Prefect API."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+from hfbatch.tasks.inference import runner
+from hfbatch.tasks.inference.predictor import get_predictor
+from hfbatch.tasks.models import resolve_model as resolve
+from hfbatch.tasks.recipes import get_recipe
+from hfbatch.tasks.settings import Settings
+from prefect import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+SETTINGS = Settings()  # conftest.py keeps hfbatch on the CPU (HFBATCH_DEVICE=cpu)
+NER_LABELS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC"]
+
+
+def resolve_model(src: str):
+    return resolve(src, SETTINGS)
+
+
+def run_local(task: str, model, input: str, output: str, **kwargs) -> dict:
+    return runner.run_local(task, model, input, output, SETTINGS, **kwargs)
+
+
+def predictor(task: str, model, precision: str = "auto", **options):
+    """The predictor `batch_inference` uses for `task`, with these options."""
+    recipe = get_recipe(task)
+    return get_predictor(recipe.predictor, model, recipe.infer_options(**options), SETTINGS, precision)
+
+
+def texts_of(path) -> list[str]:
+    return pq.read_table(path).column("text").to_pylist()
+
+
+def tiny(minilm, path: Path, cls_name: str, **config) -> str:
+    import torch
+    import transformers
+    from transformers import AutoTokenizer, BertConfig
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, **config)
+    getattr(transformers, cls_name)(cfg).save_pretrained(path)
+    AutoTokenizer.from_pretrained(minilm).save_pretrained(path)
+    return str(path)
+
+
+def tiny_qa(minilm, path: Path) -> str:
+    """A tiny random BertForQuestionAnswering whose weights come from numpy's seeded generator (not from
+    torch's or transformers' initialisation), so they are the same bytes under any library version,
+    with a large-variance span head: peaked start/end logits, answers far from ties."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForQuestionAnswering
+
+    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64)
+    model = BertForQuestionAnswering(cfg)
+    rng = np.random.default_rng(0)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            if "LayerNorm" in name:
+                values = (name.endswith("weight") + rng.normal(0, 0.05, param.shape))
+            else:
+                values = rng.normal(0, 1.0 if name.startswith("qa_outputs") else 0.1, param.shape)
+            param.copy_(torch.from_numpy(values.astype(np.float32)))
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(minilm).save_pretrained(path)
+    return str(path)
+
+
+
+def task_states(flow_run_id) -> dict[str, list[str]]:
+    """{task name: [state name of each of its runs]} for one flow run, e.g. {"ingest": ["Cached"]}."""
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    states: dict[str, list[str]] = {}
+    for run in runs:
+        states.setdefault(run.name.rsplit("-", 1)[0], []).append(run.state.name)
+    return states
+
+
+def artifact_keys() -> set[str]:
+    with get_client(sync_client=True) as client:
+        return {a.key for a in client.read_artifacts() if a.key}
