@@ -22,6 +22,8 @@ from hfbatch.tasks.settings import Device
 Task = Literal[task_names()]
 TrainTask = Literal[task_names(trainable=True)]
 STORE = Field(None, description="artifact store URL (default: $HFBATCH_STORE or ./hfbatch-store)")
+METRIC_MODULE = Field(None, description="a metric of your own: a Python file with compute(predictions, references), "
+                      "or a local evaluate module; computed, published and usable in the gate")
 DEVICE = Field(None, description="auto: CUDA when torch sees a GPU, else CPU; cpu; cuda: fail without a GPU "
                                  "(default: $HFBATCH_DEVICE or auto)")
 
@@ -41,6 +43,7 @@ class TrainParams(Params):
     eval_fraction: float = Field(0.1, gt=0, lt=1, description="fraction of dataset held out without eval_dataset")
     max_length: int | None = Field(None, ge=8, description="truncate inputs to N tokens (default: the task's)")
     metric: str | None = Field(None, description="metric of the champion gate (default: the task's)")
+    metric_module: str | None = METRIC_MODULE
     promotion_margin: float = Field(0.0, ge=0, description="a challenger must beat the champion by more than this")
     store: str | None = STORE
     device: Device | None = DEVICE
@@ -54,6 +57,7 @@ class EvalParams(Params):
     task: TrainTask | None = Field(None, description="the ML task (default: the registered model's, "
                                                      "else text-classification)")
     metrics: tuple[str, ...] | None = Field(None, description="metrics to compute (default: all of the task's)")
+    metric_module: str | None = METRIC_MODULE
     max_length: int | None = Field(None, ge=8, description="truncate inputs to N tokens (default: the task's)")
     store: str | None = STORE
     device: Device | None = DEVICE

@@ -43,10 +43,10 @@ class _Run:
                                    max_length, split)
 
     def evaluate(self, model: ModelRef, examples: DatasetRef, max_length: int, metrics: tuple[str, ...],
-                 artifact_key: str | None = None):
+                 metric_module: str | None = None, artifact_key: str | None = None):
         features = self.tokenize(examples, model, max_length, "eval")
         return self.tasks.evaluate(model, examples, features, self.store, self.recipe.task, self.options,
-                                   self.settings, metrics, artifact_key)
+                                   self.settings, metrics, metric_module, artifact_key)
 
 
 @flow(name="train")
@@ -63,7 +63,8 @@ def train_flow(**values) -> dict:
     recipe = get_recipe(p.task)
     run = _Run(recipe, values, Settings().with_overrides(store=p.store, device=p.device))
     metric = p.metric or recipe.default_metric
-    recipe.check_metrics((metric,))
+    if not p.metric_module:  # a module's metric names are known once it has run
+        recipe.check_metrics((metric,))
     max_length = p.max_length or recipe.max_length
     Registry(run.store, p.name)  # validates the name before any work
     with one_training_per_name(p.name):
@@ -76,8 +77,9 @@ def train_flow(**values) -> dict:
         tokens = run.tokenize(data, base, max_length, "train")
         trained = run.tasks.train(tokens, base, run.store, recipe.task, run.options, config, run.settings)
         model = trained_model(trained, run.store, run.settings)
-        evaluated = run.evaluate(model, eval_data, max_length, recipe.metrics, f"{p.name}-eval")
-        champion_score = _champion_score(run, p.name, trained.run_key, eval_data, metric, max_length)
+        evaluated = run.evaluate(model, eval_data, max_length, recipe.metrics, p.metric_module, f"{p.name}-eval")
+        champion_score = _champion_score(run, p.name, trained.run_key, eval_data, metric, max_length,
+                                         p.metric_module)
         registration = run.tasks.register(trained, evaluated, run.store, p.name, metric, p.promotion_margin,
                                           champion_score)
     logger.info("%s v%s: %s=%.4f, champion v%s (%s)", p.name, registration.version, metric,
@@ -114,7 +116,7 @@ def one_training_per_name(name: str) -> Iterator[None]:
 
 
 def _champion_score(run: _Run, name: str, run_key: str, eval_data: DatasetRef, metric: str,
-                    max_length: int) -> float | None:
+                    max_length: int, metric_module: str | None) -> float | None:
     """The champion's `metric` on this eval set: from the registry if it was measured on it, else
     by evaluating the champion now (cached like any evaluation)."""
     champion = Registry(run.store, name).champion()
@@ -123,7 +125,7 @@ def _champion_score(run: _Run, name: str, run_key: str, eval_data: DatasetRef, m
     if champion["eval_dataset"] == eval_data.fingerprint and metric in champion["metrics"]:
         return champion["metrics"][metric]
     champion_model = resolve_model(f"{name}@{champion['version']}", run.settings, run.store)
-    return run.evaluate(champion_model, eval_data, max_length, run.recipe.metrics).metrics[metric]
+    return run.evaluate(champion_model, eval_data, max_length, run.recipe.metrics, metric_module).metrics[metric]
 
 
 @flow(name="evaluate")
@@ -138,6 +140,7 @@ def evaluate_flow(**values) -> dict:
     metrics = tuple(p.metrics or recipe.metrics)
     recipe.check_metrics(metrics)
     data = run.ingest(p.dataset, label_names(ref) or None)
-    result = run.evaluate(ref, data, p.max_length or recipe.max_length, metrics, f"{ref.name or 'model'}-eval")
+    result = run.evaluate(ref, data, p.max_length or recipe.max_length, metrics, p.metric_module,
+                          f"{ref.name or 'model'}-eval")
     return {"model": p.model, "task": recipe.task, "version": ref.version, "dataset": p.dataset,
             "num_rows": result.num_rows, "metrics": result.metrics, **result.details, "uri": result.uri}

@@ -6,7 +6,8 @@ import tempfile
 from pathlib import Path
 
 from .fingerprint import digest
-from .models import load_model, load_tokenizer, pick_device
+from .metrics import compute_custom, module_fingerprint
+from .models import load_tokenizer, pick_device
 from .recipes import Options, Recipe
 from .refs import DatasetRef, EvalResult, ModelRef
 from .settings import Settings
@@ -15,36 +16,43 @@ from .store import Store
 EVAL_VERSION = 2
 
 
-def eval_key(model: ModelRef, features: DatasetRef, task: str, options: Options, metrics: tuple[str, ...]) -> str:
+def eval_key(model: ModelRef, features: DatasetRef, task: str, options: Options, metrics: tuple[str, ...],
+             metric_module: str | None = None) -> str:
+    custom = module_fingerprint(metric_module) if metric_module else None
     return "evals/" + digest("eval", EVAL_VERSION, model.fingerprint, features.fingerprint, task,
-                             options.model_dump(), list(metrics))
+                             options.model_dump(), list(metrics), custom)
 
 
 def evaluate_model(model: ModelRef, examples: DatasetRef, features: DatasetRef, store: Store, recipe: Recipe,
                    options: Options, settings: Settings, metrics: tuple[str, ...] | None = None,
-                   batch_size: int = 64) -> EvalResult:
-    """Predict the tokenized `features` of the eval set `examples` with `model` and compute `metrics`
-    (default: all of the recipe's) with its `score`; the details go to the store as JSON files."""
+                   metric_module: str | None = None, batch_size: int = 64) -> EvalResult:
+    """Predict the tokenized `features` of the eval set `examples` with `model`, post-process the
+    predictions as the recipe says and compute `metrics` (default: all of the recipe's) and those of
+    a user's `metric_module`; the details go to the store as JSON files."""
     from transformers import AutoConfig
 
     metrics = tuple(metrics or recipe.metrics)
     recipe.check_metrics(metrics)
-    key = eval_key(model, features, recipe.task, options, metrics)
+    key = eval_key(model, features, recipe.task, options, metrics, metric_module)
 
     def produce(tmp: Path) -> EvalResult:
-        net = load_model(model, recipe.model_class, settings)
+        net = recipe.trained_model(model, settings)
         tokenizer = load_tokenizer(model, settings)
         ds = store.load_dataset(features.key)
         device, precision = pick_device(settings.device)
         with tempfile.TemporaryDirectory() as scratch:
             args = recipe.training_arguments(
-                output_dir=scratch, per_device_eval_batch_size=batch_size, report_to=[], use_cpu=device == "cpu",
+                options, output_dir=scratch, per_device_eval_batch_size=batch_size, report_to=[], use_cpu=device == "cpu",
                 bf16_full_eval=precision == "bf16", fp16_full_eval=precision == "fp16", disable_tqdm=True)
             trainer = recipe.trainer(model=net, args=args, processing_class=tokenizer,
                                      data_collator=recipe.collator(tokenizer, net))
             predictions = trainer.predict(ds).predictions
-        scores, details = recipe.score(predictions, ds, store.load_dataset(examples.key), examples.label_names,
-                                       AutoConfig.from_pretrained(model.path), metrics, options)
+        predicted, references = recipe.postprocess(predictions, ds, store.load_dataset(examples.key), tokenizer,
+                                                   AutoConfig.from_pretrained(model.path), examples.label_names,
+                                                   options)
+        scores, details = recipe.compute_metrics(predicted, references, examples.label_names, metrics)
+        if metric_module:
+            scores |= compute_custom(metric_module, predicted, references)
         (tmp / "metrics.json").write_text(json.dumps(scores, indent=2))
         for name, value in details.items():
             (tmp / f"{name}.json").write_text(json.dumps(value, indent=2))

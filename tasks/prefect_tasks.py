@@ -85,10 +85,11 @@ def train_task(data: DatasetRef, model: ModelRef, store: Store, task: str, optio
 
 @task(name="evaluate", cache_key_fn=content_key(evaluation.eval_key), **CACHED, **RETRIES)
 def evaluate_task(model: ModelRef, examples: DatasetRef, features: DatasetRef, store: Store, task: str,
-                  options: Options, settings: Settings, metrics: tuple[str, ...],
+                  options: Options, settings: Settings, metrics: tuple[str, ...], metric_module: str | None = None,
                   artifact_key: str | None = None) -> EvalResult:
     recipe = get_recipe(task)
-    result = evaluation.evaluate_model(model, examples, features, store, recipe, options, settings, metrics)
+    result = evaluation.evaluate_model(model, examples, features, store, recipe, options, settings, metrics,
+                                       metric_module)
     if artifact_key:
         artifacts.publish_eval_artifacts(result, recipe, artifact_key)
     return result

@@ -13,7 +13,7 @@ from transformers import TrainerCallback
 
 from .card import write_model_card
 from .fingerprint import digest
-from .models import load_model, load_tokenizer, pick_device
+from .models import load_tokenizer, pick_device
 from .recipes import Options, Recipe
 from .refs import DatasetRef, ModelRef, TrainedModel
 from .settings import Settings
@@ -66,9 +66,9 @@ def train(data: DatasetRef, model: ModelRef, store: Store, recipe: Recipe, optio
     device, precision = pick_device(settings.device)
     set_seed(config.seed)
     tokenizer = load_tokenizer(model, settings)
-    net = load_model(model, recipe.model_class, settings, **recipe.model_kwargs(data.label_names))
+    net = recipe.model_for_training(model, data.label_names, settings)
     args = recipe.training_arguments(
-        output_dir=str(output_dir), num_train_epochs=config.epochs, per_device_train_batch_size=config.batch_size,
+        options, output_dir=str(output_dir), num_train_epochs=config.epochs, per_device_train_batch_size=config.batch_size,
         learning_rate=config.learning_rate, weight_decay=config.weight_decay,
         warmup_steps=config.warmup_ratio,  # transformers 5: warmup_steps below 1 is a fraction of the steps
         seed=config.seed, data_seed=config.seed, save_strategy="steps", save_steps=config.save_steps,

@@ -1,7 +1,11 @@
 """Local `evaluate` metric modules, loaded by path so evaluation never needs the Hugging Face Hub."""
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
+
+from ..errors import ConfigError
+from ..fingerprint import hash_files
 
 METRICS_DIR = Path(__file__).parent
 
@@ -27,3 +31,32 @@ def compute(names: tuple[str, ...], predictions, references, **kwargs) -> dict:
     modules = [evaluate.load(metric_path(n)) for n in names]
     combined = modules[0] if len(modules) == 1 else evaluate.combine(modules)
     return combined.compute(predictions=predictions, references=references, **kwargs)
+
+
+def module_fingerprint(path: str) -> str:
+    """Content fingerprint of a custom metric module (a file, or a folder's Python files)."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ConfigError(f"metric module {path!r} does not exist")
+    return hash_files(sorted(p.rglob("*.py")) if p.is_dir() else [p])
+
+
+def compute_custom(path: str, predictions: list, references: list) -> dict[str, float]:
+    """The figures of a user's metric module: a Python file with a `compute(predictions, references)`
+    function, or a local `evaluate` module (a script defining an `evaluate.Metric`, or its folder).
+    It gets the task's post-processed predictions and references (`Recipe.postprocess`)."""
+    import evaluate
+
+    p = Path(path).expanduser()
+    module_fingerprint(path)
+    compute_fn = None
+    if p.suffix == ".py":
+        spec = importlib.util.spec_from_file_location(f"hfbatch_metric_{p.stem}", p)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        compute_fn = getattr(module, "compute", None)
+    result = (compute_fn(predictions=predictions, references=references) if callable(compute_fn)
+              else evaluate.load(str(p)).compute(predictions=predictions, references=references))
+    if not isinstance(result, dict) or not all(isinstance(v, (int, float)) for v in result.values()):
+        raise ConfigError(f"metric module {path!r} must return a mapping of names to numbers, got {result!r}")
+    return {k: float(v) for k, v in result.items()}

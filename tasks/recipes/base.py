@@ -12,10 +12,15 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..inference.predictor import Predictor
+from ..models import load_model
+from ..refs import ModelRef
+from ..settings import Settings
 
 
 class Options(BaseModel):
@@ -47,6 +52,9 @@ class Recipe:
     train_options: ClassVar[type[Options] | None] = None
     model_class: ClassVar[str] = ""
     """The `transformers` auto class that loads the model, e.g. `AutoModelForSequenceClassification`."""
+    heads: ClassVar[tuple[str, ...]] = ()
+    """Endings of the architectures (`config.architectures`) that have this task's head, e.g.
+    `ForSequenceClassification`: a checkpoint without one would predict from a random head."""
     metrics: ClassVar[tuple[str, ...]] = ()
     """The metrics evaluation computes, the first one the champion gate's default."""
     max_length: ClassVar[int] = 128
@@ -86,14 +94,22 @@ class Recipe:
         """`from_pretrained` arguments of the model to fine-tune (a head of the right size)."""
         return {}
 
+    def model_for_training(self, model: ModelRef, label_names: tuple[str, ...], settings: Settings):
+        """The model to fine-tune, from a base checkpoint or one with this task's head."""
+        return load_model(model, self.model_class, settings, **self.model_kwargs(label_names))
+
+    def trained_model(self, model: ModelRef, settings: Settings):
+        """A fine-tuned model of this task, to evaluate."""
+        return load_model(model, self.model_class, settings)
+
     def trainer(self, **kwargs):
         """The `Trainer` (or subclass) this task trains and evaluates with."""
         from transformers import Trainer
 
         return Trainer(**kwargs)
 
-    def training_arguments(self, **kwargs):
-        """The `TrainingArguments` (or subclass) for `kwargs`, plus this task's own."""
+    def training_arguments(self, options: Options, **kwargs):
+        """The `TrainingArguments` (or subclass) for `kwargs`, plus this task's own from `options`."""
         from transformers import TrainingArguments
 
         return TrainingArguments(**kwargs)
@@ -104,10 +120,16 @@ class Recipe:
         if unknown:
             raise ConfigError(f"unknown metric(s) {unknown} for {self.task}; available: {list(self.metrics)}")
 
-    def score(self, predictions: np.ndarray, features, examples, label_names: tuple[str, ...], model_config,
-              metrics: tuple[str, ...], options: Options) -> tuple[dict, dict]:
-        """`(metrics, details)` of a model's raw `predictions` (`Trainer.predict`) on the tokenized
-        `features` of the prepared `examples`: the headline figures, and the task's detail tables."""
+    def postprocess(self, predictions: np.ndarray, features, examples, tokenizer, model_config,
+                    label_names: tuple[str, ...], options: Options) -> tuple[list, list]:
+        """`(predictions, references)` in the form the task's metrics take them, from a model's raw
+        `predictions` (`Trainer.predict`) on the tokenized `features` of the prepared `examples` (label
+        ids, tag sequences, answer texts, decoded strings). A `--metric-module` gets these too."""
+        raise NotImplementedError
+
+    def compute_metrics(self, predictions: list, references: list, label_names: tuple[str, ...],
+                        metrics: tuple[str, ...]) -> tuple[dict, dict]:
+        """`(metrics, details)`: the headline figures named `metrics`, and the task's detail tables."""
         raise NotImplementedError
 
     def detail_artifacts(self, details: dict, label_names: tuple[str, ...]) -> dict[str, tuple[str, Any]]:
@@ -117,3 +139,20 @@ class Recipe:
     def card_text(self, label_names: tuple[str, ...]) -> dict:
         """The model card's words: `summary`, `intended_use` and `limitations`."""
         return {}
+
+
+def require_columns(table: pa.Table, src: str, options: Options) -> None:
+    """A `DataError` naming the source, the missing column and its option, or for an empty source."""
+    if table.num_rows == 0:
+        raise DataError(f"data source {src!r} is empty (0 rows)")
+    for field, column in options.columns().items():
+        if column not in table.column_names:
+            raise DataError(f"data source {src!r} has no column {column!r} (--{field.replace('_', '-')}); "
+                            f"its columns are {table.column_names}")
+
+
+def first_bad_row(mask, src: str, column: str, what: str) -> None:
+    """A `DataError` naming the first row where `mask` is true."""
+    if pc.any(mask).as_py():
+        row = int(np.flatnonzero(mask.to_numpy(zero_copy_only=False))[0])
+        raise DataError(f"{src!r} row {row}: column {column!r} {what}")

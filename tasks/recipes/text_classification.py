@@ -13,7 +13,7 @@ from pydantic import Field
 from ..errors import DataError
 from ..inference.predictor import EncoderPredictor
 from ..metrics import compute
-from .base import Options, Recipe
+from .base import Options, Recipe, first_bad_row, require_columns
 
 CLOSE_CALL_GAP = 0.2
 """int8: rows whose two best scores are closer than this are scored again in fp32."""
@@ -91,6 +91,7 @@ class TextClassification(Recipe):
     predictor = TextClassificationPredictor
     train_options = Columns
     model_class = "AutoModelForSequenceClassification"
+    heads = ("ForSequenceClassification",)
     metrics: ClassVar[tuple[str, ...]] = ("accuracy", "precision", "recall", "f1")
     stratify_by = "label"
 
@@ -107,12 +108,7 @@ class TextClassification(Recipe):
     @staticmethod
     def _labelled(table: pa.Table, features, src: str, options: Columns, label_names):
         text_column, label_column = options.text_column, options.label_column
-        if table.num_rows == 0:
-            raise DataError(f"data source {src!r} is empty (0 rows)")
-        for col, flag in ((text_column, "--text-column"), (label_column, "--label-column")):
-            if col not in table.column_names:
-                raise DataError(f"data source {src!r} has no column {col!r} ({flag}); "
-                                f"its columns are {table.column_names}")
+        require_columns(table, src, options)
         text = table[text_column]
         if not pa.types.is_string(text.type) and not pa.types.is_large_string(text.type):
             raise DataError(f"column {text_column!r} of {src!r} is {text.type}, not text")
@@ -154,10 +150,13 @@ class TextClassification(Recipe):
         return dict(num_labels=len(label_names), id2label=dict(enumerate(label_names)),
                     label2id={n: i for i, n in enumerate(label_names)}, ignore_mismatched_sizes=True)
 
-    def score(self, predictions, features, examples, label_names, model_config, metrics, options):
+    def postprocess(self, predictions, features, examples, tokenizer, model_config, label_names, options):
+        """Class ids of the eval set's labels (the model's classes matched by name)."""
         to_data_id = _label_mapping(model_config.id2label, label_names, model_config.name_or_path)
-        predicted = to_data_id[np.asarray(predictions).argmax(-1)]
-        references = np.asarray(features["label"])
+        return to_data_id[np.asarray(predictions).argmax(-1)].tolist(), list(features["label"])
+
+    def compute_metrics(self, predictions, references, label_names, metrics):
+        predicted, references = np.asarray(predictions), np.asarray(references)
         labels = list(range(len(label_names)))
         scores = compute(metrics, predicted, references, average="macro", labels=labels)
         per_class = {m: dict(zip(label_names, compute((m,), predicted, references, average=None, labels=labels)[m]))
@@ -182,13 +181,6 @@ class TextClassification(Recipe):
                 "intended_use": f"Classifying short English texts into {labels}, in the domain of the training data.",
                 "limitations": ("Accuracy outside the training data's domain, language and text length is unknown.",
                                 "Inputs longer than the training `max_length` are truncated.")}
-
-
-def first_bad_row(mask, src: str, column: str, what: str) -> None:
-    """Raise a `DataError` naming the first row where `mask` is true."""
-    if pc.any(mask).as_py():
-        row = int(np.flatnonzero(mask.to_numpy(zero_copy_only=False))[0])
-        raise DataError(f"{src!r} row {row}: column {column!r} {what}")
 
 
 def _label_mapping(id2label: dict, label_names: tuple[str, ...], source: str) -> np.ndarray:
