@@ -14,7 +14,7 @@ from transformers import TrainerCallback
 from .card import write_model_card
 from .fingerprint import digest
 from .models import load_tokenizer, pick_device
-from .recipes import Options, Recipe
+from .recipes import Options, Recipe, get_recipe
 from .refs import DatasetRef, ModelRef, TrainedModel
 from .settings import Settings
 from .store import MARKER, Store
@@ -23,29 +23,44 @@ log = logging.getLogger(__name__)
 TRAIN_VERSION = 1
 
 
+DEFAULTS = {"epochs": 1.0, "batch_size": 32, "learning_rate": 5e-5, "weight_decay": 0.0, "warmup_ratio": 0.0}
+"""Hyperparameters of a task whose recipe does not choose its own (`Recipe.train_defaults`)."""
+
+
 class TrainConfig(BaseModel):
-    """Training hyperparameters (all part of the run's cache key)."""
+    """Training hyperparameters (all part of the run's cache key). Those left None take the task's
+    defaults (`Recipe.train_defaults`, then `DEFAULTS`): `resolved`."""
 
     model_config = ConfigDict(frozen=True)
 
-    epochs: float = Field(1.0, gt=0, description="training epochs (a fraction trains part of one)")
-    batch_size: int = Field(32, ge=1, description="rows per training step (per device)")
-    learning_rate: float = Field(5e-5, gt=0, lt=1, description="peak learning rate of the linear schedule")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
-    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="fraction of the steps spent warming up")
+    epochs: float | None = Field(None, gt=0, description="training epochs, a fraction trains part of one "
+                                 "(default: the task's)")
+    batch_size: int | None = Field(None, ge=1, description="rows per training step per device (default: the task's)")
+    learning_rate: float | None = Field(None, gt=0, lt=1, description="peak learning rate of the linear schedule "
+                                        "(default: the task's)")
+    weight_decay: float | None = Field(None, ge=0, description="AdamW weight decay (default: the task's)")
+    warmup_ratio: float | None = Field(None, ge=0, lt=1, description="fraction of the steps spent warming up "
+                                       "(default: the task's)")
     max_train_samples: int | None = Field(None, ge=1, description="train on a seeded sample of N rows")
     seed: int = Field(42, description="seed of the sample, the shuffling, the new head and the split")
     save_steps: int = Field(200, ge=1, description="checkpoint (and commit to the store) every N steps")
 
+    def resolved(self, recipe: Recipe) -> "TrainConfig":
+        """These hyperparameters with every unset one taken from the task's defaults."""
+        defaults = {**DEFAULTS, **recipe.train_defaults}
+        return self.model_copy(update={k: defaults[k] for k in DEFAULTS if getattr(self, k) is None})
+
 
 def run_key(data: DatasetRef, model: ModelRef, task: str, options: Options, config: TrainConfig) -> str:
+    """The training run's content key (`config` resolved: the same run whether a default was spelt out)."""
     return digest("train", TRAIN_VERSION, data.fingerprint, model.fingerprint, task, options.model_dump(),
-                  config.model_dump())
+                  config.resolved(get_recipe(task)).model_dump())
 
 
 def train(data: DatasetRef, model: ModelRef, store: Store, recipe: Recipe, options: Options, config: TrainConfig,
           settings: Settings) -> TrainedModel:
     """Fine-tune `model` on tokenized `data`; checkpoints go to the store and a rerun resumes from them."""
+    config = config.resolved(recipe)
     key = run_key(data, model, recipe.task, options, config)
     model_key = f"runs/{key}/model"
     done = store.committed(model_key, TrainedModel)

@@ -59,6 +59,9 @@ class Recipe:
     """The metrics evaluation computes, the first one the champion gate's default."""
     max_length: ClassVar[int] = 128
     """Default token limit of an input when training and evaluating."""
+    train_defaults: ClassVar[dict[str, Any]] = {}
+    """This task's default hyperparameters (`epochs`, `batch_size`, `learning_rate`, `weight_decay`,
+    `warmup_ratio`), where they differ from `tasks.train.DEFAULTS`."""
     stratify_by: ClassVar[str | None] = None
     """Column a held-out split is stratified by."""
 
