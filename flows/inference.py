@@ -13,7 +13,7 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from hfbatch.flows.params import InferParams, parameters, recipe_options, validated
 from hfbatch.tasks.errors import ConfigError
-from hfbatch.tasks.inference.output import finalize, prepare_output, quarantine_files
+from hfbatch.tasks.inference.output import check_output_location, finalize, prepare_output, quarantine_files
 from hfbatch.tasks.inference.prefect_tasks import infer_shard_task
 from hfbatch.tasks.inference.shards import describe_input, plan_shards
 from hfbatch.tasks.inference.spec import build_spec, output_for
@@ -121,7 +121,10 @@ def batch_inference(**values) -> dict:
     `row_id` is always added). Bad rows fail the run or, with `on_bad_row="quarantine"`, go to
     `_quarantine/`, with the rows of a row group whose data cannot be decoded (and unreadable input
     files to `_quarantine/_files.parquet`, listed in the manifest).
-    A rerun into the same `output` computes only the shards not committed yet.
+    A rerun into the same `output` computes only the shards not committed yet (`mode="resume"`, which
+    refuses an output written from other input content, model or configuration); `mode="overwrite"`
+    replaces what is there, `mode="error"` writes only into an empty output. An output inside the input
+    is refused.
 
     `output` may hold `{date}` (the day the run was scheduled for) and `{model_version}`, e.g.
     `s3://bucket/predictions/{date}/v{model_version}`: a scheduled run that resolves `NAME` to a new
@@ -148,11 +151,12 @@ def batch_inference(**values) -> dict:
     ref = resolve_model(p.model, settings, Store.open(settings, p.store))
     recipe = get_recipe(p.task or ref.task or _missing_task(p.model))
     output = output_for(p.output, ref, _run_day())
+    check_output_location(p.input, output)
     spec = build_spec(recipe.task, ref, output, files, settings, validated(recipe.infer_options, values),
                       p.text_column, p.columns, p.keep_columns, p.batch_tokens, p.on_bad_row,
                       p.precision)  # schema errors surface here, before any model is loaded
     shards = plan_shards(files, p.shard_rows)
-    prepare_output(spec)
+    prepare_output(spec, files, p.mode)
     quarantine_files(spec, corrupt)
     logger.info("%s: %d rows in %d files, %d shards; model %s %s", spec.task, sum(s.num_rows for s in shards),
                 len(files), len(shards), spec.model_name, spec.model_version)

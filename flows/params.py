@@ -78,6 +78,9 @@ class InferParams(Params):
     batch_tokens: int | None = Field(None, ge=1, description="token budget of one model batch "
                                                              "(default: 4096 on CPU, 65536 on CUDA)")
     shard_rows: int = Field(10_000, ge=1, description="target rows per shard")
+    mode: Literal["resume", "overwrite", "error"] = Field(
+        "resume", description="resume: continue the same input, model and configuration, refuse anything else; "
+        "overwrite: replace what the output holds; error: refuse a non-empty output")
     on_bad_row: Literal["fail", "quarantine"] = Field("fail", description="stop at a bad row, or set bad rows "
                                                                           "aside in _quarantine/")
     precision: Literal["auto", "int8"] = Field("auto", description="auto: exact (fp32 on CPU, bf16/fp16 on CUDA); "

@@ -35,7 +35,9 @@ def resolve_model(src: str, settings: Settings, store: Store | None = None) -> M
         registry = Registry(store, name) if Registry.valid_name(name) else None
         if registry is not None and registry.exists():
             v = registry.resolve(version or None)
-            ref = local_model(src, store.local_dir(registry.version_key(v)), settings)
+            local = store.local_dir(registry.version_key(v))
+            registry.verify(v, local)
+            ref = local_model(src, local, settings)
             return ModelRef(src, ref.path, ref.fingerprint, ref.tokenizer_fingerprint, None, name, v,
                             registry.task(v))
     return _hub_model(src, settings)

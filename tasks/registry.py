@@ -6,10 +6,12 @@ champion, `NAME@3` to version 3.
 """
 from __future__ import annotations
 
+import hashlib
 import re
 import shutil
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 
 from .card import write_model_card
 from .errors import ConfigError, ModelError
@@ -75,49 +77,117 @@ class Registry:
         return version
 
     def register(self, trained: TrainedModel, evaluation: EvalResult, metric: str = "accuracy",
-                 margin: float = 0.0, champion_score: float | None = None, card_text: dict | None = None
-                 ) -> Registration:
+                 margin: float = 0.0, champion_score: float | None = None, card_text: dict | None = None,
+                 problem: str | None = None) -> Registration:
         """Add `trained` as the next version; promote it if it beats `champion_score` by `margin`.
-        `card_text`: the task recipe's words for the model card (`Recipe.card_text`).
 
         `champion_score` must be the current champion's `metric` on the same eval set as
-        `evaluation`. Registering the same training run again returns its existing version.
+        `evaluation`; `problem` says why the model must not be promoted whatever it scores (a degenerate
+        model); `card_text` is the task recipe's words for the model card. Registering the same training
+        run again returns its existing version. Safe against concurrent registrations of the same name
+        (each gets its own version): the version number is claimed first, then the index is updated
+        without losing another writer's update (`Store.update_json`).
         """
         if metric not in evaluation.metrics:
             raise ConfigError(f"promotion metric {metric!r} was not computed (have {list(evaluation.metrics)})")
-        index = self.load()
-        existing = next((v for v in index["versions"] if v["run_key"] == trained.run_key), None)
+        existing = self._entry(self.load(), trained.run_key)
         if existing:
-            return self._registration(index, existing, "already registered")
-
-        score = evaluation.metrics[metric]
-        if index["champion"] is None:
-            promoted, reason = True, "first version"
-        elif champion_score is None:
-            raise ConfigError("champion_score is required once a champion exists")
-        else:
-            promoted = score > champion_score + margin
-            verb = "beats" if promoted else "does not beat"
-            reason = (f"{metric} {score:.4f} {verb} champion v{index['champion']} {champion_score:.4f} "
-                      f"+ margin {margin} on eval set {evaluation.dataset_fingerprint[:12]}")
-        version = str(max((int(v["version"]) for v in index["versions"]), default=0) + 1)
+            return self._registration(self.load(), existing, "already registered")
+        version = self._claim_version()
         with self.store.staging(self.version_key(version), {"name": self.name, "version": version}) as tmp:
             shutil.copytree(self.store.local_dir(trained.key), tmp, dirs_exist_ok=True)
             (tmp / MARKER).unlink(missing_ok=True)
             write_model_card(tmp, trained, card_text, evaluation.metrics, self.name, version)
-        now = datetime.now(timezone.utc).isoformat()
-        entry = {"version": version, "run_key": trained.run_key, "task": trained.task, "created": now,
-                 "metrics": evaluation.metrics,
-                 "eval_dataset": evaluation.dataset_fingerprint, "base_model": trained.base_model,
-                 "uri": self.store.uri(self.version_key(version)), "promoted": promoted, "reason": reason}
-        index["versions"].append(entry)
-        if promoted:
-            index["history"].append({"time": now, "champion": version, "previous": index["champion"],
-                                     "reason": reason})
-            index["champion"] = version
-        self.store.write_json(self.index_key, index)
-        return self._registration(index, entry, reason)
+            files = file_digests(tmp)
+        seen_champion = self.load()["champion"]
+        result = {}
+
+        def add(index: dict | None) -> dict:
+            index = index or {"name": self.name, "champion": None, "versions": [], "history": []}
+            result.clear()
+            if self._entry(index, trained.run_key):  # the same run, registered meanwhile by another process
+                result["entry"], result["reason"] = self._entry(index, trained.run_key), "already registered"
+                return index
+            promoted, reason = self._gate(index, seen_champion, evaluation, metric, margin, champion_score, problem)
+            now = datetime.now(timezone.utc).isoformat()
+            entry = {"version": version, "run_key": trained.run_key, "task": trained.task, "created": now,
+                     "metrics": evaluation.metrics, "eval_dataset": evaluation.dataset_fingerprint,
+                     "base_model": trained.base_model, "uri": self.store.uri(self.version_key(version)),
+                     "promoted": promoted, "reason": reason, "files": files}
+            index = {**index, "versions": [*index["versions"], entry]}
+            if promoted:
+                index["history"] = [*index["history"], {"time": now, "champion": version,
+                                                        "previous": index["champion"], "reason": reason}]
+                index["champion"] = version
+            result["entry"], result["reason"] = entry, reason
+            return index
+
+        index = self.store.update_json(self.index_key, add)
+        if result["entry"]["version"] != version:  # lost the race to register this very run: drop the copy
+            self.store.remove(self.version_key(version))
+        return self._registration(index, result["entry"], result["reason"])
+
+    def _claim_version(self) -> str:
+        """The next free version number, claimed atomically (`_claims/<version>.json`), so two concurrent
+        registrations never write the same version directory."""
+        taken = [int(v["version"]) for v in self.load()["versions"]]
+        taken += [int(n.split(".")[0]) for n in self.store.list(f"models/{self.name}/_claims")]
+        version = max(taken, default=0) + 1
+        while not self.store.create_json(f"models/{self.name}/_claims/{version}.json", {"version": str(version)}):
+            version += 1
+        return str(version)
+
+    @staticmethod
+    def _entry(index: dict, run_key: str) -> dict | None:
+        return next((v for v in index["versions"] if v["run_key"] == run_key), None)
+
+    @staticmethod
+    def _gate(index: dict, seen_champion: str | None, evaluation: EvalResult, metric: str, margin: float,
+              champion_score: float | None, problem: str | None) -> tuple[bool, str]:
+        """Whether the new version becomes champion, and why."""
+        score = evaluation.metrics[metric]
+        if problem:
+            return False, f"not promoted: {problem}"
+        champion = next((v for v in index["versions"] if v["version"] == index["champion"]), None)
+        if champion is None:
+            return True, "first version"
+        if index["champion"] != seen_champion or champion_score is None:
+            # the champion changed while this version trained: compare with it only on the same eval set
+            if champion["eval_dataset"] != evaluation.dataset_fingerprint or metric not in champion["metrics"]:
+                return False, (f"not promoted: champion v{champion['version']} was measured on another eval set; "
+                               "evaluate both on one set and promote by hand")
+            champion_score = champion["metrics"][metric]
+        promoted = score > champion_score + margin
+        verb = "beats" if promoted else "does not beat"
+        return promoted, (f"{metric} {score:.4f} {verb} champion v{champion['version']} {champion_score:.4f} "
+                          f"+ margin {margin} on eval set {evaluation.dataset_fingerprint[:12]}")
+
+    def verify(self, version: str, directory: Path) -> None:
+        """Check the files of `version` (fetched to `directory`) against the sha256 digests registered
+        with it: a corrupted or replaced file is a `ModelError`, not a silently different model."""
+        entry = next(v for v in self.load()["versions"] if v["version"] == version)
+        expected = entry.get("files")
+        if expected is None:  # registered before digests were recorded
+            return
+        found = file_digests(directory)
+        bad = sorted(n for n in expected if found.get(n) != expected[n])
+        if bad:
+            raise ModelError(f"model {self.name} v{version}: {', '.join(bad)} in {self.store.uri(self.version_key(version))} "
+                             "do not match the sha256 recorded at registration (corrupted or replaced)")
 
     def _registration(self, index: dict, entry: dict, reason: str) -> Registration:
         return Registration(self.name, entry["version"], entry["uri"], entry["promoted"],
                             index["champion"], reason, entry["metrics"])
+
+
+def file_digests(directory: Path) -> dict[str, str]:
+    """`{relative path: sha256}` of the files of a model directory (its marker aside)."""
+    digests = {}
+    for path in sorted(Path(directory).rglob("*")):
+        if path.is_file() and path.name != MARKER:
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+            digests[path.relative_to(directory).as_posix()] = h.hexdigest()
+    return digests

@@ -11,6 +11,7 @@ Layout under the store root::
     models/<name>/<version>/         a registered version: model files, card, metrics
     prefect-results/                 Prefect task results (the cache shared by every worker)
     _staging/                        directories and files being written (local stores)
+    _locks/                          lock files of read-modify-write updates (local stores)
 
 A directory is complete only when its `_SUCCESS` marker exists; the marker is written last, so a
 crash mid-write leaves a directory that every reader treats as absent and the next run rewrites.
@@ -24,6 +25,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
@@ -79,8 +81,7 @@ class Store:
         return self.fs.exists(self.path(f"{key}/{MARKER}"))
 
     def read_json(self, key: str) -> Any:
-        with self.fs.open(self.path(key), "r") as f:
-            return json.load(f)
+        return json.loads(self.fs.cat_file(self.path(key)))  # one GET: never a read of two versions
 
     def write_json(self, key: str, obj: Any) -> None:
         self.write_bytes(key, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
@@ -91,15 +92,86 @@ class Store:
         if not self.is_local:
             self.fs.pipe_file(self.path(key), data)
             return
-        target = self.path(key)
-        os.makedirs(os.path.dirname(target), exist_ok=True)
+        os.replace(self._staged_file(key, data), self.path(key))
+
+    def _staged_file(self, key: str, data: bytes) -> str:
+        """`data` written and synced to a new file in `_staging/` (local stores), to be moved to `key`."""
+        os.makedirs(os.path.dirname(self.path(key)), exist_ok=True)
         os.makedirs(self.path(STAGING), exist_ok=True)
         tmp = os.path.join(self.path(STAGING), uuid.uuid4().hex)
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, target)
+        return tmp
+
+    def create_json(self, key: str, obj: Any) -> bool:
+        """Write `key` only if it does not exist yet, atomically (a hard link on a local store, an S3
+        conditional PUT otherwise): True if this call created it, False if it was there."""
+        data = json.dumps(obj, indent=2, sort_keys=True, default=str).encode()
+        if not self.is_local:
+            try:
+                self.fs.pipe_file(self.path(key), data, mode="create")
+            except FileExistsError:
+                return False
+            return True
+        tmp = self._staged_file(key, data)
+        try:
+            os.link(tmp, self.path(key))
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+        return True
+
+    def update_json(self, key: str, change: Callable[[Any], Any], attempts: int = 20) -> Any:
+        """Read-modify-write of the JSON file `key` (None while it does not exist) without losing a
+        concurrent writer's update: under a file lock on a local store, by compare-and-swap on S3 (a
+        conditional PUT on the ETag read, retried on conflict). `change` returns the new content; it
+        may run more than once. Returns what was written."""
+        if self.is_local:
+            with self._locked(key):
+                new = change(self.read_json(key) if self.exists(key) else None)
+                self.write_json(key, new)
+                return new
+        for _ in range(attempts):
+            try:
+                with self.fs.open(self.path(key), "rb") as f:  # reads are pinned to the ETag it found
+                    current, etag = json.load(f), f.details["ETag"]
+            except FileNotFoundError:
+                etag, current = None, None
+            except OSError as e:
+                if type(e).__name__ == "FileExpired":  # replaced while being read
+                    continue
+                raise
+            new = change(current)
+            data = json.dumps(new, indent=2, sort_keys=True, default=str).encode()
+            try:
+                if etag is None:
+                    self.fs.pipe_file(self.path(key), data, mode="create")
+                else:
+                    self.fs.pipe_file(self.path(key), data, IfMatch=etag)
+                return new
+            except FileExistsError:
+                continue
+            except OSError as e:
+                if "pre-condition" not in str(e) and "Precondition" not in str(e):
+                    raise
+        raise TimeoutError(f"{self.uri(key)} kept changing under {attempts} attempts to update it")
+
+    @contextlib.contextmanager
+    def _locked(self, key: str) -> Iterator[None]:
+        """An exclusive lock (fcntl) for `key` among the processes of this machine."""
+        import fcntl
+
+        lock_dir = self.path("_locks")
+        os.makedirs(lock_dir, exist_ok=True)
+        with open(os.path.join(lock_dir, hashlib.sha256(key.encode()).hexdigest()[:24]), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     def remove(self, key: str) -> None:
         if self.fs.exists(self.path(key)):
@@ -164,6 +236,18 @@ class Store:
         else:
             self.fs.put(str(local_dir) + "/", dest, recursive=True)
         self.write_json(f"{key}/{MARKER}", meta or {})
+
+    def clean_staging(self, older_than: float = 3600.0) -> None:
+        """Remove what crashed writers left in `_staging/` (local stores). Only entries older than
+        `older_than` seconds: a younger one may be another process's write in progress."""
+        root = Path(self.path(STAGING))
+        if not self.is_local or not root.exists():
+            return
+        cutoff = time.time() - older_than
+        for entry in root.iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                if entry.lstat().st_mtime < cutoff:
+                    shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
 
     def local_dir(self, key: str) -> Path:
         """A local path holding the complete directory `key`: the path itself on a local store,

@@ -17,6 +17,7 @@ exactly the predictions.
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -41,20 +42,69 @@ def parquet_bytes(table: pa.Table) -> bytes:
     return buf.getvalue()
 
 
-def prepare_output(spec: InferSpec) -> Store:
-    """Claim `spec.output` for this configuration; refuse one that holds another model's results."""
+MODES = ("resume", "overwrite", "error")
+"""What a run does with an output that already holds something, as Spark's write modes and Ray Data's
+`SaveMode` do: `resume` continues the same input, model and configuration and refuses anything else;
+`overwrite` replaces whatever is there; `error` refuses any non-empty output."""
+RESULTS = ("_manifest.json", "_markers", "_quarantine")
+
+
+def prepare_output(spec: InferSpec, files: list[InputFile], mode: str = "resume") -> Store:
+    """Claim `spec.output` for this input, model and configuration (`_config.json`), as `mode` says.
+
+    The output then holds exactly one input's results: a rerun on changed input content, or with
+    another model or configuration, is refused in `resume` mode (naming what changed), and in
+    `overwrite` mode the previous results are removed first, manifest first, so that an interrupted
+    overwrite never looks complete.
+    """
+    if mode not in MODES:
+        raise ConfigError(f"mode must be one of {MODES}, got {mode!r}")
     out = output_store(spec)
-    config = {"config_key": spec.config_key, "task": spec.task, "model": spec.model_name,
-              "model_version": spec.model_version, "inputs": dict(spec.inputs), "keep_columns": spec.keep_columns}
-    if out.exists("_config.json"):
-        existing = out.read_json("_config.json")
-        if existing.get("config_key") != spec.config_key:
-            raise ConfigError(f"output {spec.output!r} holds results of another configuration "
-                              f"({existing.get('task')}, {existing.get('model')} {existing.get('model_version')}); "
-                              "choose a new output or remove it")
-    else:
-        out.write_json("_config.json", config)
+    claim = {"config_key": spec.config_key, "input_fingerprint": input_fingerprint(files), "task": spec.task,
+             "model": spec.model_name, "model_version": spec.model_version, "inputs": dict(spec.inputs),
+             "keep_columns": spec.keep_columns}
+    found = [n for n in out.list("") if n != STAGING]
+    if found and mode == "error":
+        raise ConfigError(f"output {spec.output!r} is not empty ({', '.join(found[:5])}); mode 'error' writes "
+                          "only into an empty output")
+    if found and "_config.json" not in found:
+        raise ConfigError(f"output {spec.output!r} holds files hfbatch did not write ({', '.join(found[:5])}); "
+                          "choose another output")
+    if out.create_json("_config.json", claim):
+        return out
+    existing = out.read_json("_config.json")
+    same = {k: existing.get(k) == claim[k] for k in ("config_key", "input_fingerprint")}
+    if all(same.values()) and mode == "resume":
+        return out
+    if mode == "resume":
+        what = ("the input's content changed since" if same["config_key"] else
+                f"another configuration ({existing.get('task')}, {existing.get('model')} "
+                f"{existing.get('model_version')}) wrote")
+        raise ConfigError(f"output {spec.output!r}: {what} its results; rerun with mode 'overwrite' to replace "
+                          "them, or choose another output")
+    out.remove("_manifest.json")  # first: from here on the output does not look complete
+    out.write_json("_config.json", claim)
+    for name in [*RESULTS[1:], *(n for n in found if n.startswith("part-"))]:
+        out.remove(name)
     return out
+
+
+def check_output_location(input_uri: str, output: str) -> None:
+    """Refuse an output inside the input (its files would be read back as input rows), equal to it, or
+    holding it."""
+    def parts(uri: str) -> tuple[str, ...]:
+        if "://" in uri and not uri.startswith("file://"):
+            protocol, path = uri.split("://", 1)
+            return (protocol, *[p for p in path.split("/") if p])
+        return ("file", *Path(uri.removeprefix("file://")).expanduser().resolve().parts)
+
+    root = input_uri[: min([input_uri.find(c) for c in "*?[" if c in input_uri] or [len(input_uri)])]
+    source, target = parts(root.rstrip("/") or "/"), parts(output)
+    shorter = min(len(source), len(target))
+    if source[:shorter] == target[:shorter]:
+        where = "is the input" if source == target else "is inside the input" if len(target) > len(source) \
+            else "holds the input"
+        raise ConfigError(f"output {output!r} {where} {input_uri!r}: choose an output outside the input")
 
 
 def quarantine_files(spec: InferSpec, corrupt: list[dict] | None) -> None:
@@ -94,10 +144,26 @@ def finalize(spec: InferSpec, files: list[InputFile], shards: list[Shard], entri
         "parts": [{k: e[k] for k in ("shard", "file", "start", "stop", "fingerprint", "part", "rows",
                                      "quarantine", "quarantined")} for e in entries],
     }
+    _remove_stale(out, entries, {f"{spec.marker_key(shard)}.json" for shard in shards})
     out.write_json("_manifest.json", manifest)
-    if out.is_local:
-        out.remove(STAGING)
+    out.clean_staging()
     return manifest
+
+
+def _remove_stale(out: Store, entries: list[dict], markers: set[str]) -> None:
+    """Remove parts, quarantine parts and markers that no shard of this run wrote (left by an
+    interrupted overwrite), so that the output holds this run's rows only."""
+    parts = {e["part"] for e in entries}
+    for name in out.list(""):
+        if name.startswith("part-") and name not in parts:
+            out.remove(name)
+    quarantined = {e["quarantine"].rsplit("/", 1)[-1] for e in entries if e["quarantine"]}
+    for name in out.list("_quarantine"):
+        if name.startswith("part-") and name not in quarantined:
+            out.remove(f"_quarantine/{name}")
+    for name in out.list("_markers"):
+        if name not in markers:
+            out.remove(f"_markers/{name}")
 
 
 def _parquet_rows(out: Store, key: str) -> int:

@@ -17,7 +17,8 @@ from ..errors import DataError
 from ..recipes import get_recipe
 from ..refs import ModelRef
 from ..settings import Settings
-from .output import finalize, output_store, parquet_bytes, part_name, prepare_output, quarantine_files
+from .output import (check_output_location, finalize, output_store, parquet_bytes, part_name, prepare_output,
+                     quarantine_files)
 from .predictor import get_predictor
 from .shards import CorruptRows, Shard, describe_input, iter_shard_batches, plan_shards, read_footer
 from .spec import ROW_ID, InferSpec, build_spec
@@ -139,14 +140,15 @@ def _empty_inputs(shard: Shard, spec: InferSpec) -> pa.Table:
 
 
 def run_local(task: str, model: ModelRef, input: str, output: str, settings: Settings, shard_rows: int = 10_000,
-              **spec_kwargs) -> dict:
+              mode: str = "resume", **spec_kwargs) -> dict:
     """The whole run without Prefect, shard after shard in this process (benchmarks, debugging)."""
     started = time.perf_counter()
+    check_output_location(input, output)
     corrupt = [] if spec_kwargs.get("on_bad_row") == "quarantine" else None
     files = describe_input(input, settings.storage_options(input), corrupt)
     spec = build_spec(task, model, output, files, settings, **spec_kwargs)
     shards = plan_shards(files, shard_rows)
-    prepare_output(spec)
+    prepare_output(spec, files, mode)
     quarantine_files(spec, corrupt)
     entries = [run_shard(shard, spec) for shard in shards]
     return finalize(spec, files, shards, entries, time.perf_counter() - started, corrupt)

@@ -64,3 +64,48 @@ def test_invalid_name_is_rejected(tmp_path):
 
     with pytest.raises(ConfigError, match="invalid model name"):
         Registry(Store(str(tmp_path)), "../etc")
+
+
+def _register_runs(store_url: str, runs: list[str]) -> list[str]:
+    store = Store(store_url)
+    return [Registry(store, "race").register(_trained(store, run), _eval(0.5 + int(run[1:]) / 100)).version
+            for run in runs]
+
+
+def test_concurrent_registrations_lose_no_version_local(tmp_path):
+    """Four processes register two runs each under one name at the same time (no Prefect server): eight
+    versions, each once, each with its own files, and the index lists them all."""
+    import multiprocessing
+
+    with multiprocessing.get_context("fork").Pool(4) as pool:
+        versions = pool.starmap(_register_runs, [(str(tmp_path), [f"r{2 * i}", f"r{2 * i + 1}"]) for i in range(4)])
+    assert sorted(int(v) for vs in versions for v in vs) == list(range(1, 9))
+    index = Registry(Store(str(tmp_path)), "race").load()
+    assert sorted(int(v["version"]) for v in index["versions"]) == list(range(1, 9))
+    for v in index["versions"]:  # every version directory holds the run it was registered for
+        assert (tmp_path / "models/race" / v["version"] / "model.safetensors").read_bytes() == v["run_key"].encode()
+
+
+def test_concurrent_registrations_lose_no_version_on_s3(s3):
+    """The same on S3 (moto's server): the index is updated by conditional PUTs, retried on conflict."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(4) as pool:
+        versions = list(pool.map(lambda i: _register_runs("s3://hfbatch/store", [f"r{i}"]), range(4)))
+    assert sorted(int(v) for vs in versions for v in vs) == [1, 2, 3, 4]
+    assert len(Registry(Store("s3://hfbatch/store"), "race").load()["versions"]) == 4
+
+
+def test_a_corrupted_registered_file_is_refused_when_loaded(tmp_path):
+    from hfbatch.tasks.models import resolve_model
+    from hfbatch.tasks.settings import Settings
+
+    store = Store(str(tmp_path))
+    Registry(store, "m").register(_trained(store, "r1"), _eval(0.7))
+    (tmp_path / "models/m/1/config.json").write_text("{}")
+    (tmp_path / "models/m/1/vocab.txt").write_text("[PAD]\n")
+    entry = Registry(store, "m").load()["versions"][0]
+    assert len(entry["files"]["model.safetensors"]) == 64  # sha256 of every file, kept in the registry
+    (tmp_path / "models/m/1/model.safetensors").write_bytes(b"tampered")
+    with pytest.raises(ModelError, match=r"model\.safetensors .* do not match the sha256 recorded at registration"):
+        resolve_model("m", Settings(), store)

@@ -111,7 +111,7 @@ def test_schema_errors_before_any_model_load(classifier, mixed, tmp_path, monkey
     with pytest.raises(ConfigError, match="has inputs"):
         run_local("question-answering", model, str(mixed), str(tmp_path / "f"), columns={"text": "text"})
     with pytest.raises(ConfigError, match="unsupported task"):
-        run_local("summarization", model, str(mixed), str(tmp_path / "d"))
+        run_local("image-segmentation", model, str(mixed), str(tmp_path / "d"))
 
 
 def _hfbatch(args: list[str], env: dict) -> subprocess.Popen:
