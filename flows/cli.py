@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
+import signal
 import sys
+import traceback
 import types
 import typing
 from typing import Any
@@ -34,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     output = argparse.ArgumentParser(add_help=False)
     output.add_argument("--json", action="store_true", help="print the result as JSON only")
+    output.add_argument("--debug", action="store_true", help="print the traceback of an error too")
     for command, flow in flows().items():
         parser = sub.add_parser(command, parents=[output], help=COMMANDS[command], description=COMMANDS[command])
         for name, field in merged_fields(*flow.fn.parameter_models).items():
@@ -57,9 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--train-param", action="append", default=[], metavar="KEY=VALUE",
                    help="train flow parameter (value parsed as JSON when it is), e.g. max_train_samples=3000")
     v.add_argument("--store", help="artifact store URL")
+    v.add_argument("--debug", action="store_true", help="print the traceback of an error too")
     v.set_defaults(json=False)
 
     d = sub.add_parser("deploy", help="prefect deploy --all of deployments/prefect.yaml (PREFECT_API_URL)")
+    d.add_argument("--debug", action="store_true", help="print the traceback of an error too")
     d.set_defaults(json=False)
     return p
 
@@ -128,6 +134,8 @@ def _pairs(metavar: str):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 done, 2 an error in the input or configuration (one message; the traceback with
+    --debug and in the Prefect run log), 130/143 stopped by SIGINT/SIGTERM (committed work kept)."""
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # usage errors (argparse printed them) and --help
@@ -138,11 +146,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # libraries print progress to stdout (the Trainer prints its logs when tqdm is off): with
         # --json, stdout must hold the JSON document only
-        with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext(), \
+                _stopped_by_signals(), _user_errors_quiet(not args.debug):
             result = _run(args)
     except HfbatchError as e:
+        if args.debug:
+            traceback.print_exc()
         print(f"hfbatch: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        signum = e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT
+        print(f"hfbatch: stopped by {signal.Signals(signum).name}; committed work is kept, a rerun finishes "
+              "the rest", file=sys.stderr)
+        return 128 + signum
     if args.json:
         print(json.dumps(result, indent=2, default=str))
     else:
@@ -158,16 +174,72 @@ def _run(args) -> dict:
         from hfbatch.tasks.settings import Settings
 
         return collect_status(Settings(), args.store, args.limit)
+    from hfbatch.flows.preflight import check
+    from hfbatch.tasks.settings import Settings
+
     flow = flows()[args.command]
     values = {name: getattr(args, name) for name in merged_fields(*flow.fn.parameter_models)}
-    check_parameters(flow, values)  # before a flow run (and a temporary Prefect server) starts
+    # before a flow run (and a temporary Prefect server) starts
+    check_parameters(flow, values)
+    if args.command == "infer":
+        from hfbatch.flows.inference import check_task_runner
+
+        check_task_runner(values["task_runner"], values["dask_address"])
+    check(args.command, values, Settings())
     if args.command != "infer":
         return flow(**values)
-    from hfbatch.flows.inference import check_task_runner, progress_listener
+    from hfbatch.flows.inference import progress_listener
 
-    check_task_runner(values["task_runner"], values["dask_address"])  # before a flow run is even created
     with _InferProgress(enabled=not args.json) as bar, progress_listener(bar.update):
         return flow(**values)
+
+
+@contextlib.contextmanager
+def _stopped_by_signals():
+    """SIGTERM stops a run as Ctrl-C does (KeyboardInterrupt): the flow run is marked, what is committed
+    stays, and the process exits through its normal shutdown, which also stops the temporary Prefect
+    server (a plain SIGTERM would leave that server running)."""
+    def stop(signum, frame):
+        raise KeyboardInterrupt(signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class _UserErrorFilter(logging.Filter):
+    """Keeps Prefect's console log free of errors in the user's input: the CLI says them once, without
+    a traceback. They still reach the Prefect run log (the API handler)."""
+
+    NAMES = tuple(f"{cls.__name__}" for cls in (HfbatchError, *HfbatchError.__subclasses__()))
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], HfbatchError):
+            return False
+        if record.levelno >= logging.WARNING or "Failed" in record.getMessage():
+            return not any(f"{name}:" in record.getMessage() or f"{name}(" in record.getMessage()
+                           for name in self.NAMES)
+        return True
+
+
+@contextlib.contextmanager
+def _user_errors_quiet(enabled: bool):
+    if not enabled:
+        yield
+        return
+    import prefect.logging  # noqa: F401  (sets up Prefect's handlers)
+
+    handlers = [h for h in logging.getLogger().handlers if type(h).__name__ == "PrefectConsoleHandler"]
+    quiet = _UserErrorFilter()
+    for handler in handlers:
+        handler.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(quiet)
 
 
 def _operate(args) -> dict:

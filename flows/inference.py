@@ -19,6 +19,7 @@ from hfbatch.tasks.inference.shards import describe_input, plan_shards
 from hfbatch.tasks.inference.spec import build_spec, output_for
 from hfbatch.tasks.models import resolve_model
 from hfbatch.tasks.recipes import get_recipe
+from hfbatch.tasks.refs import ModelRef
 from hfbatch.tasks.settings import Settings
 from hfbatch.tasks.store import Store
 
@@ -149,7 +150,7 @@ def batch_inference(**values) -> dict:
     corrupt = [] if p.on_bad_row == "quarantine" else None  # unreadable files: set aside, or fail the run
     files = describe_input(p.input, settings.storage_options(p.input), corrupt)
     ref = resolve_model(p.model, settings, Store.open(settings, p.store))
-    recipe = get_recipe(p.task or ref.task or _missing_task(p.model))
+    recipe = get_recipe(task_of(p.task, ref))
     output = output_for(p.output, ref, _run_day())
     check_output_location(p.input, output)
     spec = build_spec(recipe.task, ref, output, files, settings, validated(recipe.infer_options, values),
@@ -189,5 +190,8 @@ def batch_inference(**values) -> dict:
     return summary
 
 
-def _missing_task(model: str) -> str:
-    raise ConfigError(f"model {model!r} is not a registered model, so its task is unknown: give the task")
+def task_of(task: str | None, model: ModelRef) -> str:
+    """The task asked for, else the registered model's."""
+    if task or model.task:
+        return task or model.task
+    raise ConfigError(f"model {model.source!r} is not a registered model, so its task is unknown: give --task")

@@ -43,6 +43,7 @@ def write_model_card(directory: Path, trained: TrainedModel, text: dict | None =
     lines += ["", "## Intended use", "", text.get("intended_use", "Within the domain of the training data."), "",
               "## Limitations", ""]
     lines += [f"- {limit}" for limit in (*text.get("limitations", ()), *GENERIC_LIMITS)]
+    lines += [f"- Training data: {warning}" for warning in trained.warnings]
     path = Path(directory) / "README.md"
     path.write_text("\n".join(lines) + "\n")
     (Path(directory) / "hfbatch.json").write_text(json.dumps(

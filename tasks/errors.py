@@ -27,6 +27,10 @@ class DataError(HfbatchError):
 class ModelError(HfbatchError):
     """A model source is missing, has no (safe) weights, or cannot be resolved."""
 
+    def __init__(self, message: str, hub_problem: str | None = None):
+        super().__init__(message)
+        self.hub_problem = hub_problem or message
+
 
 class ConfigError(HfbatchError):
     """A parameter is out of range or inconsistent."""

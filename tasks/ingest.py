@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from . import sources
 from .errors import DataError
 from .fingerprint import digest
@@ -42,6 +44,32 @@ def ingest(src: str, store: Store, recipe: Recipe, options: Options, settings: S
     return store.memoize(key, DatasetRef, produce)
 
 
+def check_columns(src: str, recipe: Recipe, options: Options, settings: Settings) -> None:
+    """Before any work: `src` exists and (where that is cheap to see) has the columns `options` name."""
+    fs_options = settings.storage_options(src)
+    columns = sources.peek_columns(sources.parse_source(src, fs_options), fs_options)
+    if columns is None:
+        return
+    missing = {field: column for field, column in options.columns().items()
+               if column is not None and column not in columns}
+    if missing:
+        field, column = next(iter(missing.items()))
+        raise DataError(f"data source {src!r} has no column {column!r} (--{field.replace('_', '-')}); "
+                        f"its columns are {columns}")
+
+
+def _check_stratifiable(ds, column: str, data: DatasetRef, fraction: float) -> None:
+    """Every class needs 2 rows to be in both parts, and the held-out part a row of each class."""
+    counts = np.bincount(np.asarray(ds[column]), minlength=len(data.label_names))
+    small = [(n, int(c)) for n, c in zip(data.label_names, counts) if 0 < c < 2]
+    if small:
+        raise DataError(f"{data.source!r}: class {small[0][0]!r} has {small[0][1]} row: too few to hold some out "
+                        "for evaluation (at least 2 per class), or give --eval-dataset")
+    if fraction * counts.sum() < (counts > 0).sum():
+        raise DataError(f"{data.source!r}: {fraction:.0%} of {int(counts.sum())} rows cannot hold one row of each of "
+                        f"its {(counts > 0).sum()} classes; raise --eval-fraction or give --eval-dataset")
+
+
 def holdout_key(data: DatasetRef, fraction: float, seed: int) -> str:
     """The key of a split; its parts are `datasets/<digest of it and the part>`."""
     return digest("holdout", data.fingerprint, fraction, seed)
@@ -58,10 +86,13 @@ def holdout(data: DatasetRef, store: Store, recipe: Recipe, fraction: float = 0.
     def parts():
         if not split:
             ds = store.load_dataset(data.key)
+            if recipe.stratify_by:
+                _check_stratifiable(ds, recipe.stratify_by, data, fraction)
             try:
                 split.update(ds.train_test_split(test_size=fraction, seed=seed, stratify_by_column=recipe.stratify_by))
-            except ValueError:  # a class too small to stratify
-                split.update(ds.train_test_split(test_size=fraction, seed=seed))
+            except ValueError as e:
+                raise DataError(f"cannot hold out {fraction:.0%} of {data.source!r} for evaluation: {e}; "
+                                "give --eval-dataset") from e
         return split
 
     refs = []

@@ -40,7 +40,14 @@ def resolve_model(src: str, settings: Settings, store: Store | None = None) -> M
             ref = local_model(src, local, settings)
             return ModelRef(src, ref.path, ref.fingerprint, ref.tokenizer_fingerprint, None, name, v,
                             registry.task(v))
-    return _hub_model(src, settings)
+    try:
+        return _hub_model(src, settings)
+    except ModelError as e:
+        if store is None or "/" in src.partition("@")[0]:
+            raise
+        names = Registry.names(store)
+        raise ModelError(f"model {src!r} is not registered in {store.url} (registered: {names or 'none'}), "
+                         f"is not a local directory, and {e.hub_problem}") from e
 
 
 def trained_model(trained: TrainedModel, store: Store, settings: Settings) -> ModelRef:
@@ -61,6 +68,11 @@ def local_model(src: str, path: Path, settings: Settings) -> ModelRef:
             raise ModelError(f"model directory {src!r} has no weights (expected model.safetensors)")
     if "config.json" not in files:
         raise ModelError(f"model directory {src!r} has no config.json")
+    if not settings.trust_remote_code:
+        for name in ("config.json", "tokenizer_config.json"):
+            if name in files and "auto_map" in json.loads((path / name).read_text() or "{}"):
+                raise ModelError(f"model {src!r} asks to run its own Python code (auto_map in {name}); hfbatch "
+                                 "refuses that unless HFBATCH_TRUST_REMOTE_CODE=1 is set for a model you trust")
     tok = [path / f for f in TOKENIZER_FILES if f in files]
     if not tok:
         raise ModelError(f"model directory {src!r} has no tokenizer files")
@@ -77,9 +89,11 @@ def _hub_model(src: str, settings: Settings) -> ModelRef:
     try:
         local = snapshot_download(repo, revision=revision or None, allow_patterns=HUB_PATTERNS)
     except HFValidationError as e:
-        raise ModelError(f"model {src!r} is neither a local directory, a registered model nor a hub id") from e
+        raise ModelError(f"model {src!r} is neither a local directory, a registered model nor a hub id",
+                         hub_problem="is not a valid hub id") from e
     except Exception as e:
-        raise ModelError(f"cannot fetch model {src!r} from the Hugging Face Hub: {e}") from e
+        problem = f"cannot be fetched from the Hugging Face Hub ({str(e).splitlines()[0][:200]})"
+        raise ModelError(f"model {src!r} {problem}", hub_problem=problem) from e
     ref = local_model(src, Path(local), settings)
     return ModelRef(src, ref.path, ref.fingerprint, ref.tokenizer_fingerprint, Path(local).name)
 

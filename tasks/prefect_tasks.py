@@ -103,8 +103,10 @@ def registration_key(trained: TrainedModel, evaluated: EvalResult, store: Store,
 @task(name="register", cache_key_fn=content_key(registration_key), **CACHED, **RETRIES)
 def register_task(trained: TrainedModel, evaluated: EvalResult, store: Store, name: str, metric: str,
                   margin: float, champion_score: float | None):
-    card_text = get_recipe(trained.task).card_text(trained.label_names)
-    reg = Registry(store, name).register(trained, evaluated, metric, margin, champion_score, card_text)
+    recipe = get_recipe(trained.task)
+    reg = Registry(store, name).register(trained, evaluated, metric, margin, champion_score,
+                                         recipe.card_text(trained.label_names),
+                                         recipe.gate_problem(evaluated.metrics, evaluated.details))
     artifacts.publish_registration(reg)
     artifacts.publish_training_artifacts(store, name, reg.version)
     return reg

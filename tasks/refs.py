@@ -84,6 +84,8 @@ class TrainedModel(Ref):
     train_samples: int
     train_samples_per_second: float
     train_loss: float
+    warnings: tuple[str, ...] = ()
+    """What the training data's check found worth saying (extreme imbalance, ...)."""
 
     @property
     def uri(self) -> str:

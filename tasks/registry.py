@@ -43,6 +43,11 @@ class Registry:
     def valid_name(name: str) -> bool:
         return bool(NAME_RE.match(name))
 
+    @staticmethod
+    def names(store: Store) -> list[str]:
+        """The model names registered in `store`."""
+        return [n for n in store.list("models") if Registry.valid_name(n) and Registry(store, n).exists()]
+
     def exists(self) -> bool:
         return self.store.exists(self.index_key)
 

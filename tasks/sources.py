@@ -136,3 +136,37 @@ def _parquet_rows(path: str, source: Source) -> int:
         return pq.ParquetFile(path).metadata.num_rows
     except Exception as e:
         raise DataError(f"corrupt or unreadable Parquet file {path!r} in {source.uri!r}: {e}") from e
+
+
+def peek_columns(source: Source, options: dict[str, Any] | None = None) -> list[str] | None:
+    """The column names of a file source without loading it (the first file's Parquet footer, CSV
+    header or first JSON Lines record), for checks before any work; None where that is not cheap
+    (a hub dataset, a JSON array). A corrupt first file is a `DataError` naming it."""
+    import pyarrow.parquet as pq
+
+    if source.kind != "file":
+        return None
+    first = source.files[0]
+    builder = BUILDERS[Path(first).suffix.lower()]
+    fs, path = fsspec.core.url_to_fs(first, **(options or {}))
+    try:
+        with fs.open(path, "rb") as f:
+            if builder == "parquet":
+                return pq.ParquetFile(f).schema_arrow.names
+            line = f.readline().decode("utf-8", errors="replace").strip()
+    except Exception as e:  # noqa: BLE001 - whatever the format library raises, name the file
+        if isinstance(e, OSError) and not isinstance(e, FileNotFoundError) and e.errno is not None:
+            raise  # the file system's own error (a network failure): not the file's fault
+        raise DataError(f"corrupt or unreadable {builder} file {first!r}: {e}") from e
+    if builder == "csv":
+        import csv
+
+        return next(csv.reader([line]), [])
+    if line.startswith("{"):
+        import json
+
+        try:
+            return list(json.loads(line))
+        except json.JSONDecodeError:
+            return None
+    return None

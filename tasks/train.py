@@ -5,19 +5,16 @@ import json
 import logging
 import math
 import os
-import shutil
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
-from transformers import TrainerCallback
-
 from .card import write_model_card
 from .fingerprint import digest
 from .models import load_tokenizer, pick_device
 from .recipes import Options, Recipe, get_recipe
 from .refs import DatasetRef, ModelRef, TrainedModel
 from .settings import Settings
-from .store import MARKER, Store
+from .store import Store
 
 log = logging.getLogger(__name__)
 TRAIN_VERSION = 1
@@ -68,9 +65,11 @@ def train(data: DatasetRef, model: ModelRef, store: Store, recipe: Recipe, optio
         return done
     from transformers import set_seed
 
+    from .checkpoints import CheckpointCommit, last_checkpoint
+
     ckpt_key = f"runs/{key}/checkpoints"
     output_dir = Path(store.path(ckpt_key)) if store.is_local else store.cache_dir / "runs" / key
-    resume = _last_checkpoint(store, ckpt_key, output_dir)
+    resume = last_checkpoint(store, ckpt_key, output_dir)
     resumed_from = int(resume.name.split("-")[-1]) if resume else 0
     if resume:
         log.info("resuming training from %s (step %d)", resume, resumed_from)
@@ -78,6 +77,9 @@ def train(data: DatasetRef, model: ModelRef, store: Store, recipe: Recipe, optio
     ds = store.load_dataset(data.key)
     if config.max_train_samples and config.max_train_samples < ds.num_rows:
         ds = ds.shuffle(seed=config.seed).select(range(config.max_train_samples))
+    warnings = recipe.check_training_data(ds, data.label_names, data.source)
+    for warning in warnings:
+        log.warning("training data: %s", warning)
     device, precision = pick_device(settings.device)
     set_seed(config.seed)
     tokenizer = load_tokenizer(model, settings)
@@ -92,7 +94,7 @@ def train(data: DatasetRef, model: ModelRef, store: Store, recipe: Recipe, optio
         disable_tqdm=not os.isatty(2))
     trainer = recipe.trainer(model=net, args=args, train_dataset=ds, processing_class=tokenizer,
                              data_collator=recipe.collator(tokenizer, net),
-                             callbacks=[_CheckpointCommit(store, ckpt_key)])
+                             callbacks=[CheckpointCommit(store, ckpt_key)])
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
 
     trained = TrainedModel(
@@ -101,7 +103,7 @@ def train(data: DatasetRef, model: ModelRef, store: Store, recipe: Recipe, optio
         label_names=data.label_names, config=config.model_dump(), device=device, precision=precision,
         global_step=trainer.state.global_step, resumed_from_step=resumed_from, train_samples=ds.num_rows,
         train_samples_per_second=float(result.metrics.get("train_samples_per_second", math.nan)),
-        train_loss=float(result.metrics.get("train_loss", math.nan)),
+        train_loss=float(result.metrics.get("train_loss", math.nan)), warnings=tuple(warnings),
     )
     log.info("trained %s in %d steps on %s/%s", key, trained.global_step, device, precision)
 
@@ -114,45 +116,3 @@ def train(data: DatasetRef, model: ModelRef, store: Store, recipe: Recipe, optio
         return trained
 
     return store.memoize(model_key, TrainedModel, produce)
-
-
-def _last_checkpoint(store: Store, ckpt_key: str, output_dir: Path) -> Path | None:
-    """The newest committed checkpoint (marker present), fetched to `output_dir` if the store is remote."""
-    done = [n for n in store.list(ckpt_key)
-            if n.startswith("checkpoint-") and store.is_complete(f"{ckpt_key}/{n}")]
-    if not done:
-        return None
-    newest = max(done, key=lambda n: int(n.split("-")[-1]))
-    local = output_dir / newest
-    if not store.is_local and not (local / MARKER).exists():
-        shutil.rmtree(local, ignore_errors=True)
-        shutil.copytree(store.local_dir(f"{ckpt_key}/{newest}"), local)
-    return local
-
-
-class _CheckpointCommit(TrainerCallback):
-    """After each Trainer save, commit the checkpoint to the store (marker last) and drop rotated ones.
-    Runs after the Trainer's own flow callback, so it can veto the extra save at the end of training."""
-
-    def __init__(self, store: Store, ckpt_key: str):
-        self.store, self.ckpt_key = store, ckpt_key
-
-    def on_step_end(self, args, state, control, **kwargs):
-        # The Trainer also saves a checkpoint after the last step; the final model is committed right
-        # after training, so that checkpoint (optimizer state included) would be written only to be dropped.
-        if state.global_step >= state.max_steps and state.global_step % args.save_steps:
-            control.should_save = False
-        return control
-
-    def on_save(self, args, state, control, **kwargs):
-        name = f"checkpoint-{state.global_step}"
-        key, meta = f"{self.ckpt_key}/{name}", {"global_step": state.global_step}
-        if self.store.is_local:  # the Trainer wrote it in the store already
-            self.store.write_json(f"{key}/{MARKER}", meta)
-        else:
-            self.store.commit_dir(Path(args.output_dir) / name, key, meta)
-            kept = {p.name for p in Path(args.output_dir).glob("checkpoint-*")}
-            for old in self.store.list(self.ckpt_key):
-                if old.startswith("checkpoint-") and old not in kept:
-                    self.store.remove(f"{self.ckpt_key}/{old}")
-        log.info("checkpoint %s committed to %s", name, self.store.uri(self.ckpt_key))

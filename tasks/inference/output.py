@@ -49,8 +49,9 @@ MODES = ("resume", "overwrite", "error")
 RESULTS = ("_manifest.json", "_markers", "_quarantine")
 
 
-def prepare_output(spec: InferSpec, files: list[InputFile], mode: str = "resume") -> Store:
-    """Claim `spec.output` for this input, model and configuration (`_config.json`), as `mode` says.
+def prepare_output(spec: InferSpec, files: list[InputFile], mode: str = "resume", claim: bool = True) -> Store:
+    """Claim `spec.output` for this input, model and configuration (`_config.json`), as `mode` says
+    (`claim=False`: only check that it could, writing nothing).
 
     The output then holds exactly one input's results: a rerun on changed input content, or with
     another model or configuration, is refused in `resume` mode (naming what changed), and in
@@ -60,9 +61,9 @@ def prepare_output(spec: InferSpec, files: list[InputFile], mode: str = "resume"
     if mode not in MODES:
         raise ConfigError(f"mode must be one of {MODES}, got {mode!r}")
     out = output_store(spec)
-    claim = {"config_key": spec.config_key, "input_fingerprint": input_fingerprint(files), "task": spec.task,
-             "model": spec.model_name, "model_version": spec.model_version, "inputs": dict(spec.inputs),
-             "keep_columns": spec.keep_columns}
+    ours = {"config_key": spec.config_key, "input_fingerprint": input_fingerprint(files), "task": spec.task,
+            "model": spec.model_name, "model_version": spec.model_version, "inputs": dict(spec.inputs),
+            "keep_columns": spec.keep_columns}
     found = [n for n in out.list("") if n != STAGING]
     if found and mode == "error":
         raise ConfigError(f"output {spec.output!r} is not empty ({', '.join(found[:5])}); mode 'error' writes "
@@ -70,10 +71,12 @@ def prepare_output(spec: InferSpec, files: list[InputFile], mode: str = "resume"
     if found and "_config.json" not in found:
         raise ConfigError(f"output {spec.output!r} holds files hfbatch did not write ({', '.join(found[:5])}); "
                           "choose another output")
-    if out.create_json("_config.json", claim):
+    if not found and not claim:
+        return out
+    if not found and out.create_json("_config.json", ours):
         return out
     existing = out.read_json("_config.json")
-    same = {k: existing.get(k) == claim[k] for k in ("config_key", "input_fingerprint")}
+    same = {k: existing.get(k) == ours[k] for k in ("config_key", "input_fingerprint")}
     if all(same.values()) and mode == "resume":
         return out
     if mode == "resume":
@@ -82,8 +85,10 @@ def prepare_output(spec: InferSpec, files: list[InputFile], mode: str = "resume"
                 f"{existing.get('model_version')}) wrote")
         raise ConfigError(f"output {spec.output!r}: {what} its results; rerun with mode 'overwrite' to replace "
                           "them, or choose another output")
+    if not claim:
+        return out
     out.remove("_manifest.json")  # first: from here on the output does not look complete
-    out.write_json("_config.json", claim)
+    out.write_json("_config.json", ours)
     for name in [*RESULTS[1:], *(n for n in found if n.startswith("part-"))]:
         out.remove(name)
     return out

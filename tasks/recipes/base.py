@@ -135,6 +135,15 @@ class Recipe:
         """`(metrics, details)`: the headline figures named `metrics`, and the task's detail tables."""
         raise NotImplementedError
 
+    def check_training_data(self, dataset, label_names: tuple[str, ...], src: str) -> list[str]:
+        """Refuse training data the task cannot learn from (a `DataError` naming it); return warnings
+        for what it can learn from badly (they go to the log and the model card)."""
+        return []
+
+    def gate_problem(self, metrics: dict, details: dict) -> str | None:
+        """Why an evaluated model must not become champion whatever it scores (a degenerate model), or None."""
+        return None
+
     def detail_artifacts(self, details: dict, label_names: tuple[str, ...]) -> dict[str, tuple[str, Any]]:
         """Prefect artifacts of the details: `{key suffix: ("table" | "markdown", content)}`."""
         return {}

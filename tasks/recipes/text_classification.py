@@ -165,6 +165,25 @@ class TextClassification(Recipe):
         matrix = compute(("confusion_matrix",), predicted, references, labels=labels)["confusion_matrix"]
         return scores, {"per_class": per_class, "confusion_matrix": {"labels": list(label_names), "matrix": matrix}}
 
+    def check_training_data(self, dataset, label_names, src):
+        """At least two classes; a class under 1 % of the rows is a warning (extreme imbalance)."""
+        counts = np.bincount(np.asarray(dataset["label"]), minlength=len(label_names))
+        present = [n for n, c in zip(label_names, counts) if c]
+        if len(present) < 2:
+            raise DataError(f"training data {src!r} has a single class ({present}): a classifier needs at "
+                            "least two; check the label column")
+        total = int(counts.sum())
+        return [f"class {n!r} has {c} of {total} training rows ({c / total:.2%}): predictions of it are unreliable"
+                for n, c in zip(label_names, counts) if 0 < c < 0.01 * total]
+
+    def gate_problem(self, metrics, details):
+        """A model that predicts one class for every eval row, where the eval set has several."""
+        matrix = np.asarray(details["confusion_matrix"]["matrix"])
+        if (matrix.sum(axis=1) > 0).sum() > 1 and (matrix.sum(axis=0) > 0).sum() == 1:
+            only = details["confusion_matrix"]["labels"][int(matrix.sum(axis=0).argmax())]
+            return f"it predicts {only!r} for every eval row (a degenerate model)"
+        return None
+
     def detail_artifacts(self, details, label_names):
         per_class = details["per_class"]
         table = [{"label": name, **{m: round(v[name], 4) for m, v in per_class.items() if m != "support"},

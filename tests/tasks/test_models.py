@@ -33,7 +33,7 @@ def test_model_without_weights_or_with_only_pickle_weights_is_refused(minilm, tm
 def test_missing_directory_and_unreachable_hub_are_named(tmp_path):
     with pytest.raises(ModelError, match="does not exist"):
         resolve_model(str(tmp_path / "nope"), SETTINGS)
-    with pytest.raises(ModelError, match="cannot fetch model 'someone/some-model@main' from the Hugging Face Hub"):
+    with pytest.raises(ModelError, match="model .someone/some-model@main. cannot be fetched from the Hugging Face Hub"):
         resolve_model("someone/some-model@main", SETTINGS)
 
 

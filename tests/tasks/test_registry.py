@@ -109,3 +109,10 @@ def test_a_corrupted_registered_file_is_refused_when_loaded(tmp_path):
     (tmp_path / "models/m/1/model.safetensors").write_bytes(b"tampered")
     with pytest.raises(ModelError, match=r"model\.safetensors .* do not match the sha256 recorded at registration"):
         resolve_model("m", Settings(), store)
+
+
+def test_a_degenerate_model_is_never_promoted(tmp_path):
+    store = Store(str(tmp_path))
+    reg = Registry(store, "m").register(_trained(store, "r1"), _eval(1.0), problem="it predicts 'pos' for every row")
+    assert (reg.promoted, reg.champion) == (False, None) and "predicts 'pos'" in reg.reason
+    assert Registry(store, "m").register(_trained(store, "r2"), _eval(0.6)).promoted  # then a sound one is

@@ -91,3 +91,23 @@ def test_int8_text_classification_scores_close_calls_again_in_fp32(classifier, m
     int8_labels = np.array(int8_table.column("label").to_pylist())
     assert (labels != exact_labels).sum() < (int8_labels != exact_labels).sum()  # 0 vs 15 here
     assert (labels == exact_labels).mean() >= 0.99
+
+
+def test_training_data_checks_and_the_degenerate_model_gate():
+    import datasets
+
+    from hfbatch.tasks.errors import DataError
+    from hfbatch.tasks.recipes import get_recipe
+
+    recipe = get_recipe("text-classification")
+    one = datasets.Dataset.from_dict({"label": [1] * 50})
+    with pytest.raises(DataError, match=r"'d.parquet' has a single class \(\['pos'\]\)"):
+        recipe.check_training_data(one, ("neg", "pos"), "d.parquet")
+    skewed = datasets.Dataset.from_dict({"label": [0] * 995 + [1] * 5})
+    assert recipe.check_training_data(skewed, ("neg", "pos"), "d") == [
+        "class 'pos' has 5 of 1000 training rows (0.50%): predictions of it are unreliable"]
+    assert recipe.check_training_data(datasets.Dataset.from_dict({"label": [0, 1] * 10}), ("neg", "pos"), "d") == []
+    always_pos = {"confusion_matrix": {"labels": ["neg", "pos"], "matrix": [[0, 40], [0, 60]]}}
+    assert recipe.gate_problem({}, always_pos) == "it predicts 'pos' for every eval row (a degenerate model)"
+    assert recipe.gate_problem({}, {"confusion_matrix": {"labels": ["neg", "pos"], "matrix": [[30, 10], [5, 55]]}}) \
+        is None

@@ -1,0 +1,185 @@
+"""A new user's mistakes and ordinary faults through the CLI: each gives one clear message (naming the
+file, column, row, option or setting), exit status 2 and no traceback; what can be checked before a flow
+starts is answered then; nothing is written, or what was committed is left as it was."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from hfbatch.flows import cli
+from hfbatch.flows.cli import main
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, data_dir, classifier):
+    """Inputs, models and a store that the cases below spoil in their own ways."""
+    root = tmp_path_factory.mktemp("bad-input")
+    sst2 = pq.read_table(data_dir / "sst2" / "train.parquet").slice(0, 40)
+    pq.write_table(sst2.select(["idx", "text"]), root / "rows.parquet", row_group_size=10)
+    pq.write_table(sst2.select(["idx", "text", "label"]), root / "labelled.parquet")
+    texts = sst2.column("text").to_pylist()
+    texts[23] = None
+    pq.write_table(pa.table({"idx": list(range(40)), "text": texts}), root / "null-row.parquet", row_group_size=10)
+    pq.write_table(pa.table({"text": ["a", "b", "c", "d"] * 10, "label": [1] * 40}), root / "one-class.parquet")
+    pq.write_table(pa.table({"text": ["a", "b"], "label": [0.5, 1.5]}), root / "float-labels.parquet")
+    pq.write_table(pa.table({"text": pa.array([], pa.string()), "label": pa.array([], pa.int64())}),
+                   root / "empty.parquet")
+    pq.write_table(pa.table({"text": ["ok", "x"], "label": ["positive", "neutral"]}), root / "unknown-label.parquet")
+    (root / "corrupt.parquet").write_bytes(b"PAR1 not really parquet")
+    (root / "no-parquet").mkdir()
+    (root / "no-parquet" / "notes.txt").write_text("hello")
+    (root / "foreign").mkdir()
+    (root / "foreign" / "report.csv").write_text("a,b\n")
+    (root / "nested").mkdir()
+    shutil.copy(root / "rows.parquet", root / "nested" / "rows.parquet")
+    (root / "metric.py").write_text("def compute(predictions, references):\n    return {'always': 1.0}\n")
+
+    no_weights = root / "no-weights"
+    shutil.copytree(classifier, no_weights, ignore=shutil.ignore_patterns("*.safetensors"))
+    pickled = root / "pickled"
+    shutil.copytree(no_weights, pickled)
+    (pickled / "pytorch_model.bin").write_bytes(b"a pickle")
+    remote = root / "remote-code"
+    shutil.copytree(classifier, remote)
+    config = json.loads((remote / "config.json").read_text())
+    (remote / "config.json").write_text(json.dumps({**config, "auto_map": {
+        "AutoModelForSequenceClassification": "modeling_evil.EvilModel"}}))
+
+    store = root / "store"  # a registry with one name in it
+    registry = store / "models" / "sst2"
+    registry.mkdir(parents=True)
+    (registry / "registry.json").write_text(json.dumps({"name": "sst2", "champion": None, "versions": [],
+                                                         "history": []}))
+    return {"root": root, "model": classifier}
+
+
+M, I, O = "{model}", "{root}/rows.parquet", "{root}/out"
+
+
+def infer(*extra: str, model: str = M, task: str = "text-classification", input: str = I, output: str = O) -> list:
+    return ["infer", "--model", model, "--task", task, "--input", input, "--output", output, *extra]
+
+
+def train(*extra: str, dataset: str = "{root}/labelled.parquet", name: str = "bad") -> list:
+    return ["train", "--dataset", dataset, "--model", M, "--name", name, "--store", "{root}/trainstore", *extra]
+CASES = [  # (id, argv, message, stage: "cli" = refused before any flow starts, "flow" = in the flow)
+    ("missing input", infer(input="{root}/nothere.parquet"), r"input '.*nothere\.parquet' does not exist", "cli"),
+    ("no parquet in input", infer(input="{root}/no-parquet"), "holds no Parquet files", "cli"),
+    ("corrupt input", infer(input="{root}/corrupt.parquet"), r"corrupt or unreadable Parquet file .*corrupt\.parquet", "cli"),
+    ("missing text column", infer("--text-column", "sentence"), r"has no column 'sentence' \(input 'text'", "cli"),
+    ("non-string text column", infer("--text-column", "idx"), r"column 'idx' of .* is int64, not a string", "cli"),
+    ("missing kept column", infer("--keep-columns", "nope"), r"no column\(s\) \['nope'\] to keep", "cli"),
+    ("malformed --columns", infer("--columns", "text"), "expected INPUT=COLUMN", "cli"),
+    ("unknown task input", infer("--columns", "question=text"), r"has inputs \['text'\]", "cli"),
+    ("unknown task", infer(task="image-segmentation"), "invalid choice: 'image-segmentation'", "cli"),
+    ("bad precision", infer("--precision", "int4"), "invalid choice: 'int4'", "cli"),
+    ("zero batch tokens", infer("--batch-tokens", "0"), "batch_tokens: Input should be greater than or equal to 1", "cli"),
+    ("zero shard rows", infer("--shard-rows", "0"), "shard_rows: Input should be greater than or equal to 1", "cli"),
+    ("non-numeric shard rows", infer("--shard-rows", "many"), "invalid int value: 'many'", "cli"),
+    ("zero-shot without labels", infer(task="zero-shot-classification"), "needs candidate_labels", "cli"),
+    ("output placeholder", infer(output="{root}/out-{{day}}"), r"only \{date\} and \{model_version\}", "cli"),
+    ("dask address without dask", infer("--dask-address", "tcp://127.0.0.1:8786"), "needs task_runner='dask'", "cli"),
+    ("missing model directory", infer(model="{root}/no-such-model"), "does not exist", "cli"),
+    ("model without weights", infer(model="{root}/no-weights"), "has no weights", "cli"),
+    ("pickle weights", infer(model="{root}/pickled"), "HFBATCH_ALLOW_PICKLE_WEIGHTS=1", "cli"),
+    ("remote code", infer(model="{root}/remote-code"), r"own Python code .*HFBATCH_TRUST_REMOTE_CODE=1", "cli"),
+    ("unregistered name", infer("--store", "{root}/store", model="sst3"),
+     r"'sst3' is not registered in .*store \(registered: \['sst2'\]\)", "cli"),
+    ("no champion yet", infer("--store", "{root}/store", model="sst2"), "has no champion yet", "cli"),
+    ("output inside input", infer(input="{root}/nested", output="{root}/nested/out"), "is inside the input", "cli"),
+    ("output not ours", infer(output="{root}/foreign"), "holds files hfbatch did not write", "cli"),
+    ("null row", infer(input="{root}/null-row.parquet"), r"null-row\.parquet.*row group 2, row 3 .*null 'text'", "flow"),
+    ("missing label column", train("--label-column", "stars"), r"has no column 'stars' \(--label-column\)", "cli"),
+    ("learning rate", train("--learning-rate", "5"), "learning_rate: Input should be less than 1", "cli"),
+    ("eval fraction", train("--eval-fraction", "1.5"), "eval_fraction: Input should be less than 1", "cli"),
+    ("invalid name", train(name="../etc"), "invalid model name", "cli"),
+    ("unknown metric", train("--metric", "bleu"), r"unknown metric\(s\) \['bleu'\]", "cli"),
+    ("missing metric module", train("--metric-module", "{root}/nothere.py"), "metric module .* does not exist", "cli"),
+    ("unknown train task", train("--task", "fill-mask"), "invalid choice: 'fill-mask'", "cli"),
+    ("missing training data", train(dataset="{root}/none.parquet"), "does not exist", "cli"),
+    ("empty training data", train(dataset="{root}/empty.parquet"), "is empty", "flow"),
+    ("float labels", train(dataset="{root}/float-labels.parquet"), "labels must be names or ids", "flow"),
+    ("single class", train(dataset="{root}/one-class.parquet"), "has a single class", "flow"),
+    ("unknown eval label", train("--eval-dataset", "{root}/unknown-label.parquet"),
+     r"row 1: unknown label 'neutral'", "flow"),
+    ("evaluate unregistered", ["evaluate", "--model", "nosuchname", "--dataset", "{root}/labelled.parquet",
+                               "--store", "{root}/store"], r"'nosuchname' is not registered in .*\['sst2'\]", "cli"),
+    ("evaluate missing data", ["evaluate", "--model", M, "--dataset", "{root}/gone.parquet"], "does not exist", "cli"),
+    ("serve without server", ["serve", "--name", "n", "--model", M, "--watch", "{root}", "--input", I, "--output", O],
+     "serving needs a Prefect server", "cli"),
+    ("serve bad train param", ["serve", "--name", "n", "--model", M, "--watch", "{root}", "--input", I, "--output", O,
+                               "--train-param", "epochs"], "takes KEY=VALUE", "cli"),
+    ("serve unknown train param", ["serve", "--name", "n", "--model", M, "--watch", "{root}", "--input", I,
+                                   "--output", O, "--train-param", "epoch=2"], r"has no parameter\(s\) \['epoch'\]", "cli"),
+]
+
+
+@pytest.mark.parametrize("argv, message, stage", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_one_clear_message(prefect_harness, world, capfd, monkeypatch, argv, message, stage):
+    import re
+
+    root = world["root"]
+    argv = [a.format(model=world["model"], root=root) for a in argv]
+    before = {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+    if stage == "cli":  # answered before any flow run (and so before a temporary Prefect server) starts
+        monkeypatch.setattr(cli, "flows", lambda real=cli.flows: {k: _no_run(f) for k, f in real().items()})
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    # serve needs a Prefect server: none for the case that says so, else one never reached (refused before)
+    api = {PREFECT_API_URL: None if "Prefect server" in message else "http://127.0.0.1:9/api"}
+    with temporary_settings(api) if argv[0] == "serve" else contextlib.nullcontext():
+        assert main(argv) == 2
+    out, err = capfd.readouterr()
+    assert re.search(message, err), err[-3000:]
+    assert err.count("error:") == 1, err[-3000:]
+    assert "Traceback" not in err and "Traceback" not in out, err[-3000:]
+    after = {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+    assert {p: t for p, t in after.items() if p in before} == before  # nothing there was touched
+    written = [p for p in after if p not in before and "trainstore" not in p.parts and "prefect" not in str(p)]
+    assert not [p for p in written if p.suffix == ".parquet" and p.name.startswith("part-")], written
+    assert not (root / "trainstore" / "models").exists()
+
+
+def _no_run(flow):
+    class Refuse:
+        fn = staticmethod(flow.fn)
+        name = flow.name
+
+        def __call__(self, *args, **kwargs):
+            raise AssertionError("the flow ran: this mistake should have been caught before it")
+
+        def validate_parameters(self, values):
+            return flow.validate_parameters(values)
+
+    return Refuse()
+
+
+def test_debug_prints_the_traceback(prefect_harness, world, capfd):
+    assert main(["infer", "--model", world["model"], "--task", "text-classification", "--input",
+                 str(world["root"] / "nothere.parquet"), "--output", str(world["root"] / "o"), "--debug"]) == 2
+    err = capfd.readouterr().err
+    assert "Traceback" in err and err.count("hfbatch: error:") == 1
+
+
+def test_a_missing_file_is_reported_in_seconds_without_a_prefect_server(world, tmp_path):
+    """A fresh process with no Prefect server anywhere: the error comes before one would start."""
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}
+    env.pop("PREFECT_API_URL", None)
+    started = time.perf_counter()
+    proc = subprocess.run([str(Path(sys.executable).parent / "hfbatch"), "infer", "--model", world["model"],
+                           "--task", "text-classification", "--input", str(tmp_path / "missing.parquet"),
+                           "--output", str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=120)
+    seconds = time.perf_counter() - started
+    assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+    assert seconds < 10, seconds  # importing the libraries is most of it; a temporary server adds 10-20 s
+    assert not (tmp_path / "prefect" / "prefect.db").exists()
