@@ -22,8 +22,8 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def plain_trainer(train_file: Path, model: str, args, out: Path) -> float:
-    """The Hugging Face way, by hand: load, tokenize, Trainer.train(). Returns samples/s."""
+def plain_trainer(train_file: Path, model: str, args, out: Path) -> tuple[float, float]:
+    """The Hugging Face way, by hand: load, tokenize, Trainer.train(). Returns (samples/s, mean loss)."""
     from datasets import load_dataset
     from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
                               TrainingArguments, set_seed)
@@ -41,7 +41,7 @@ def plain_trainer(train_file: Path, model: str, args, out: Path) -> float:
                               use_cpu=not __import__("torch").cuda.is_available())
     result = Trainer(model=net, args=targs, train_dataset=ds, processing_class=tok,
                      data_collator=DataCollatorWithPadding(tok)).train()
-    return result.metrics["train_samples_per_second"]
+    return result.metrics["train_samples_per_second"], result.metrics["train_loss"]
 
 
 def main() -> None:
@@ -85,12 +85,14 @@ def main() -> None:
             warm_s = time.perf_counter() - start
         after = plain_trainer(tmp / "train.parquet", args.model, args, tmp / "plain2")
 
-    baseline = (before + after) / 2
+    baseline = (before[0] + after[0]) / 2
     flow = cold["train_samples_per_second"]
     print(f"samples: {args.samples}, batch {args.batch_size}, max_length {args.max_length}, "
           f"device {cold['device']}/{cold['precision']}")
-    print(f"plain Trainer:   {baseline:7.1f} samples/s (runs: {before:.1f}, {after:.1f})")
-    print(f"hfbatch flow:    {flow:7.1f} samples/s  → ratio {flow / baseline:.3f}× (goal ≥ 0.97×)")
+    print(f"plain Trainer:   {baseline:7.1f} samples/s (runs: {before[0]:.1f}, {after[0]:.1f}), "
+          f"mean training loss {before[1]:.4f} and {after[1]:.4f}")
+    print(f"hfbatch flow:    {flow:7.1f} samples/s  → ratio {flow / baseline:.3f}× (goal ≥ 0.97×), "
+          f"mean training loss {cold['train_loss']:.4f} (the same rows, seed and hyperparameters)")
     print(f"flow cold run:   {cold_s:7.1f} s (accuracy {cold['metrics']['accuracy']:.4f})")
     print(f"flow warm rerun: {warm_s:7.1f} s (all cached; {warm_s / cold_s:.1%} of cold), same result: "
           f"{warm == cold}")

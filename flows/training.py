@@ -88,7 +88,8 @@ def train_flow(**values) -> dict:
             "promoted": registration.promoted, "reason": registration.reason, "metrics": evaluated.metrics,
             "uri": registration.uri, "run_key": trained.run_key, "global_step": trained.global_step,
             "resumed_from_step": trained.resumed_from_step,
-            "train_samples_per_second": trained.train_samples_per_second, "device": trained.device,
+            "train_samples_per_second": trained.train_samples_per_second, "train_loss": trained.train_loss,
+            "warnings": list(trained.warnings), "device": trained.device,
             "precision": trained.precision, "store": run.store.url}
 
 
