@@ -19,7 +19,8 @@ def all_recipes() -> dict[str, Recipe]:
             continue
         mod = importlib.import_module(f"{__name__}.{module.name}")
         for value in vars(mod).values():
-            if isinstance(value, type) and issubclass(value, Recipe) and value.__module__ == mod.__name__:
+            if (isinstance(value, type) and issubclass(value, Recipe) and value.__module__ == mod.__name__
+                    and "task" in vars(value)):  # a shared base class names no task
                 found[value.task] = value()
     return dict(sorted(found.items()))
 
