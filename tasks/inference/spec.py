@@ -120,4 +120,5 @@ def build_spec(task: str, model: ModelRef, output: str, files: list[InputFile], 
         missing = [c for c in spec.keep_columns if c not in schema.names]
         if missing:
             raise DataError(f"input file {f.url!r} has no column(s) {missing} to keep; columns: {schema.names}")
+    recipe.check_checkpoint(model)
     return spec

@@ -9,6 +9,10 @@ Training, evaluation, the registry, inference and the CLI look recipes up by tas
 """
 from __future__ import annotations
 
+import json
+import logging
+import re
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -16,11 +20,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict
 
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, ModelError
 from ..inference.predictor import Predictor
 from ..models import load_model
 from ..refs import ModelRef
 from ..settings import Settings
+
+
+log = logging.getLogger(__name__)
 
 
 class Options(BaseModel):
@@ -97,8 +104,30 @@ class Recipe:
         """`from_pretrained` arguments of the model to fine-tune (a head of the right size)."""
         return {}
 
+    def has_head(self, model: ModelRef) -> bool | None:
+        """Whether the checkpoint has this task's head: by its architectures, else by its model card's
+        `pipeline_tag`; None when neither says."""
+        config = json.loads((Path(model.path) / "config.json").read_text())
+        if config.get("architectures"):
+            return any(a.endswith(self.heads) for a in config["architectures"])
+        card = Path(model.path) / "README.md"
+        tag = re.search(r"^pipeline_tag:\s*(\S+)", card.read_text(errors="replace"), re.M) if card.exists() else None
+        return None if tag is None else tag.group(1) in (self.task, *self.aliases)
+
+    def check_checkpoint(self, model: ModelRef) -> None:
+        """Refuse to predict with a checkpoint that lacks this task's head: its head would be freshly
+        initialised, and the answers random."""
+        if self.heads and self.has_head(model) is False:
+            config = json.loads((Path(model.path) / "config.json").read_text())
+            raise ModelError(f"model {model.source!r} ({', '.join(config.get('architectures') or ['no architecture'])}) "
+                             f"has no {self.task} head: it would predict at random. Fine-tune it first "
+                             f"(hfbatch train --task {self.task}) or choose a {self.task} checkpoint")
+
     def model_for_training(self, model: ModelRef, label_names: tuple[str, ...], settings: Settings):
-        """The model to fine-tune, from a base checkpoint or one with this task's head."""
+        """The model to fine-tune, from a base checkpoint (a new head, said in the log) or one with this
+        task's head."""
+        if self.has_head(model) is False:
+            log.info("training a new %s head on %s: the checkpoint has none", self.task, model.source)
         return load_model(model, self.model_class, settings, **self.model_kwargs(label_names))
 
     def trained_model(self, model: ModelRef, settings: Settings):

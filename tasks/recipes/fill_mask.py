@@ -40,4 +40,5 @@ class FillMaskPredictor(PipelinePredictor):
 class FillMask(Recipe):
     task = "fill-mask"
     predictor = FillMaskPredictor
+    heads = ("ForMaskedLM",)
     infer_options = FillMaskOptions

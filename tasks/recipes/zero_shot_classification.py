@@ -45,4 +45,5 @@ class ZeroShotPredictor(PipelinePredictor):
 class ZeroShotClassification(Recipe):
     task = "zero-shot-classification"
     predictor = ZeroShotPredictor
+    heads = ("ForSequenceClassification",)
     infer_options = ZeroShotOptions

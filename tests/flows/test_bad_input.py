@@ -183,3 +183,14 @@ def test_a_missing_file_is_reported_in_seconds_without_a_prefect_server(world, t
     assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
     assert seconds < 10, seconds  # importing the libraries is most of it; a temporary server adds 10-20 s
     assert not (tmp_path / "prefect" / "prefect.db").exists()
+
+
+def test_a_checkpoint_without_the_tasks_head_is_refused(prefect_harness, world, minilm, capfd):
+    """MiniLM as it ships is a bare encoder (BertModel): as a classifier its head would be random."""
+    code = main(["infer", "--model", minilm, "--task", "text-classification", "--input",
+                 str(world["root"] / "rows.parquet"), "--output", str(world["root"] / "headless")])
+    err = capfd.readouterr().err
+    assert code == 2 and "(BertModel) has no text-classification head: it would predict at random" in err
+    assert not (world["root"] / "headless").exists()
+    assert main(["infer", "--model", minilm, "--task", "feature-extraction", "--input",
+                 str(world["root"] / "rows.parquet"), "--output", str(world["root"] / "embeddings")]) == 0
