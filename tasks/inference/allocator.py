@@ -9,7 +9,9 @@ gets the same effect inside the process, without `LD_PRELOAD`, by raising glibc'
 `mallopt`: requests up to `MMAP_THRESHOLD` come from the heap, and up to `TRIM_THRESHOLD` of freed
 memory stays in it for the next batch. The cost is resident memory: the heap grows until freed blocks
 fit the next requests (torch's aligned allocations do not always fit the block just freed), then
-stays. Time and memory measured: `benchmarks/RESULTS.md`.
+stays. So that what it holds does not creep up from shard to shard (each thread's arena keeps its own
+largest batch), `release_freed_memory` hands the free part back to the kernel when a shard is done.
+Time and memory measured: `benchmarks/RESULTS.md`.
 """
 from __future__ import annotations
 
@@ -39,3 +41,10 @@ def keep_freed_memory() -> bool:
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     settings = ((M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, TRIM_THRESHOLD), (M_TOP_PAD, TOP_PAD))
     return all(mallopt(option, value) == 1 for option, value in settings)
+
+
+def release_freed_memory() -> None:
+    """Give the memory the heap holds but no object uses back to the kernel (glibc's `malloc_trim`, all
+    arenas), where `keep_freed_memory` kept it: called between shards, not between batches."""
+    if keep_freed_memory():
+        ctypes.CDLL(None).malloc_trim(0)

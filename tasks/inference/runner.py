@@ -19,6 +19,7 @@ from ..refs import ModelRef
 from ..settings import Settings
 from .output import (check_output_location, finalize, output_store, parquet_bytes, part_name, prepare_output,
                      quarantine_files)
+from .allocator import release_freed_memory
 from .predictor import get_predictor
 from .shards import CorruptRows, Shard, describe_input, iter_shard_batches, plan_shards, read_footer
 from .spec import ROW_ID, InferSpec, build_spec
@@ -41,6 +42,8 @@ def run_shard(shard: Shard, spec: InferSpec) -> dict:
     good, bad = _read_shard(shard, spec, predictor)
     texts = {name: good.column(f"__in_{name}").to_pylist() for name, _ in spec.inputs}
     predictions, tokens = predictor.predict(texts, spec.batch_tokens or predictor.batch_tokens)
+    if predictor.device == "cpu":
+        release_freed_memory()  # what the shard's batches freed: the next shard starts from the same RSS
     n = good.num_rows
     result = good.select([*spec.keep_columns, ROW_ID])
     for column in predictions.column_names:
