@@ -91,7 +91,8 @@ def train(data: DatasetRef, model: ModelRef, store: Store, recipe: Recipe, optio
         seed=config.seed, data_seed=config.seed, save_strategy="steps", save_steps=config.save_steps,
         save_total_limit=2, logging_steps=max(1, min(50, config.save_steps)), report_to=[],
         use_cpu=device == "cpu", bf16=precision == "bf16", fp16=precision == "fp16", dataloader_num_workers=0,
-        disable_tqdm=not os.isatty(2))
+        disable_tqdm=not os.isatty(2),
+        **({"train_sampling_strategy": "group_by_length"} if recipe.group_by_length else {}))
     trainer = recipe.trainer(model=net, args=args, train_dataset=ds, processing_class=tokenizer,
                              data_collator=recipe.collator(tokenizer, net),
                              callbacks=[CheckpointCommit(store, ckpt_key)])

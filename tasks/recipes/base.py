@@ -71,6 +71,10 @@ class Recipe:
     `warmup_ratio`), where they differ from `tasks.train.DEFAULTS`."""
     stratify_by: ClassVar[str | None] = None
     """Column a held-out split is stratified by."""
+    group_by_length: ClassVar[bool] = False
+    """Train on batches of rows of similar length (less padding where lengths vary a lot). Training
+    only: under that setting the Trainer orders predict()'s batches by length too, and the predictions
+    would come back out of the data's order."""
 
     @property
     def trainable(self) -> bool:

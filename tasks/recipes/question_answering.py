@@ -186,6 +186,7 @@ class QuestionAnswering(Recipe):
     train_options = Columns
     model_class = "AutoModelForQuestionAnswering"
     heads = ("ForQuestionAnswering",)
+    group_by_length = True  # windows run from a few dozen tokens to max_length
     metrics: ClassVar[tuple[str, ...]] = ("f1", "exact_match")
     max_length = 384
     train_defaults: ClassVar[dict] = {"epochs": 1.0, "batch_size": 16, "learning_rate": 2e-4, "weight_decay": 0.01,
@@ -233,16 +234,6 @@ class QuestionAnswering(Recipe):
                            with_indices=True, batched=True, batch_size=1000, remove_columns=dataset.column_names,
                            desc=f"tokenize {split}")
 
-    def training_arguments(self, options: Columns, **kwargs):
-        """Training batches of windows of similar length: windows run from a few dozen tokens to
-        `max_length`, and padding every batch to its longest would double the training time."""
-        from transformers import TrainingArguments
-
-        # Only when training: the Trainer groups predict()'s batches by length too, and its predictions
-        # would no longer be in the order of the windows.
-        if "per_device_train_batch_size" in kwargs:
-            kwargs["train_sampling_strategy"] = "group_by_length"
-        return TrainingArguments(**kwargs)
 
     def postprocess(self, predictions, features, examples, tokenizer, model_config, label_names, options):
         """Each example's best span over its windows (`qa_spans.best_answers`), as the squad metric
