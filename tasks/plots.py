@@ -25,6 +25,32 @@ def final_train_loss(log_history: list[dict]) -> float | None:
     return float(values[-1]) if values and math.isfinite(values[-1]) else None
 
 
+def confusion_png(labels: list[str], matrix: list[list[int]], title: str = "Confusion matrix", dpi: int = 80) -> bytes:
+    """A heatmap PNG of a confusion matrix (rows: reference, columns: predicted), each cell annotated
+    with its count."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    counts = np.asarray(matrix)
+    side = 2.6 + 0.5 * len(labels)
+    fig = Figure(figsize=(side + 1.5, side), dpi=dpi, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    image = ax.imshow(counts, cmap="Blues")
+    fig.colorbar(image, ax=ax, shrink=0.8)
+    ax.set(title=title, xlabel="predicted", ylabel="reference", xticks=range(len(labels)),
+           yticks=range(len(labels)), xticklabels=labels, yticklabels=labels)
+    ax.tick_params(axis="x", labelrotation=45, labelsize="small")
+    ax.tick_params(axis="y", labelsize="small")
+    for (i, j), n in np.ndenumerate(counts):
+        ax.text(j, i, str(n), ha="center", va="center", fontsize="small",
+                color="white" if n > counts.max() / 2 else "black")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, metadata={"Software": None})
+    return buf.getvalue()
+
+
 def loss_curve_png(log_history: list[dict], title: str = "Training loss", width: float = 6.0,
                    height: float = 3.0, dpi: int = 80) -> bytes:
     """A PNG (`width` x `height` inches at `dpi`: 480x240 pixels by default) of the training loss
@@ -55,6 +81,14 @@ def loss_curve_png(log_history: list[dict], title: str = "Training loss", width:
         ax.set_xlim(0, max(last_step, 1))
         ax.text(0.5, 0.5, "no per-step loss logged\n(fewer steps than logging_steps)", ha="center",
                 va="center", transform=ax.transAxes, color="grey")
+    rates = loss_points(log_history, "learning_rate")
+    if rates:
+        lr_axis = ax.twinx()
+        steps, values = zip(*rates)
+        lr_axis.plot(steps, values, color="tab:green", linewidth=1, alpha=0.6, label="learning rate")
+        lr_axis.set_ylabel("learning rate", color="tab:green")
+        lr_axis.tick_params(axis="y", labelcolor="tab:green", labelsize="small")
+        lr_axis.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
     if train or evals or mean is not None:
         ax.legend(loc="upper right", fontsize="small", frameon=False)
     ax.set(title=title, xlabel="step", ylabel="loss")

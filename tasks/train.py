@@ -54,6 +54,12 @@ def run_key(data: DatasetRef, model: ModelRef, task: str, options: Options, conf
                   config.resolved(get_recipe(task)).model_dump())
 
 
+def _logging_steps(rows: int, config: TrainConfig) -> int:
+    """Log the loss about 20 times per run (at most every 50 steps), so a short run has a curve too."""
+    steps = math.ceil(rows / config.batch_size * config.epochs)
+    return max(1, min(50, steps // 20))
+
+
 def train(data: DatasetRef, model: ModelRef, store: Store, recipe: Recipe, options: Options, config: TrainConfig,
           settings: Settings) -> TrainedModel:
     """Fine-tune `model` on tokenized `data`; checkpoints go to the store and a rerun resumes from them."""
@@ -89,7 +95,8 @@ def train(data: DatasetRef, model: ModelRef, store: Store, recipe: Recipe, optio
         learning_rate=config.learning_rate, weight_decay=config.weight_decay,
         warmup_steps=config.warmup_ratio,  # transformers 5: warmup_steps below 1 is a fraction of the steps
         seed=config.seed, data_seed=config.seed, save_strategy="steps", save_steps=config.save_steps,
-        save_total_limit=2, logging_steps=max(1, min(50, config.save_steps)), report_to=[],
+        save_total_limit=2, logging_steps=_logging_steps(ds.num_rows, config), logging_first_step=True,
+        report_to=[],
         use_cpu=device == "cpu", bf16=precision == "bf16", fp16=precision == "fp16", dataloader_num_workers=0,
         disable_tqdm=not os.isatty(2),
         **({"train_sampling_strategy": "group_by_length"} if recipe.group_by_length else {}))

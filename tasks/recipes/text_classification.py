@@ -3,6 +3,7 @@ precision, recall and F1 (macro and per class) and a confusion matrix, and run i
 `pipeline("text-classification")` gives."""
 from __future__ import annotations
 
+import base64
 from typing import ClassVar
 
 import numpy as np
@@ -13,6 +14,7 @@ from pydantic import Field
 from ..errors import DataError
 from ..inference.predictor import EncoderPredictor
 from ..metrics import compute
+from ..plots import confusion_png
 from .base import Options, Recipe, first_bad_row, require_columns
 
 CLOSE_CALL_GAP = 0.2
@@ -191,8 +193,10 @@ class TextClassification(Recipe):
         names, matrix = details["confusion_matrix"]["labels"], details["confusion_matrix"]["matrix"]
         head = "| reference \\ predicted | " + " | ".join(names) + " |\n|" + " --- |" * (len(names) + 1)
         rows = [f"| **{n}** | " + " | ".join(str(v) for v in row) + " |" for n, row in zip(names, matrix)]
-        return {"per-class": ("table", table),
-                "confusion-matrix": ("markdown", "# Confusion matrix\n\n" + "\n".join([head, *rows]))}
+        png = base64.b64encode(confusion_png(names, matrix)).decode()
+        markdown = (f"# Confusion matrix\n\n![Confusion matrix](data:image/png;base64,{png})\n\n"
+                    + "\n".join([head, *rows]))
+        return {"per-class": ("table", table), "confusion-matrix": ("markdown", markdown)}
 
     def card_text(self, label_names):
         labels = ", ".join(f"`{n}`" for n in label_names)

@@ -167,3 +167,18 @@ def test_publish_training_artifacts_on_s3_store(prefect_harness, s3):
     assert f"`s3://hfbatch/store/models/{name}/1/loss_curve.png`" in published[f"{name}-loss-curve"]
     assert f"# {name} v1" in published[f"{name}-model-card"]
     assert set(_latest_artifacts(*published)) == set(published)
+
+
+def test_confusion_matrix_heatmap_and_learning_rate_are_drawn():
+    import matplotlib.image
+    import numpy as np
+
+    from hfbatch.tasks.plots import confusion_png
+
+    png = confusion_png(["negative", "positive"], [[300, 50], [40, 410]])
+    pixels = matplotlib.image.imread(io.BytesIO(png), format="png")
+    assert png_size(png)[0] > 200 and pixels[..., :3].std() > 0.1  # a drawn heatmap, not a blank canvas
+    with_lr = loss_curve_png(LOG_HISTORY)
+    without = loss_curve_png([{k: v for k, v in e.items() if k != "learning_rate"} for e in LOG_HISTORY])
+    assert with_lr != without and png_size(with_lr) == png_size(without) == (480, 240)
+    assert np.asarray(matplotlib.image.imread(io.BytesIO(with_lr), format="png")).shape == (240, 480, 4)

@@ -28,9 +28,9 @@ def test_checkpoints_at_save_steps_only_and_rerun_reuses_the_model(sst2_split, m
     assert sorted(store.list(checkpoints)) == ["checkpoint-2", "checkpoint-4"]
     assert all(store.is_complete(f"{checkpoints}/{c}") for c in store.list(checkpoints))
     assert train(data, model, store, TC, options, config, settings) == trained  # committed: not trained again
-    # the model's train_log.json (logged every 2 steps here) renders as the dashboard's loss curve
+    # the model's train_log.json (a 5-step run logs every step) renders as the dashboard's loss curve
     log_history = json.loads((store.local_dir(trained.key) / "train_log.json").read_text())
-    assert [step for step, _ in loss_points(log_history)] == [2, 4]
+    assert [step for step, _ in loss_points(log_history)] == [1, 2, 3, 4, 5]
     png = loss_curve_png(log_history)
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and png[12:16] == b"IHDR"
     assert (int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")) == (480, 240)
