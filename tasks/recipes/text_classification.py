@@ -180,6 +180,8 @@ class TextClassification(Recipe):
 
     def gate_problem(self, metrics, details):
         """A model that predicts one class for every eval row, where the eval set has several."""
+        if "confusion_matrix" not in details:
+            return None
         matrix = np.asarray(details["confusion_matrix"]["matrix"])
         if (matrix.sum(axis=1) > 0).sum() > 1 and (matrix.sum(axis=0) > 0).sum() == 1:
             only = details["confusion_matrix"]["labels"][int(matrix.sum(axis=0).argmax())]
