@@ -47,6 +47,8 @@ class Predictor:
     rescores_close_calls: ClassVar[bool] = False
     """int8: every encoder layer quantized, and the rows whose two best scores are close scored again by
     the fp32 model (`close_calls`), instead of the first layer kept in fp32 for every row."""
+    uses_row_ids: ClassVar[bool] = False
+    """`predict` takes `row_ids`, the runner's stable id of each row (e.g. to seed per-row sampling)."""
 
     def __init__(self, model: ModelRef, options: BaseModel, settings: Settings, precision: str = "auto"):
         self.model_ref, self.options, self.settings = model, options, settings
@@ -75,12 +77,23 @@ class Predictor:
     def check(cls, options: BaseModel) -> None:
         """Raise `ConfigError` for options this task cannot run with (before any model is loaded)."""
 
+    @classmethod
+    def input_columns(cls, options: BaseModel) -> dict[str, str]:
+        """Inputs whose column one of the task's options names (it wins over `text_column`)."""
+        return {}
+
+    @classmethod
+    def chat_inputs(cls, options: BaseModel) -> tuple[str, ...]:
+        """Inputs that are chats, lists of {role, content} structs, rather than strings."""
+        return ()
+
     def problem(self, row: dict[str, str]) -> str | None:
         """Why a (non-empty, string) row cannot be predicted, or None."""
         return None
 
     def predict(self, inputs: dict[str, list[str]], batch_tokens: int) -> tuple[pa.Table, int]:
-        """Prediction columns for the rows, in input order, and the number of real tokens processed."""
+        """Prediction columns for the rows, in input order, and the number of real tokens processed.
+        A predictor with `uses_row_ids` also takes `row_ids=`: the rows' ids, in the same order."""
         raise NotImplementedError
 
     @property

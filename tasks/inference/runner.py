@@ -17,9 +17,9 @@ from ..errors import DataError
 from ..recipes import get_recipe
 from ..refs import ModelRef
 from ..settings import Settings
+from .allocator import release_freed_memory
 from .output import (check_output_location, finalize, output_store, parquet_bytes, part_name, prepare_output,
                      quarantine_files)
-from .allocator import release_freed_memory
 from .predictor import get_predictor
 from .shards import CorruptRows, Shard, describe_input, iter_shard_batches, plan_shards, read_footer
 from .spec import ROW_ID, InferSpec, build_spec
@@ -41,7 +41,8 @@ def run_shard(shard: Shard, spec: InferSpec) -> dict:
                               spec.precision)
     good, bad = _read_shard(shard, spec, predictor)
     texts = {name: good.column(f"__in_{name}").to_pylist() for name, _ in spec.inputs}
-    predictions, tokens = predictor.predict(texts, spec.batch_tokens or predictor.batch_tokens)
+    ids = {"row_ids": good.column(ROW_ID).to_pylist()} if predictor.uses_row_ids else {}
+    predictions, tokens = predictor.predict(texts, spec.batch_tokens or predictor.batch_tokens, **ids)
     if predictor.device == "cpu":
         release_freed_memory()  # what the shard's batches freed: the next shard starts from the same RSS
     n = good.num_rows
@@ -94,7 +95,9 @@ def _read_shard(shard: Shard, spec: InferSpec, predictor) -> tuple[pa.Table, pa.
         ok = pa.array([r is None for r in reasons], pa.bool_())
         inputs = table
         for name, col in spec.inputs:
-            inputs = inputs.append_column(f"__in_{name}", batch.column(col).cast(pa.string()))
+            values = batch.column(col)
+            values = values if name in spec.chat_inputs else values.cast(pa.string())
+            inputs = inputs.append_column(f"__in_{name}", values)
         good_parts.append((rg, inputs.filter(ok)))
         if not pc.all(ok).as_py():
             bad_rows = [first + i for i, r in enumerate(reasons) if r is not None]
@@ -128,6 +131,10 @@ def _bad_value(row: dict, spec: InferSpec) -> str | None:
         value = row[name]
         if value is None:
             return f"null {column!r}"
+        if name in spec.chat_inputs:  # a list of messages; the predictor checks them (`problem`)
+            if not value:
+                return f"empty {column!r}"
+            continue
         if not isinstance(value, str):
             return f"non-string {column!r} ({type(value).__name__})"
         if not value.strip():
@@ -138,7 +145,8 @@ def _bad_value(row: dict, spec: InferSpec) -> str | None:
 def _empty_inputs(shard: Shard, spec: InferSpec) -> pa.Table:
     schema = read_footer(shard.file, spec.storage_options(shard.file)).schema.to_arrow_schema()
     fields = [schema.field(c) for c in spec.keep_columns] + [pa.field(ROW_ID, pa.string())]
-    fields += [pa.field(f"__in_{name}", pa.string()) for name, _ in spec.inputs]
+    fields += [pa.field(f"__in_{name}", schema.field(column).type if name in spec.chat_inputs else pa.string())
+               for name, column in spec.inputs]
     return pa.schema(fields).empty_table()
 
 

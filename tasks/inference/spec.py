@@ -38,6 +38,8 @@ class InferSpec:
     """Token budget of one model batch; None: the predictor's default for its device."""
     on_bad_row: str = "fail"
     precision: str = "auto"
+    chat_inputs: tuple[str, ...] = ()
+    """Inputs that are chats (lists of {role, content} structs), not strings."""
 
     @property
     def model_name(self) -> str:
@@ -58,6 +60,16 @@ class InferSpec:
 
     def storage_options(self, url: str) -> dict:
         return self.settings.storage_options(url)
+
+
+def is_chat(kind: pa.DataType) -> bool:
+    """A list of structs with string `role` and `content` fields (or a column of nulls)."""
+    if pa.types.is_null(kind):
+        return True
+    if not (pa.types.is_list(kind) or pa.types.is_large_list(kind)) or not pa.types.is_struct(kind.value_type):
+        return False
+    fields = {f.name: f.type for f in kind.value_type}
+    return all(fields.get(name) in STRING_TYPES for name in ("role", "content"))
 
 
 def model_version(model: ModelRef) -> str:
@@ -99,12 +111,13 @@ def build_spec(task: str, model: ModelRef, output: str, files: list[InputFile], 
     unknown = set(columns or {}) - set(names)
     if unknown:
         raise ConfigError(f"task {recipe.task} has inputs {list(names)}, not {sorted(unknown)}")
-    mapping |= columns or {}
+    mapping |= recipe.predictor.input_columns(options) | (columns or {})
+    chats = tuple(recipe.predictor.chat_inputs(options))
     first = read_footer(files[0].url, settings.storage_options(files[0].url)).schema.to_arrow_schema()
     if keep_columns is None:
         keep_columns = [c for c in ID_COLUMNS if c in first.names][:1]
     spec = InferSpec(recipe.task, model, output.rstrip("/"), tuple((n, mapping[n]) for n in names), options,
-                     settings, tuple(keep_columns), batch_tokens, on_bad_row, precision)
+                     settings, tuple(keep_columns), batch_tokens, on_bad_row, precision, chats)
     reserved = {ROW_ID, *PROVENANCE, *recipe.predictor.output_schema(options).names}
     clash = reserved & set(spec.keep_columns)
     if clash:
@@ -115,8 +128,13 @@ def build_spec(task: str, model: ModelRef, output: str, files: list[InputFile], 
             if column not in schema.names:
                 raise DataError(f"input file {f.url!r} has no column {column!r} (input {name!r} of {recipe.task}); "
                                 f"columns: {schema.names}")
-            if schema.field(column).type not in STRING_TYPES:
-                raise DataError(f"column {column!r} of {f.url!r} is {schema.field(column).type}, not a string")
+            kind = schema.field(column).type
+            if name in chats:
+                if not is_chat(kind):
+                    raise DataError(f"column {column!r} of {f.url!r} is {kind}, not a chat: a list of "
+                                    "{role: string, content: string} structs")
+            elif kind not in STRING_TYPES:
+                raise DataError(f"column {column!r} of {f.url!r} is {kind}, not a string")
         missing = [c for c in spec.keep_columns if c not in schema.names]
         if missing:
             raise DataError(f"input file {f.url!r} has no column(s) {missing} to keep; columns: {schema.names}")

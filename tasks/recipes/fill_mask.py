@@ -4,12 +4,17 @@ from __future__ import annotations
 import pyarrow as pa
 from pydantic import Field
 
+from ..errors import ConfigError
 from ..inference.predictor import PipelinePredictor
 from .base import Options, Recipe
 
+TOP_K_DESCRIPTION = ("fill-mask: tokens to return per row (default: 5); sampling (text generation): keep the K "
+                     "likeliest tokens, 0: all (default: the model's generation config)")
+DEFAULT_TOP_K = 5
+
 
 class FillMaskOptions(Options):
-    top_k: int = Field(5, ge=1, description="fill-mask: tokens to return per row")
+    top_k: int | None = Field(None, ge=0, description=TOP_K_DESCRIPTION)
 
 
 class FillMaskPredictor(PipelinePredictor):
@@ -29,8 +34,13 @@ class FillMaskPredictor(PipelinePredictor):
         n = row["text"].count(mask)
         return None if n == 1 else f"expected exactly one mask token {mask}, found {n}"
 
+    @classmethod
+    def check(cls, options) -> None:
+        if options.top_k == 0:
+            raise ConfigError("fill-mask: top_k must be at least 1 (the tokens to return per row)")
+
     def _call_kwargs(self) -> dict:
-        return {"top_k": self.options.top_k}
+        return {"top_k": DEFAULT_TOP_K if self.options.top_k is None else self.options.top_k}
 
     def _rows(self, results: list) -> dict[str, list]:
         return {"predictions": [[{k: p[k] for k in ("token", "token_str", "score", "sequence")} for p in r]

@@ -1,9 +1,12 @@
 """Translation and summarization: sequence-to-sequence models fine-tuned on (source, target) text pairs
 as transformers' run_translation.py and run_summarization.py do it (an optional source prefix, labels
 through `text_target=`, `Seq2SeqTrainer` evaluating with `generate`), scored with sacreBLEU's BLEU and
-chrF (translation) or ROUGE (summarization), and run in bulk by a batched `generate` predictor.
+chrF (translation) or ROUGE (summarization), and run in bulk by the generation engine
+(`inference/generation.py`); text2text-generation runs any sequence-to-sequence model in bulk the same
+way (inference only).
 
-Both tasks share one base recipe, `Seq2Seq`, that names no task (recipe discovery skips it).
+Translation and summarization share one base recipe, `Seq2Seq`, that names no task (recipe discovery
+skips it).
 """
 from __future__ import annotations
 
@@ -18,12 +21,13 @@ import pyarrow.compute as pc
 from pydantic import Field, field_validator
 
 from ..errors import ConfigError, DataError
-from ..inference.predictor import Predictor, pad_batch, token_budget_batches
+from ..inference.generation import GenerationPredictor
 from ..metrics import compute
 from ..models import load_model, load_tokenizer, model_kwargs
 from ..refs import ModelRef
 from ..settings import Settings
 from .base import Options, Recipe, first_bad_row, require_columns
+from .fill_mask import TOP_K_DESCRIPTION
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +42,13 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 class GenerationOptions(Options):
     """What generation takes, in training (evaluation) and in bulk inference alike."""
 
-    source_prefix: str = Field("", description="translation, summarization: text put before every input, "
-                               "e.g. 'translate German to English: ' for T5")
-    forced_bos_token: str | None = Field(None, description="translation: the target language code token every "
-                                         "output starts with (mBART, NLLB), e.g. de_DE")
-    num_beams: int | None = Field(None, ge=1, description="translation, summarization: beams of the beam search "
-                                  "(default: the model's generation config, else 1: greedy)")
+    source_prefix: str = Field("", description="translation, summarization, text2text-generation, text-generation: "
+                               "text put before every input, e.g. 'translate German to English: ' for T5")
+    forced_bos_token: str | None = Field(None, description="translation, text2text-generation: the target language "
+                                         "code token every output starts with (mBART, NLLB), e.g. de_DE")
+    num_beams: int | None = Field(None, ge=1, description="translation, summarization, text2text-generation, "
+                                  "text-generation: beams of the beam search (default: the model's generation "
+                                  "config, else 1: greedy)")
 
 
 class Seq2SeqOptions(GenerationOptions):
@@ -71,9 +76,23 @@ class Seq2SeqOptions(GenerationOptions):
 
 
 class Seq2SeqInferOptions(GenerationOptions):
-    max_new_tokens: int | None = Field(None, ge=1, description="translation, summarization: longest output in "
-                                       "tokens (default: the model's generation config, else "
-                                       f"{DEFAULT_GENERATION_MAX_LENGTH})")
+    """Bulk generation: length, beams, and sampling (each row from its own generator, seeded by `seed`
+    and the row's id). Unset fields take the model's generation config."""
+
+    max_new_tokens: int | None = Field(None, ge=1, description="translation, summarization, text2text-generation, "
+                                       "text-generation: longest output in new tokens (default: the model's "
+                                       f"generation config; else {DEFAULT_GENERATION_MAX_LENGTH} for the seq2seq "
+                                       "tasks, required by text-generation)")
+    do_sample: bool | None = Field(None, description="translation, summarization, text2text-generation, "
+                                   "text-generation: sample the output instead of searching for the likeliest "
+                                   "(default: the model's generation config)")
+    temperature: float | None = Field(None, gt=0, description="sampling: temperature of the next-token "
+                                      "distribution (default: the model's generation config)")
+    top_p: float | None = Field(None, gt=0, le=1, description="sampling: nucleus filtering, the smallest set of "
+                                "tokens whose probability reaches P (default: the model's generation config)")
+    top_k: int | None = Field(None, ge=0, description=TOP_K_DESCRIPTION)
+    seed: int = Field(0, description="sampling: seed of the run; a row's sample depends on it and the row's id "
+                                     "only (not on shards, batches or threads)")
 
 
 def token_id(tokenizer, token: str) -> int:
@@ -85,88 +104,27 @@ def token_id(tokenizer, token: str) -> int:
     return int(found)
 
 
-class Seq2SeqPredictor(Predictor):
-    """`generated_text` of each row by `model.generate` with the model's generation config plus the options
-    (`source_prefix`, `forced_bos_token`, `num_beams`, `max_new_tokens`), with `input_tokens`,
-    `output_tokens` (new tokens up to and with the end-of-sequence token) and `finish_reason` (`eos`, or
-    `length` when the output reached `max_new_tokens`, also where the model forces an end token there).
+class Seq2SeqPredictor(GenerationPredictor):
+    """`generated_text` of each row as `model.generate` gives it for that row alone, with the model's
+    generation config plus the options (`source_prefix`, `forced_bos_token`, `num_beams`, `max_new_tokens`,
+    sampling), by the generation engine (`inference/generation.py`); `output_tokens` counts the new tokens
+    up to and with the end token, `finish_reason` is `eos`, or `length` when the output reached
+    `max_new_tokens` (also where the model forces an end token there). Inputs are truncated to what the
+    encoder takes."""
 
-    Rows are sorted by input length and cut into batches of at most `batch_tokens` input tokens per beam,
-    padded on the tokenizer's side; on the CPU several batches generate at once, each on one thread
-    (`streams.py`). Results go back in input order; each row's output is what `model.generate` gives
-    for that row alone."""
+    model_class = "AutoModelForSeq2SeqLM"
 
-    @classmethod
-    def output_schema(cls, options) -> pa.Schema:
-        return pa.schema([("generated_text", pa.string()), ("input_tokens", pa.int32()),
-                          ("output_tokens", pa.int32()), ("finish_reason", pa.string())])
-
-    def __init__(self, model: ModelRef, options: Seq2SeqInferOptions, settings: Settings, precision: str = "auto"):
-        super().__init__(model, options, settings, precision)
-        if self.precision == "int8":
-            raise ConfigError("precision 'int8' is not available for translation and summarization")
-        from transformers import AutoModelForSeq2SeqLM
-
-        self.tokenizer = load_tokenizer(model, settings)
-        self.model = AutoModelForSeq2SeqLM.from_pretrained(model.path, **self._load_kwargs()).to(self.device).eval()
-        self.generation_config, self.max_new_tokens = generation_config(self.model, self.tokenizer, options)
-        self.eos = _ids(self.generation_config.eos_token_id)
-        self.forced_eos = bool(self.eos & _ids(self.generation_config.forced_eos_token_id))
+    def _configure(self):
+        config, self.max_new_tokens = generation_config(self.model, self.tokenizer, self.options)
         encoder = self.model.get_encoder().config
         limits = [self.tokenizer.model_max_length, getattr(encoder, "max_position_embeddings", None)]
         self.max_length = min([x for x in limits if x and x < 1_000_000] or [1024])
-        self.pad_id = self.tokenizer.pad_token_id or 0
+        """Longest input, in tokens."""
+        return config
 
-    def predict(self, inputs: dict[str, list[str]], batch_tokens: int) -> tuple[pa.Table, int]:
-        import torch
-
-        texts = [self.options.source_prefix + t for t in inputs["text"]]
-        if not texts:
-            return self.schema.empty_table(), 0
-        ids = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
-        lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-        left = self.tokenizer.padding_side == "left"
-
-        def run(rows: np.ndarray) -> list[tuple[list[int], str]]:
-            batch = pad_batch(rows, ids, None, lengths, self.pad_id, left)
-            with torch.inference_mode(), self._kernels():
-                generated = self.model.generate(**{k: torch.from_numpy(v).to(self.device) for k, v in batch.items()},
-                                                generation_config=self.generation_config)
-            return [self._finished(row[1:]) for row in generated.tolist()]  # after the decoder start token
-
-        beams = self.generation_config.num_beams or 1
-        batches = token_budget_batches(lengths, max(1, batch_tokens // beams))[::-1]  # the longest first
-        if self.device == "cpu":  # decoding is many small ops: batches side by side, one thread each
-            from ..inference.streams import cpu_streams
-
-            results = cpu_streams().map(run, batches)
-        else:
-            with self.lock:  # shards of a thread runner share the model
-                results = [run(rows) for rows in batches]
-        outputs: list = [None] * len(ids)
-        for rows, finished in zip(batches, results):
-            for r, out in zip(rows, finished):
-                outputs[r] = out
-        texts_out = self.tokenizer.batch_decode([o[0] for o in outputs], skip_special_tokens=True)
-        table = pa.table({"generated_text": pa.array([t.strip() for t in texts_out], pa.string()),
-                          "input_tokens": pa.array(lengths, pa.int32()),
-                          "output_tokens": pa.array([len(o[0]) for o in outputs], pa.int32()),
-                          "finish_reason": pa.array([o[1] for o in outputs], pa.string())}, schema=self.schema)
-        return table, int(lengths.sum())
-
-    def _finished(self, tokens: list[int]) -> tuple[list[int], str]:
-        """A row's new tokens up to its first end token, and why it stopped. A row without one ran to
-        `max_new_tokens` (generation stops early only once every row has ended)."""
-        end = next((i for i, t in enumerate(tokens) if t in self.eos), None)
-        if end is None:
-            return tokens, "length"
-        reason = "length" if self.forced_eos and end + 1 >= self.max_new_tokens else "eos"
-        return tokens[: end + 1], reason
-
-
-def _ids(value) -> set[int]:
-    """A generation config's token id field (None, one id or a list) as a set."""
-    return set(value if isinstance(value, list) else [] if value is None else [value])
+    def _encode(self, inputs):
+        ids = self._tokenize([self.options.source_prefix + t for t in inputs["text"]], self.max_length)
+        return ids, [self.max_new_tokens] * len(ids)
 
 
 def generation_config(model, tokenizer, options: GenerationOptions):
@@ -175,6 +133,7 @@ def generation_config(model, tokenizer, options: GenerationOptions):
     counts the decoder start token) so that `generate` sees no conflicting pair."""
     config = _with_options(copy.deepcopy(model.generation_config), tokenizer, options.num_beams,
                            options.forced_bos_token)
+    sampling(config, options)
     limit = (getattr(options, "max_new_tokens", None) or config.max_new_tokens
              or (config.max_length - 1 if config.max_length else DEFAULT_GENERATION_MAX_LENGTH))
     if config.max_new_tokens is not None:
@@ -182,6 +141,14 @@ def generation_config(model, tokenizer, options: GenerationOptions):
     else:
         config.max_length = limit + 1
     return config, limit
+
+
+def sampling(config, options) -> None:
+    """The sampling options (`do_sample`, `temperature`, `top_p`, `top_k`) that are set, into `config`."""
+    for name in ("do_sample", "temperature", "top_p", "top_k"):
+        value = getattr(options, name, None)
+        if value is not None:
+            setattr(config, name, value)
 
 
 def _with_options(config, tokenizer, num_beams: int | None, forced_bos_token: str | None):
@@ -368,3 +335,14 @@ class Summarization(Seq2Seq):
                                  "with a reference, not faithfulness."),
                                 ("Inputs longer than the training `max_length` are truncated, so later parts of "
                                  "long documents are not summarized."))}
+
+
+class Text2TextGeneration(Recipe):
+    """Whatever a sequence-to-sequence model writes for an input (T5-style task prefixes through
+    `--source-prefix`, e.g. 'summarize: '): bulk inference only, with translation's predictor."""
+
+    task = "text2text-generation"
+    predictor = Seq2SeqPredictor
+    infer_options = Seq2SeqInferOptions
+    model_class = "AutoModelForSeq2SeqLM"
+    heads = Seq2Seq.heads

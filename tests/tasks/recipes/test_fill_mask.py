@@ -40,3 +40,22 @@ def test_fill_mask_matches_pipeline_and_quarantines_rows_without_mask(tiny_model
     single = pq.read_table(tmp_path / "one").column("predictions").to_pylist()[0]
     assert [(x["token"], x["token_str"], x["sequence"]) for x in single] == \
            [(x["token"], x["token_str"], x["sequence"]) for x in pipe(texts[0])]
+
+
+def test_top_k_defaults_to_five_and_zero_is_refused(tiny_models, data_dir, tmp_path):
+    """`top_k` is shared with sampling (unset there means the model's generation config): unset, fill-mask
+    returns 5 tokens per row; 0 is refused before any model is loaded."""
+    import pytest
+    from hfbatch.tasks.errors import ConfigError
+
+    words = [t.split() for t in pq.read_table(data_dir / "sst2" / "train.parquet").slice(0, 6).column("text")
+             .to_pylist()]
+    path = tmp_path / "masked.parquet"
+    pq.write_table(pa.table({"text": [" ".join(w[:1] + ["[MASK]"] + w[2:]) for w in words]}), path)
+    model = resolve_model(tiny_models["fill-mask"])
+    assert get_recipe("fill-mask").infer_options().top_k is None
+    run_local("fill-mask", model, str(path), str(tmp_path / "out"))
+    assert [len(p) for p in pq.read_table(tmp_path / "out").column("predictions").to_pylist()] == [5] * 6
+    with pytest.raises(ConfigError, match="top_k must be at least 1"):
+        run_local("fill-mask", model, str(path), str(tmp_path / "zero"),
+                  options=get_recipe("fill-mask").infer_options(top_k=0))

@@ -26,7 +26,7 @@ from hfbatch.tasks.store import Store
 from hfbatch.tasks.tokenization import tokenize
 from hfbatch.tasks.train import TrainConfig, train
 
-from tests.helpers import predictor, resolve_model
+from tests.helpers import predictor, resolve_model, run_local
 
 TRANSLATION, SUMMARIZATION = get_recipe("translation"), get_recipe("summarization")
 PREFIX = "translate German to English: "
@@ -199,12 +199,12 @@ def test_predictor_equals_generate_row_by_row(name, tiny_seq2seq, wmt):
             assert {r["finish_reason"] for r in got} == {"eos", "length"}
 
 
-def _generate_alone(used, text: str) -> dict:
+def _generate_alone(used, text: str, prefix: str = PREFIX) -> dict:
     """The predictor's output row for `text`, from `model.generate` on that row alone (one thread: tiny
     models decode far slower with two threads on busy cores)."""
     import torch
 
-    enc = used.tokenizer(PREFIX + text, truncation=True, max_length=used.max_length, return_tensors="pt",
+    enc = used.tokenizer(prefix + text, truncation=True, max_length=used.max_length, return_tensors="pt",
                          return_token_type_ids=False)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -218,6 +218,26 @@ def _generate_alone(used, text: str) -> dict:
     return {"generated_text": used.tokenizer.decode(new, skip_special_tokens=True).strip(),
             "input_tokens": enc["input_ids"].shape[1], "output_tokens": len(new),
             "finish_reason": "eos" if ended else "length"}
+
+
+def test_text2text_generation_runs_a_seq2seq_model_in_bulk(tiny_seq2seq, wmt, tmp_path):
+    """text2text-generation (inference only) runs T5 with a task prefix through the runner: each row's
+    output is what `model.generate` gives it alone, over shards and batches."""
+    recipe = get_recipe("text2text-generation")
+    assert not recipe.trainable and recipe.predictor is TRANSLATION.predictor
+    rows = wmt.slice(0, 30)
+    path = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"id": rows.column("id"), "text": rows.column("source")}), path, row_group_size=10)
+    model = resolve_model(tiny_seq2seq["t5"])
+    settings = {"source_prefix": "summarize: ", "max_new_tokens": 12, "num_beams": 2}
+    manifest = run_local("text2text-generation", model, str(path), str(tmp_path / "out"), shard_rows=10,
+                         batch_tokens=300, options=recipe.infer_options(**settings))
+    assert (manifest["rows_out"], manifest["shards"]) == (30, 3)
+    out = pq.read_table(tmp_path / "out")
+    assert out.column("id").to_pylist() == rows.column("id").to_pylist()
+    used = predictor("text2text-generation", model, **settings)
+    assert out.select(["generated_text", "input_tokens", "output_tokens", "finish_reason"]).to_pylist() == \
+        [_generate_alone(used, t, "summarize: ") for t in rows.column("source").to_pylist()]
 
 
 def test_predictor_forced_bos_token_and_empty_input(tiny_seq2seq, wmt):
