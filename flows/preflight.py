@@ -3,26 +3,64 @@ server): the parameters, the data's paths and columns, the input's schema, the o
 names, answered in seconds. They are the flows' own first steps, run once more without Prefect."""
 from __future__ import annotations
 
+import contextlib
+import json
+import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from hfbatch.flows.inference import task_of
 from hfbatch.flows.params import EvalParams, InferParams, TrainParams, validated
-from hfbatch.tasks.ingest import check_columns
 from hfbatch.tasks.inference.output import check_output_location, prepare_output
+from hfbatch.tasks.inference.predictor import get_predictor
 from hfbatch.tasks.inference.shards import describe_input
-from hfbatch.tasks.inference.spec import build_spec, output_for
+from hfbatch.tasks.inference.spec import InferSpec, build_spec, output_for
+from hfbatch.tasks.ingest import check_columns
 from hfbatch.tasks.metrics import module_fingerprint
 from hfbatch.tasks.models import resolve_model
 from hfbatch.tasks.recipes import get_recipe
+from hfbatch.tasks.refs import ModelRef
 from hfbatch.tasks.registry import Registry
 from hfbatch.tasks.settings import Settings
 from hfbatch.tasks.store import Store
 
 
-def check(command: str, values: dict[str, Any], settings: Settings) -> None:
-    """Raise the `HfbatchError` the flow of `command` would raise at its start for `values`."""
-    {"train": _train, "evaluate": _evaluate, "infer": _infer}[command](values, settings)
+def check(command: str, values: dict[str, Any], settings: Settings):
+    """Raise the `HfbatchError` the flow of `command` would raise at its start for `values`; else return
+    what the flow loads first (`warm_up` takes it): the model to evaluate, the inference spec."""
+    return {"train": _train, "evaluate": _evaluate, "infer": _infer}[command](values, settings)
+
+
+def warm_up(first_load, in_process: bool = True) -> threading.Thread | None:
+    """Begin loading, on a background thread, what the flow loads first, while the flow run starts (and
+    a temporary Prefect server comes up): the predictor of an inference whose shards run in this
+    process (they take it from `get_predictor`'s cache, waiting for it if need be), else the transformers
+    module of the model's architecture (seconds to import). A failure is left for the flow to meet and
+    report."""
+    if isinstance(first_load, InferSpec) and in_process:
+        target = _load_predictor
+    elif isinstance(first_load, (InferSpec, ModelRef)):
+        target = _import_architecture
+    else:
+        return None
+    thread = threading.Thread(target=target, args=(first_load,), name="hfbatch-warm-up", daemon=True)
+    thread.start()
+    return thread
+
+
+def _load_predictor(spec: InferSpec) -> None:
+    with contextlib.suppress(Exception):
+        get_predictor(get_recipe(spec.task).predictor, spec.model, spec.options, spec.settings, spec.precision)
+
+
+def _import_architecture(first_load) -> None:
+    model = first_load.model if isinstance(first_load, InferSpec) else first_load
+    with contextlib.suppress(Exception):
+        import transformers
+
+        for architecture in json.loads((Path(model.path) / "config.json").read_text()).get("architectures") or ():
+            getattr(transformers, architecture, None)
 
 
 def _train(values: dict, settings: Settings) -> None:
@@ -41,7 +79,7 @@ def _train(values: dict, settings: Settings) -> None:
     resolve_model(p.model, settings)
 
 
-def _evaluate(values: dict, settings: Settings) -> None:
+def _evaluate(values: dict, settings: Settings) -> ModelRef:
     p = validated(EvalParams, values)
     settings = settings.with_overrides(store=p.store, device=p.device)
     ref = resolve_model(p.model, settings, Store.open(settings))
@@ -51,9 +89,10 @@ def _evaluate(values: dict, settings: Settings) -> None:
     if p.metric_module:
         module_fingerprint(p.metric_module)
     check_columns(p.dataset, recipe, validated(recipe.train_options, values), settings)
+    return ref
 
 
-def _infer(values: dict, settings: Settings) -> None:
+def _infer(values: dict, settings: Settings) -> InferSpec:
     p = validated(InferParams, values)
     settings = settings.with_overrides(device=p.device)
     files = describe_input(p.input, settings.storage_options(p.input), [] if p.on_bad_row == "quarantine" else None)
@@ -64,3 +103,4 @@ def _infer(values: dict, settings: Settings) -> None:
     spec = build_spec(recipe.task, ref, output, files, settings, validated(recipe.infer_options, values),
                       p.text_column, p.columns, p.keep_columns, p.batch_tokens, p.on_bad_row, p.precision)
     prepare_output(spec, files, p.mode, claim=False)
+    return spec

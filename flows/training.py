@@ -1,6 +1,7 @@
 """The training chain as Prefect flows: ingest → tokenize → train → evaluate → register."""
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -10,6 +11,7 @@ from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectAlreadyExists
 
 from hfbatch.flows.params import EvalParams, TrainParams, parameters, recipe_options, validated
+from hfbatch.tasks.errors import ConfigError
 from hfbatch.tasks.models import label_names, resolve_model, trained_model
 from hfbatch.tasks.prefect_tasks import StoreTasks
 from hfbatch.tasks.recipes import Options, Recipe, get_recipe
@@ -57,7 +59,13 @@ def train_flow(**values) -> dict:
     Without `eval_dataset`, a stratified `eval_fraction` of `dataset` is held out for evaluation.
     The new version becomes champion only if its `metric` beats the champion's on the same eval
     set by more than `promotion_margin`.
+
+    With `nproc_per_node` above 1, the train task fine-tunes in that many processes (DDP under
+    `torchrun`, which it launches itself); the flow and its other tasks run once, here.
     """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # the flow itself launched by torchrun: once per process
+        raise ConfigError("run the train flow once, not under torchrun: --nproc-per-node N (nproc_per_node) "
+                          "launches the training processes itself")
     logger = get_run_logger()
     p, config = validated(TrainParams, values), validated(TrainConfig, values)
     recipe = get_recipe(p.task)
@@ -99,11 +107,14 @@ def one_training_per_name(name: str) -> Iterator[None]:
     same name never run at once, whichever deployment, worker or machine starts them.
 
     Only against a Prefect server (`PREFECT_API_URL`): it frees the slot of a killed training when its
-    lease expires. A temporary server keeps leases in its memory, and the next one would find the slot
-    taken for ever; a process with a temporary server of its own is alone anyway."""
+    lease expires. A temporary server (Prefect's, or the CLI's: `flows/server.py`) keeps leases in its
+    memory, and the next one would find the slot taken for ever; a process with a temporary server of
+    its own is alone anyway."""
     from prefect.settings import PREFECT_API_URL
 
-    if not PREFECT_API_URL.value():
+    from hfbatch.flows.server import temporary_api_url
+
+    if not PREFECT_API_URL.value() or PREFECT_API_URL.value() == temporary_api_url():
         yield
         return
     limit = f"hfbatch-train-{name}"  # a valid model name is a valid limit name

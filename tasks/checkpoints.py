@@ -42,6 +42,8 @@ class CheckpointCommit(TrainerCallback):
         return control
 
     def on_save(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:  # under torchrun, the first process commits
+            return
         name = f"checkpoint-{state.global_step}"
         key, meta = f"{self.ckpt_key}/{name}", {"global_step": state.global_step}
         if self.store.is_local:  # the Trainer wrote it in the store already

@@ -2,8 +2,8 @@
 
 `HfbatchError`s are problems with the user's input or configuration: deterministic, never retried,
 reported as one clear message. `is_transient` decides what a task retries: only failures that may pass
-by themselves (a dropped connection, a timeout, an HTTP 5xx or 429, an S3 slow-down); never a
-programming error such as a `TypeError`.
+by themselves (a dropped connection, a timeout, an HTTP 5xx or 429, an S3 slow-down, a Dask worker that
+died under a task or a closed Dask connection); never a programming error such as a `TypeError`.
 """
 from __future__ import annotations
 
@@ -14,6 +14,9 @@ TRANSIENT_ERRNOS = {errno.EIO, errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONN
 TRANSIENT_STATUS = {429, 500, 502, 503, 504}
 TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
                    "InternalError", "ServiceUnavailable", "TooManyRequests", "RequestLimitExceeded"}
+# distributed.KilledWorker: the workers running a task died (killed, out of memory, preempted);
+# distributed.comm.core.CommClosedError (an OSError without errno): a connection to a scheduler or worker closed
+TRANSIENT_DASK = {"KilledWorker", "CommClosedError"}
 
 
 class HfbatchError(Exception):
@@ -70,6 +73,8 @@ def is_transient(exc: BaseException) -> bool:
 def _transient(exc: BaseException) -> bool:
     if isinstance(exc, (TransientError, ConnectionError, TimeoutError)):
         return True
+    if type(exc).__module__.split(".")[0] == "distributed":
+        return type(exc).__name__ in TRANSIENT_DASK
     if type(exc).__module__.split(".")[0] in ("botocore", "aiobotocore", "aiohttp", "httpx", "urllib3",
                                                  "requests", "huggingface_hub"):
         return _transient_client_error(exc)

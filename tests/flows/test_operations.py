@@ -1,20 +1,27 @@
-"""The operations loop on a real Prefect server (`prefect server start`, SQLite, 127.0.0.1), served by
+"""The operations loop on a real Prefect server (`prefect server start` on 127.0.0.1), served by
 `hfbatch serve`: a labelled file lands in the watched prefix → watch-data emits
 `hfbatch.dataset.updated` → the retrain deployment's trigger starts a training → a version is
 registered and gated → the next batch-inference run predicts with the champion. No manual step
-between the file landing and the new version. Once with a local store, once with everything on S3
-(moto server mode); every process started here is stopped here."""
+between the file landing and the new version. Twice: with a local store on a SQLite-backed server, and
+set up as in production: everything on S3 (moto server mode), a server that requires an auth string
+and keeps its state in PostgreSQL (Debian's `postgresql`, a cluster of its own started here). Every
+process started here is stopped here."""
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
+import pwd
+import secrets
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
+import warnings
 from pathlib import Path
 
 import fsspec
@@ -62,14 +69,16 @@ def prefect_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def prefect_server_auth(tmp_path_factory):
-    """The same with Prefect's own authentication for self-hosted servers: every API call but the health
-    check needs the auth string (`PREFECT_SERVER_API_AUTH_STRING` on the server, `PREFECT_API_AUTH_STRING`
-    for hfbatch, the CLI, `serve` and workers)."""
-    yield from _server(tmp_path_factory, auth=AUTH)
+def prefect_server_auth(tmp_path_factory, postgres):
+    """The production set-up: Prefect's own authentication for self-hosted servers (every API call but
+    the health check needs the auth string: `PREFECT_SERVER_API_AUTH_STRING` on the server,
+    `PREFECT_API_AUTH_STRING` for hfbatch, the CLI, `serve` and workers), and the server's database in
+    PostgreSQL (`PREFECT_API_DATABASE_CONNECTION_URL`, on the server only). Without PostgreSQL
+    installed, SQLite (`test_production_server_keeps_its_state_in_postgresql` is skipped then)."""
+    yield from _server(tmp_path_factory, auth=AUTH, database=postgres)
 
 
-def _server(tmp_path_factory, auth: str | None):
+def _server(tmp_path_factory, auth: str | None, database: PostgresServer | None = None):
     home = tmp_path_factory.mktemp("prefect-server")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -77,8 +86,10 @@ def _server(tmp_path_factory, auth: str | None):
                PREFECT_API_URL=f"{url}/api", PREFECT_UI_API_URL=f"{url}/api")
     if auth:
         env |= {"PREFECT_SERVER_API_AUTH_STRING": auth, "PREFECT_API_AUTH_STRING": auth}
+    server_env = dict(env, PREFECT_API_DATABASE_CONNECTION_URL=database.url) if database else env
     log = home / "server.log"
-    proc = _start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)], env, log)
+    proc = _start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)], server_env,
+                  log)
 
     def healthy() -> bool:
         try:
@@ -88,9 +99,81 @@ def _server(tmp_path_factory, auth: str | None):
 
     try:
         _wait("the Prefect server", healthy, 180, [log])
-        yield {"env": env, "url": url, "log": log, "auth": auth}
+        yield {"env": env, "url": url, "log": log, "auth": auth, "home": home, "database": database}
     finally:
         _stop(proc)
+
+
+class PostgresServer:
+    """A PostgreSQL cluster of its own (initdb into a temporary directory), listening on 127.0.0.1 and a
+    free port only, with a password-protected user `hfbatch` and a database `prefect`. As root, the
+    server runs as the unprivileged user `postgres` (it refuses root), in a directory that user owns."""
+
+    def __init__(self, bindir: Path):
+        self.bindir, self.port, self.password = bindir, free_port(), secrets.token_hex(12)
+        self.dir = Path(tempfile.mkdtemp(prefix="hfbatch-pg-"))  # not under pytest's root-only tmp
+        self.url = f"postgresql+asyncpg://hfbatch:{self.password}@127.0.0.1:{self.port}/prefect"
+        self.owner = pwd.getpwnam("postgres") if os.geteuid() == 0 else None
+
+    def _run(self, tool: str, *args: str) -> None:
+        cmd = [str(self.bindir / tool), *args]
+        if self.owner:
+            cmd = ["runuser", "-u", self.owner.pw_name, "--", *cmd]
+        subprocess.run(cmd, check=True, capture_output=True, timeout=120,
+                       env=dict(os.environ, PGPASSWORD=self.password))
+
+    def start(self) -> PostgresServer:
+        (self.dir / "password").write_text(self.password)
+        if self.owner:
+            for path in (self.dir, self.dir / "password"):
+                os.chown(path, self.owner.pw_uid, self.owner.pw_gid)
+        self._run("initdb", "-D", str(self.dir / "data"), "-U", "hfbatch", f"--pwfile={self.dir / 'password'}",
+                  "--auth=scram-sha-256", "-E", "UTF8", "--no-sync")
+        # durability is not under test here: fsync off spares the shared disk
+        self._run("pg_ctl", "-D", str(self.dir / "data"), "-l", str(self.dir / "server.log"), "-w", "-t", "120",
+                  "-o", f"-h 127.0.0.1 -p {self.port} -k {self.dir} -c fsync=off", "start")
+        self._run("createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "hfbatch", "prefect")
+        return self
+
+    def stop(self) -> None:
+        if (self.dir / "data" / "postmaster.pid").exists():
+            self._run("pg_ctl", "-D", str(self.dir / "data"), "-m", "fast", "-w", "stop")
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def query(self, sql: str) -> list:
+        import asyncpg
+
+        async def fetch():
+            conn = await asyncpg.connect(host="127.0.0.1", port=self.port, user="hfbatch", password=self.password,
+                                         database="prefect")
+            try:
+                return await conn.fetch(sql)
+            finally:
+                await conn.close()
+
+        return asyncio.run(fetch())
+
+
+def postgres_bindir() -> Path | None:
+    """Where Debian's PostgreSQL binaries are (/usr/lib/postgresql/<version>/bin, the newest), if installed."""
+    found = [p.parent for p in Path("/usr/lib/postgresql").glob("*/bin/pg_ctl")]
+    return max(found, key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0, default=None)
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    """A running PostgreSQL for the production server, or None where Debian's `postgresql` is not
+    installed (.ci/run installs it)."""
+    bindir = postgres_bindir()
+    if bindir is None:
+        warnings.warn("PostgreSQL is not installed: the production Prefect server runs on SQLite")
+        yield None
+        return
+    server = PostgresServer(bindir)
+    try:
+        yield server.start()
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="module", params=["local", "s3"])
@@ -248,8 +331,9 @@ def test_prefect_ui_shows_the_runs_and_the_training_metrics(loop):
 
 def test_auth_refuses_strangers_and_no_secret_is_written_anywhere(loop):
     """Against the authenticated server (the S3 variant): an API call without the auth string is refused,
-    and neither that string nor the S3 secret key is in the store, the predictions, the flow runs'
-    parameters, their logs, the artifacts, the deployments, the blocks or the processes' output."""
+    and neither that string, the S3 secret key nor the database password is in the store, the
+    predictions, the flow runs' parameters, their logs, the artifacts, the deployments, the blocks or the
+    processes' output."""
     import urllib.error
 
     from prefect.client.orchestration import get_client
@@ -263,6 +347,8 @@ def test_auth_refuses_strangers_and_no_secret_is_written_anywhere(loop):
     assert refused.value.code == 401
 
     secrets = (AUTH.encode(), AUTH.split(":")[1].encode(), AWS_SECRET.encode())
+    if loop["server"]["database"]:  # the database's password stays with the server
+        secrets += (loop["server"]["database"].password.encode(),)
     fs = loop["fs"]
     objects = [f for f in fs.find(loop["root"].removeprefix("s3://"))]
     assert len(objects) > 20  # the store, the data and the predictions
@@ -276,3 +362,23 @@ def test_auth_refuses_strangers_and_no_secret_is_written_anywhere(loop):
     assert len(seen[1]) > 20 and not any(secret in text for secret in secrets)
     for log in loop["logs"]:
         assert not any(secret in log.read_bytes() for secret in secrets), log.name
+
+
+def test_production_server_keeps_its_state_in_postgresql(loop):
+    """The production server's flow runs, task runs and artifacts are rows of its PostgreSQL database (the
+    same ones the API answers with), and it wrote no SQLite database."""
+    from prefect.client.orchestration import get_client
+
+    database = loop["server"]["database"]
+    if not database:
+        pytest.skip("needs Debian's postgresql package (.ci/run installs it)" if loop["server"]["auth"]
+                    else "the S3 variant runs against the PostgreSQL-backed server")
+    with _api(loop["env"]), get_client(sync_client=True) as client:
+        flow_runs = {str(r.id) for r in client.read_flow_runs(limit=200)}
+        artifacts = {str(a.id) for a in client.read_artifacts()}
+    # read after the API: watch-data goes on running meanwhile, so the database may hold more
+    assert flow_runs <= {str(r["id"]) for r in database.query("SELECT id FROM flow_run")}
+    assert artifacts <= {str(r["id"]) for r in database.query("SELECT id FROM artifact")}
+    tasks = {r["name"] for r in database.query("SELECT DISTINCT split_part(name, '-', 1) AS name FROM task_run")}
+    assert {"ingest", "tokenize", "train", "evaluate", "register", "shard"} <= tasks, tasks
+    assert len(flow_runs) >= 5 and not list(loop["server"]["home"].glob("*.db"))

@@ -14,7 +14,12 @@ def _client_error(code: str, status: int) -> ClientError:
 
 
 def test_transient_failures_are_told_from_bad_input_and_bugs():
+    from distributed import KilledWorker
+    from distributed.comm.core import CommClosedError
+
     transient = [ConnectionResetError("reset by peer"), TimeoutError("read timed out"),
+                 KilledWorker("infer_shard_task-0f3a", "tcp://127.0.0.1:40001", allowed_failures=0),
+                 CommClosedError("in <TCP (closed) ConnectionPool.gather local=tcp://127.0.0.1:5>: Stream is closed"),
                  OSError(errno.EIO, "We encountered an internal error. Please try again."),  # s3fs: an S3 5xx
                  _client_error("SlowDown", 503), _client_error("InternalError", 500), _client_error("Throttling", 400),
                  EndpointConnectionError(endpoint_url="http://127.0.0.1:9"), TransientReadError("read stopped short")]
