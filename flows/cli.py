@@ -12,12 +12,14 @@ import sys
 import traceback
 import types
 import typing
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pydantic.fields import FieldInfo
-
-from hfbatch.flows.params import check_parameters, merged_fields
 from hfbatch.tasks.errors import ConfigError, HfbatchError
+
+if TYPE_CHECKING:
+    from pydantic.fields import FieldInfo
+# The flows (hfbatch.flows.params and what it imports: the recipes, torch, transformers, Prefect) are
+# imported only by the commands that run one: `status` and `--help` answer without them.
 
 COMMANDS = {"train": "fine-tune, evaluate, register and gate a model",
             "evaluate": "evaluate a model on a labelled dataset",
@@ -32,16 +34,21 @@ def flows() -> dict[str, Any]:
     return {"train": train_flow, "evaluate": evaluate_flow, "infer": batch_inference}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(flow_options: bool = True) -> argparse.ArgumentParser:
+    """The command line; without `flow_options`, the flow commands are there without their options (and
+    the flows are not imported): enough to parse any other command."""
     p = argparse.ArgumentParser(prog="hfbatch", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     output = argparse.ArgumentParser(add_help=False)
     output.add_argument("--json", action="store_true", help="print the result as JSON only")
     output.add_argument("--debug", action="store_true", help="print the traceback of an error too")
-    for command, flow in flows().items():
-        parser = sub.add_parser(command, parents=[output], help=COMMANDS[command], description=COMMANDS[command])
-        for name, field in merged_fields(*flow.fn.parameter_models).items():
-            add_option(parser, name, field)
+    for command, description in COMMANDS.items():
+        parser = sub.add_parser(command, parents=[output], help=description, description=description)
+        if flow_options:
+            from hfbatch.flows.params import merged_fields
+
+            for name, field in merged_fields(*flows()[command].fn.parameter_models).items():
+                add_option(parser, name, field)
 
     s = sub.add_parser("status", parents=[output], help="champions, metric trends and the last flow runs")
     s.add_argument("--store", help="artifact store URL holding the model registry")
@@ -67,6 +74,26 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("deploy", help="prefect deploy --all of deployments/prefect.yaml (PREFECT_API_URL)")
     d.add_argument("--debug", action="store_true", help="print the traceback of an error too")
     d.set_defaults(json=False)
+    for parser in (v, d):
+        parser.add_argument("--alert-block", metavar="TYPE/NAME", help="notification block the alerts send "
+                            "through (default: $HFBATCH_ALERT_BLOCK or custom-webhook/hfbatch-alerts)")
+        parser.add_argument("--inference-deadline", type=float, metavar="SECONDS", help="alert when a "
+                            "batch-inference run has not completed this long after it started or became late "
+                            "(default: $HFBATCH_INFERENCE_DEADLINE or 7200)")
+
+    pr = sub.add_parser("promote", parents=[output], help="make a registered version the champion",
+                        description="make a registered version the champion (recorded in the history; refused "
+                                    "if its files fail their sha256 check)")
+    pr.add_argument("ref", metavar="NAME@VERSION", help="VERSION: a number, champion, challenger or previous")
+    pr.add_argument("--reason", help="why (recorded in the history)")
+    pr.add_argument("--store", help="artifact store URL holding the model registry")
+    rb = sub.add_parser("rollback", parents=[output], help="make an earlier version the champion again",
+                        description="make an earlier version the champion again (default: the champion the "
+                                    "current one replaced)")
+    rb.add_argument("name", metavar="NAME", help="registered model name")
+    rb.add_argument("--to", metavar="VERSION", help="the version to go back to (a number or an alias)")
+    rb.add_argument("--reason", required=True, help="why (recorded in the history)")
+    rb.add_argument("--store", help="artifact store URL holding the model registry")
     return p
 
 
@@ -135,19 +162,44 @@ def _pairs(metavar: str):
 
 def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 done, 2 an error in the input or configuration (one message; the traceback with
-    --debug and in the Prefect run log), 130/143 stopped by SIGINT/SIGTERM (committed work kept)."""
+    --debug and in the Prefect run log), 130/143 stopped by SIGINT/SIGTERM (committed work kept).
+    Run as the program (no `argv`), it ends the process: `_end`."""
+    if argv is None:
+        _end(_main(sys.argv[1:]))
+    return _main(argv)
+
+
+def _end(code: int) -> typing.NoReturn:
+    """Run the exit handlers (Prefect's, which send the last logs and events; the temporary server's
+    stop; logging's), flush the output, and leave without the interpreter's teardown of torch,
+    transformers and Prefect, which adds seconds to every command and saves nothing."""
+    import atexit
+
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
+
+def _main(argv: list[str]) -> int:
+    command = next((a for a in argv if not a.startswith("-")), None)
+    # Without PREFECT_API_URL, a temporary local server (SQLite); its start-up limit (Prefect's default,
+    # 20 s, is too short on a busy small machine, where migrating a fresh database takes longer)
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    if command in COMMANDS and not {"-h", "--help"} & set(argv):
+        from hfbatch.flows.server import start_unless_configured
+
+        start_unless_configured()  # first: it starts while this process imports the flows and checks the input
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser(flow_options=command in COMMANDS).parse_args(argv)
     except SystemExit as e:  # usage errors (argparse printed them) and --help
         return int(e.code or 0)
-    # Without PREFECT_API_URL, Prefect starts a temporary local server (SQLite); its 20 s default
-    # start-up limit is too short on a busy small machine, where migrating a fresh database takes longer.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     try:
         # libraries print progress to stdout (the Trainer prints its logs when tqdm is off): with
         # --json, stdout must hold the JSON document only
         with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext(), \
-                _stopped_by_signals(), _user_errors_quiet(not args.debug):
+                _stopped_by_signals(), _user_errors_quiet(not args.debug and args.command != "status"):
             result = _run(args)
     except HfbatchError as e:
         if args.debug:
@@ -169,12 +221,21 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args) -> dict:
     if args.command in ("serve", "deploy"):
         return _operate(args)
+    if args.command in ("promote", "rollback"):
+        from hfbatch.flows.registry import run_command
+
+        return run_command(args.command, getattr(args, "ref", None) or args.name, args.reason,
+                           getattr(args, "to", None), args.store)
     if args.command == "status":
+        from hfbatch.flows.server import configured_api_url
         from hfbatch.flows.status import collect_status
         from hfbatch.tasks.settings import Settings
 
-        return collect_status(Settings(), args.store, args.limit)
-    from hfbatch.flows.preflight import check
+        # without a Prefect API, the registry only: a server started just to read would take seconds
+        return collect_status(Settings(), args.store, args.limit, runs=bool(configured_api_url()))
+    from hfbatch.flows import server
+    from hfbatch.flows.params import check_parameters, merged_fields
+    from hfbatch.flows.preflight import check, warm_up
     from hfbatch.tasks.settings import Settings
 
     flow = flows()[args.command]
@@ -185,7 +246,9 @@ def _run(args) -> dict:
         from hfbatch.flows.inference import check_task_runner
 
         check_task_runner(values["task_runner"], values["dask_address"])
-    check(args.command, values, Settings())
+    first_load = check(args.command, values, Settings())
+    warm_up(first_load, in_process=values.get("task_runner", "threads") == "threads")
+    server.ready()
     if args.command != "infer":
         return flow(**values)
     from hfbatch.flows.inference import progress_listener
@@ -244,12 +307,12 @@ def _user_errors_quiet(enabled: bool):
 
 def _operate(args) -> dict:
     from hfbatch.flows.deploy import build_deployments, deploy_all, serve_deployments
+    from hfbatch.tasks.settings import Settings
 
+    overrides = {"alert_block": args.alert_block, "inference_deadline": args.inference_deadline}
+    settings = Settings().with_overrides(**overrides)
     if args.command == "deploy":
-        rc = deploy_all()
-        if rc:
-            raise ConfigError(f"prefect deploy failed (exit status {rc})")
-        return {"deployed": True}
+        return {"deployed": True, "alerts": deploy_all(settings=settings)}
     params = {}
     for item in args.train_param:
         key, sep, value = item.partition("=")
@@ -260,7 +323,7 @@ def _operate(args) -> dict:
         except json.JSONDecodeError:
             params[key] = value
     serve_deployments(build_deployments(args.name, args.model, args.watch, args.input, args.output, args.task,
-                                        args.cron, args.watch_interval, args.store, params))
+                                        args.cron, args.watch_interval, args.store, params), settings)
     return {"served": True}
 
 
@@ -273,7 +336,7 @@ class _InferProgress:
         self.enabled = enabled and (force != "0") and (force == "1" or sys.stderr.isatty())
         self.bar = None
 
-    def __enter__(self) -> "_InferProgress":
+    def __enter__(self) -> _InferProgress:
         return self
 
     def update(self, event: dict) -> None:
@@ -296,7 +359,13 @@ class _InferProgress:
 
 
 def _print_human(command: str, result: dict) -> None:
+    if command == "deploy":
+        print("alerts: " + (", ".join(result["alerts"]) or "none (no notification block: see deployments/README.md)"))
     if command in ("serve", "deploy"):
+        return
+    if command in ("promote", "rollback"):
+        print(f"{result['name']}: champion v{result['champion']} (was v{result['previous']}); {result['action']} "
+              f"by {result['by']}: {result['reason']}")
         return
     if command == "status":
         from hfbatch.flows.status import format_status
@@ -309,6 +378,9 @@ def _print_human(command: str, result: dict) -> None:
               f"already done; {result['rows_per_s']} rows/s ({result['model']} {result['model_version']})")
         if result.get("corrupt_files"):
             print(f"  {result['corrupt_files']} unreadable input file(s) set aside: see _quarantine/_files.parquet")
+        if result.get("drifted"):
+            print(f"  predictions drifted from the version's evaluation: {', '.join(result['drifted'])} "
+                  f"(max PSI {result['max_psi']:.3f})")
         return
     if command == "train":
         status = "champion" if result["promoted"] else f"not promoted (champion: v{result['champion']})"
@@ -329,7 +401,8 @@ def commands_markdown() -> str:
         for action in sp._actions:
             if isinstance(action, argparse._HelpAction):
                 continue
-            flag = " / ".join(f"`{o}`" for o in action.option_strings if not o.startswith("--no-"))
+            flag = " / ".join(f"`{o}`" for o in action.option_strings if not o.startswith("--no-")) \
+                or f"`{action.metavar or action.dest}`"  # a positional argument
             default = "required" if action.required else "" if _unset(action.default) else f"`{action.default}`"
             choices = f" ({', '.join(map(str, action.choices))})" if action.choices else ""
             text = (action.help or "").replace(" (default: %(default)s)", "").replace("|", "\\|")

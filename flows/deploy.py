@@ -3,22 +3,26 @@
 (cron) predicts with whichever version is champion when it runs. `train` runs on demand.
 
 `serve_deployments` starts them in this process (`hfbatch serve`: runs execute as subprocesses here);
-`deployments/prefect.yaml` declares the same for workers (`hfbatch deploy`).
+`deployments/prefect.yaml` declares the same for workers (`hfbatch deploy`). Both then create or update
+the alerts (`flows/alerts.py`) for the deployments: `prefect.yaml` cannot declare automations.
 """
 from __future__ import annotations
 
 import subprocess
 import sys
 from pathlib import Path
+from uuid import UUID
 
 from prefect.events import DeploymentEventTrigger
 
+from hfbatch.flows.alerts import ensure_alerts, notification_block
 from hfbatch.flows.inference import batch_inference
 from hfbatch.flows.params import check_parameters
 from hfbatch.flows.training import train_flow
 from hfbatch.flows.watch import watch_data
 from hfbatch.tasks import watch
 from hfbatch.tasks.errors import ConfigError
+from hfbatch.tasks.settings import Settings
 
 PREFECT_YAML = Path(__file__).resolve().parents[1] / "deployments" / "prefect.yaml"
 
@@ -49,20 +53,42 @@ def build_deployments(name: str, base_model: str, watch_prefix: str, infer_input
     ]
 
 
-def serve_deployments(deployments: list) -> None:
-    """Register the deployments (with their schedules and triggers) and run their flow runs here.
-    Triggers are evaluated by the Prefect server, so a real one is needed (`PREFECT_API_URL`)."""
+def serve_deployments(deployments: list, settings: Settings | None = None) -> None:
+    """Register the deployments (with their schedules and triggers), set up their alerts, and run their
+    flow runs here. Triggers are evaluated by the Prefect server, so a real one is needed
+    (`PREFECT_API_URL`)."""
     from prefect import serve
     from prefect.settings import PREFECT_API_URL
 
+    settings = settings or Settings()
     if not PREFECT_API_URL.value():
         raise ConfigError("serving needs a Prefect server: start one (`prefect server start`) and set "
                           "PREFECT_API_URL, e.g. http://127.0.0.1:4200/api")
+    block = notification_block(settings)
+    # applied here first for their ids (serve applies them again: the same deployments, updated)
+    ensure_alerts({d.name: d.apply() for d in deployments}, block, settings)
     serve(*deployments)
 
 
-def deploy_all(prefect_file: Path = PREFECT_YAML) -> int:
+def deploy_all(prefect_file: Path = PREFECT_YAML, settings: Settings | None = None) -> list[str]:
     """`prefect deploy --all` of `deployments/prefect.yaml`, from the repository root (its entrypoints
-    are relative to it)."""
-    return subprocess.call([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all",
-                            "--prefect-file", str(prefect_file)], cwd=prefect_file.parents[1])
+    are relative to it), then the alerts of those deployments; returns the alerts' names."""
+    settings = settings or Settings()
+    block = notification_block(settings)  # a block asked for by name must be there before anything is deployed
+    rc = subprocess.call([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all",
+                          "--prefect-file", str(prefect_file)], cwd=prefect_file.parents[1])
+    if rc:
+        raise ConfigError(f"prefect deploy failed (exit status {rc})")
+    return ensure_alerts(deployed(prefect_file), block, settings)
+
+
+def deployed(prefect_file: Path = PREFECT_YAML) -> dict[str, UUID]:
+    """`{deployment name: id}` of the deployments `prefect_file` declares, as the API has them."""
+    import yaml
+    from prefect.client.orchestration import get_client
+    from prefect.utilities.importtools import import_object
+
+    spec = yaml.safe_load(prefect_file.read_text())
+    with get_client(sync_client=True) as client:
+        return {d["name"]: client.read_deployment_by_name(f"{import_object(d['entrypoint']).name}/{d['name']}").id
+                for d in spec["deployments"]}

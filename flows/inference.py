@@ -12,19 +12,19 @@ from prefect.context import FlowRunContext
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from hfbatch.flows.params import InferParams, parameters, recipe_options, validated
-from hfbatch.tasks.errors import ConfigError
+from hfbatch.flows.status import SUMMARY_KEY
+from hfbatch.tasks.errors import ConfigError, is_transient
 from hfbatch.tasks.inference.output import check_output_location, finalize, prepare_output, quarantine_files
 from hfbatch.tasks.inference.prefect_tasks import infer_shard_task
 from hfbatch.tasks.inference.shards import describe_input, plan_shards
 from hfbatch.tasks.inference.spec import build_spec, output_for
 from hfbatch.tasks.models import resolve_model
+from hfbatch.tasks.prefect_tasks import monitor_task
 from hfbatch.tasks.recipes import get_recipe
 from hfbatch.tasks.refs import ModelRef
 from hfbatch.tasks.settings import Settings
 from hfbatch.tasks.store import Store
 
-
-SUMMARY_KEY = "batch-inference-summary"
 _listeners: list[Callable[[dict], None]] = []
 
 
@@ -40,7 +40,7 @@ def progress_listener(callback: Callable[[dict], None]) -> Iterator[None]:
 
 
 def _notify(event: dict) -> None:
-    for callback in list(_listeners):
+    for callback in _listeners:
         callback(event)
 
 
@@ -169,7 +169,7 @@ def batch_inference(**values) -> dict:
         # what `infer_shard_task.submit(shard, spec)` does, on the chosen runner
         futures = [runner.submit(infer_shard_task, {"shard": shard, "spec": spec}) for shard in shards]
         for shard, future in zip(shards, futures):
-            entries.append(future.result())
+            entries.append(shard_result(runner, future, shard, spec))
             rows_done += shard.num_rows
             update_progress_artifact(progress, 100.0 * len(entries) / len(futures))
             _notify({"done": len(entries), "shards": len(shards), "rows_done": rows_done, "rows": total,
@@ -183,11 +183,63 @@ def batch_inference(**values) -> dict:
                "shards": manifest["shards"],
                "shards_skipped": manifest["shards_skipped"], "rows_per_s": round(rows_per_s, 1),
                "seconds": manifest["seconds"], "input_fingerprint": manifest["input_fingerprint"]}
+    if ref.name and ref.version:  # a registered model: record the run, compare with its reference
+        run = monitor_task(summary, manifest, ref, Store.open(settings, p.store), p.drift_threshold)
+        summary["drifted"] = run["drifted"]
+        summary["max_psi"] = max(run["drift"].values(), default=None)
+        if run["drifted"]:
+            logger.warning("predictions drifted from %s v%s's evaluation: %s", ref.name, ref.version,
+                           ", ".join(f"{k} PSI {run['drift'][k]:.3f}" for k in run["drifted"]))
     create_table_artifact(key=SUMMARY_KEY, table=[summary],
                           description=f"{spec.task} with {spec.model_name} {spec.model_version}")
     logger.info("%d rows → %s (%d quarantined, %d/%d shards skipped, %.1f rows/s)", summary["rows"], output,
                 summary["quarantined"], summary["shards_skipped"], summary["shards"], rows_per_s)
     return summary
+
+
+LOST_SHARD_RESUBMITS = 3
+
+
+def shard_result(runner: TaskRunner, future, shard, spec) -> dict:
+    """The shard's manifest entry. A shard lost with the Dask workers that ran it is submitted again, up
+    to `LOST_SHARD_RESUBMITS` times: Dask reassigns a dead worker's tasks by itself until one has seen
+    `distributed.scheduler.allowed-failures` workers die, then gives up with `KilledWorker`. The task's
+    own failures come back as a failed state instead (the Dask future completed), already retried by
+    Prefect: they are not submitted again."""
+    for attempt in range(LOST_SHARD_RESUBMITS + 1):
+        try:
+            return future.result()
+        except Exception as e:
+            lost = getattr(future.wrapped_future, "status", None) in ("error", "lost")  # Dask futures only
+            if not (lost and is_transient(e)) or attempt == LOST_SHARD_RESUBMITS:
+                raise
+            message = f"shard {shard.index} lost with its Dask worker ({type(e).__name__}: {e})"
+            get_run_logger().warning("%s; submitting it again (%d/%d)", message, attempt + 1, LOST_SHARD_RESUBMITS)
+            _mark_crashed(future.task_run_id, message)
+            future = runner.submit(infer_shard_task, {"shard": shard, "spec": spec})
+
+
+def _mark_crashed(task_run_id, message: str, wait_s: float = 5.0) -> None:
+    """Mark a task run whose worker died as Crashed: its last state, Running, would stay for ever. Its
+    states reach the API as events: wait a little for the run to be recorded (a worker killed as the
+    task started may never have reported it; then there is nothing to mark)."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+    from prefect.states import Crashed
+
+    deadline = time.monotonic() + wait_s
+    with get_client(sync_client=True) as client:
+        while True:
+            try:
+                client.read_task_run(task_run_id)
+            except ObjectNotFound:
+                if time.monotonic() > deadline:
+                    return
+                time.sleep(0.5)
+                continue
+            # a state recorded later from an older event does not replace a newer one
+            client.set_task_run_state(task_run_id, Crashed(message=message), force=True)
+            return
 
 
 def task_of(task: str | None, model: ModelRef) -> str:

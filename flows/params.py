@@ -90,6 +90,8 @@ class InferParams(Params):
     dask_address: str | None = Field(None, description="with task_runner dask: a scheduler, e.g. tcp://host:8786 "
                                      "(default: a temporary LocalCluster of 2 worker processes)")
     store: str | None = Field(None, description="artifact store URL holding the model registry")
+    drift_threshold: float = Field(0.2, gt=0, description="a registered model's run has drifted where the PSI of "
+                                   "a prediction figure against the version's evaluation reference is above this")
     device: Device | None = DEVICE
 
 

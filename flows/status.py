@@ -3,23 +3,26 @@ from __future__ import annotations
 
 import json
 
-from hfbatch.flows.inference import SUMMARY_KEY
 from hfbatch.tasks.errors import ConfigError
-from hfbatch.tasks.registry import Registry
+from hfbatch.tasks.registry import Registry, aliases_of
 from hfbatch.tasks.settings import Settings
 from hfbatch.tasks.store import Store
 
+SUMMARY_KEY = "batch-inference-summary"  # the artifact of a batch_inference run's figures
 SUMMARY_FIELDS = ("rows", "rows_per_s", "model", "model_version")
 
 
-def collect_status(settings: Settings, store: str | None = None, limit: int = 5) -> dict:
-    """The status as a JSON-serialisable dict: `models` from the store's registry, `flows` from the API."""
+def collect_status(settings: Settings, store: str | None = None, limit: int = 5, runs: bool = True) -> dict:
+    """The status as a JSON-serialisable dict: `models` from the store's registry, `flows` from the API
+    (None without `runs`: the registry alone needs neither Prefect nor a server)."""
     s = Store.open(settings, store)
-    return {"store": s.url, "models": model_status(s), "flows": run_status(limit)}
+    return {"store": s.url, "models": model_status(s), "flows": run_status(limit) if runs else None}
 
 
 def model_status(store: Store) -> list[dict]:
-    """Per registered name: its champion and every version's metrics, promotion and time, oldest first."""
+    """Per registered name: its champion, aliases (champion, challenger, previous) and champion history
+    (gate promotions, promotions and rollbacks by hand), every version's metrics, promotion and time,
+    and the recorded batch-inference runs (rows, speed, quarantine, drift), oldest first."""
     models = []
     for name in store.list("models"):
         try:
@@ -35,16 +38,27 @@ def model_status(store: Store) -> list[dict]:
                     for v in index["versions"]]
         champion = registry.champion()
         models.append({"name": name, "champion": champion and {k: champion.get(k) for k in (
-            "version", "created", "metrics", "base_model", "uri", "reason")}, "versions": versions})
+            "version", "created", "metrics", "base_model", "uri", "reason")}, "versions": versions,
+            "aliases": aliases_of(index),
+            "history": [{"action": "gate", "by": "the registration gate", **h} for h in index["history"]],
+            "inference": [{k: r[k] for k in ("time", "flow_run", "version", "rows", "rows_per_s", "quarantine_rate",
+                                             "drift", "drifted", "reference")} for r in registry.runs()]})
     return models
 
 
 def run_status(limit: int = 5) -> list[dict]:
     """The last `limit` started runs of each deployment, and of each flow's runs outside a deployment."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey,
-                                                FlowFilter, FlowFilterId, FlowRunFilter,
-                                                FlowRunFilterDeploymentId, FlowRunFilterStartTime)
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        ArtifactFilterKey,
+        FlowFilter,
+        FlowFilterId,
+        FlowRunFilter,
+        FlowRunFilterDeploymentId,
+        FlowRunFilterStartTime,
+    )
     from prefect.client.schemas.sorting import ArtifactSort, FlowRunSort
 
     groups = []
@@ -96,12 +110,26 @@ def format_status(status: dict) -> str:
         for v in m["versions"]:
             mark = "*" if v["champion"] else "+" if v["promoted"] else " "
             lines.append(f"  {mark} v{v['version']:<4} {v['created'][:19]}  {_metrics(v['metrics'])}")
+        aliases = {k: v for k, v in m.get("aliases", {}).items() if v and k != "champion"}
+        if aliases:
+            lines.append("  aliases: " + ", ".join(f"{k} v{v}" for k, v in aliases.items()))
+        for h in m.get("history", [])[-3:]:
+            was = f" (was v{h['previous']})" if h["previous"] else ""
+            lines.append(f"  {h['time'][:19]}  {h['action']:<8} → v{h['champion']}{was} by {h['by']}: {h['reason']}")
+        for r in m.get("inference", [])[-3:]:
+            drift = (f"drifted: {', '.join(r['drifted'])}" if r["drifted"] else "no drift") if r["reference"] \
+                else "no reference"
+            lines.append(f"  {r['time'][:19]}  inference v{r['version']}: {r['rows']} rows, {r['rows_per_s']} rows/s, "
+                         f"{100 * r['quarantine_rate']:.2f} % quarantined, max PSI "
+                         f"{max(r['drift'].values(), default=0.0):.3f} ({drift})")
     if status["models"]:
         lines.append("  (* champion, + promoted earlier)")
     lines.append("")
-    if not status["flows"]:
+    if status["flows"] is None:
+        lines.append("run history: needs a Prefect server (set PREFECT_API_URL, e.g. http://127.0.0.1:4200/api)")
+    elif not status["flows"]:
         lines.append("no flow runs in the Prefect API")
-    for g in status["flows"]:
+    for g in status["flows"] or []:
         lines.append(f"flow {g['flow']}" + (f", deployment {g['deployment']}" if g["deployment"] else ""))
         if not g["runs"]:
             lines.append("    no runs")

@@ -9,7 +9,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from . import plots
 from .recipes import Recipe
 from .refs import EvalResult
-from .registry import Registration, Registry
+from .registry import Registration, Registry, aliases_of
 from .store import Store
 
 
@@ -37,6 +37,57 @@ def publish_registration(reg: Registration) -> None:
         markdown=f"# {reg.name} v{reg.version}\n\n- promoted: **{reg.promoted}** (champion: v{reg.champion})\n"
                  f"- reason: {reg.reason}\n- location: `{reg.uri}`\n",
         description=f"Registration of {reg.name} v{reg.version}")
+
+
+def publish_champion_history(name: str, index: dict, limit: int = 20) -> str:
+    """`<name>-champion`: the champion, the aliases and the last `limit` champion changes (gate
+    promotions, promotions and rollbacks by hand, with who did them and why). Returns the markdown."""
+    aliases = aliases_of(index)
+    markdown = "\n".join([f"# {name}: champion v{aliases['champion']}", "",
+                          ", ".join(f"{alias}: " + (f"v{v}" if v else "none") for alias, v in aliases.items()), "",
+                          *_history_table(index, limit)]) + "\n"
+    create_markdown_artifact(key=f"{slug(name)}-champion", markdown=markdown,
+                             description=f"Champion of {name} and its history")
+    return markdown
+
+
+def _history_table(index: dict, limit: int) -> list[str]:
+    """The last `limit` champion changes, newest first, as markdown table lines."""
+    return _table(["time", "action", "champion", "previous", "by", "reason"],
+                  [[h["time"][:19], h.get("action", "gate"), f"v{h['champion']}",
+                    f"v{h['previous']}" if h["previous"] else "-", h.get("by", "the registration gate"), h["reason"]]
+                   for h in reversed(index["history"][-limit:])])
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header),
+            *("| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows)]
+
+
+def publish_dashboard(name: str, index: dict, runs: list[dict], limit: int = 10) -> str:
+    """`<name>-dashboard`: the metric trend across versions (a PNG), the versions, the champion history
+    and the last `limit` batch-inference runs with rows/s, rows, quarantine and drift. Published after
+    every registration, promotion, rollback and batch-inference run of the name. Returns the markdown."""
+    png = plots.metric_trend_png(index["versions"], f"{name}: metrics by version")
+    champion = index["champion"]
+    versions = [[f"v{v['version']}" + (" (champion)" if v["version"] == champion else ""), v["created"][:19],
+                 ", ".join(f"{k} {x:.4f}" for k, x in v["metrics"].items() if isinstance(x, (int, float))),
+                 "yes" if v["promoted"] else "no", v["reason"]] for v in reversed(index["versions"][-limit:])]
+    inference = [[r["time"][:19], r.get("flow_run") or "-", f"v{r['version']}", r["rows"], r["rows_per_s"],
+                  f"{100 * r['quarantine_rate']:.2f} %", f"{max(r['drift'].values(), default=0.0):.3f}",
+                  ", ".join(r["drifted"]) or ("no reference" if r.get("reference") is None else "none")]
+                 for r in reversed(runs[-limit:])]
+    markdown = "\n".join([
+        f"# {name}", "", f"champion: v{champion}" if champion else "no champion", "",
+        f"![Metrics of {name} by version](data:image/png;base64,{base64.b64encode(png).decode()})", "",
+        "## Versions", "", *_table(["version", "registered", "metrics", "promoted", "reason"], versions), "",
+        "## Champion history", "", *_history_table(index, limit), "",
+        "## Batch inference", "",
+        *(_table(["time", "flow run", "model", "rows", "rows/s", "quarantined", "max PSI", "drifted"], inference)
+          if inference else ["no batch-inference runs recorded yet"]), ""])
+    create_markdown_artifact(key=f"{slug(name)}-dashboard", markdown=markdown,
+                             description=f"{name}: metrics, champion history, batch inference and drift")
+    return markdown
 
 
 def publish_training_artifacts(store: Store, name: str, version: str) -> dict[str, str]:

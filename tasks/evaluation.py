@@ -8,12 +8,13 @@ from pathlib import Path
 from .fingerprint import digest
 from .metrics import compute_custom, module_fingerprint
 from .models import load_tokenizer, pick_device
+from .monitoring import figures
 from .recipes import Options, Recipe
 from .refs import DatasetRef, EvalResult, ModelRef
 from .settings import Settings
 from .store import Store
 
-EVAL_VERSION = 2
+EVAL_VERSION = 3
 
 
 def eval_key(model: ModelRef, features: DatasetRef, task: str, options: Options, metrics: tuple[str, ...],
@@ -47,12 +48,15 @@ def evaluate_model(model: ModelRef, examples: DatasetRef, features: DatasetRef, 
             trainer = recipe.trainer(model=net, args=args, processing_class=tokenizer,
                                      data_collator=recipe.collator(tokenizer, net))
             predictions = trainer.predict(ds).predictions
+        config = AutoConfig.from_pretrained(model.path)
         predicted, references = recipe.postprocess(predictions, ds, store.load_dataset(examples.key), tokenizer,
-                                                   AutoConfig.from_pretrained(model.path), examples.label_names,
-                                                   options)
+                                                   config, examples.label_names, options)
         scores, details = recipe.compute_metrics(predicted, references, examples.label_names, metrics)
         if metric_module:
             scores |= compute_custom(metric_module, predicted, references)
+        outputs = recipe.output_table(predictions, predicted, config)
+        if outputs is not None:  # what bulk inference of this model is compared with (drift)
+            details["reference_figures"] = figures(outputs)
         (tmp / "metrics.json").write_text(json.dumps(scores, indent=2))
         for name, value in details.items():
             (tmp / f"{name}.json").write_text(json.dumps(value, indent=2))

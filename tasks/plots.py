@@ -97,3 +97,32 @@ def loss_curve_png(log_history: list[dict], title: str = "Training loss", width:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, metadata={"Software": None})
     return buf.getvalue()
+
+
+def metric_trend_png(versions: list[dict], title: str, width: float = 6.0, height: float = 2.6, dpi: int = 80) -> bytes:
+    """A PNG of every numeric metric of the registered `versions` (registry entries, oldest first) by
+    version, promoted versions marked."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=dpi, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    names = sorted({k for v in versions for k, x in v["metrics"].items() if isinstance(x, (int, float))
+                    and math.isfinite(x)})
+    xs = [f"v{v['version']}" for v in versions]
+    for name in names:
+        ys = [v["metrics"].get(name, math.nan) for v in versions]
+        ax.plot(xs, ys, marker="o", markersize=4, linewidth=1.5, label=name)
+        promoted = [(x, y) for x, y, v in zip(xs, ys, versions) if v.get("promoted")]
+        if promoted:
+            ax.scatter(*zip(*promoted), s=60, facecolors="none", edgecolors="black", linewidths=1)
+    if not names:
+        ax.text(0.5, 0.5, "no versions registered", ha="center", va="center", transform=ax.transAxes, color="grey")
+    else:
+        ax.legend(loc="lower right", fontsize="small", frameon=False)
+    ax.set(title=title, xlabel="version (circled: promoted)", ylabel="metric")
+    ax.grid(True, alpha=0.3)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, metadata={"Software": None})
+    return buf.getvalue()

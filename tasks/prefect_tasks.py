@@ -7,13 +7,15 @@ every process and on every machine that uses the same store.
 from __future__ import annotations
 
 import inspect
-from typing import Callable
+from collections.abc import Callable
 
 from prefect import task
 from prefect.filesystems import LocalFileSystem, RemoteFileSystem
 from prefect.tasks import exponential_backoff
 
-from . import artifacts, evaluation, ingest as ingest_mod, tokenization, train as train_mod
+from . import artifacts, evaluation, events, tokenization
+from . import ingest as ingest_mod
+from . import train as train_mod
 from .errors import is_transient
 from .fingerprint import digest
 from .recipes import Options, get_recipe
@@ -104,12 +106,41 @@ def registration_key(trained: TrainedModel, evaluated: EvalResult, store: Store,
 def register_task(trained: TrainedModel, evaluated: EvalResult, store: Store, name: str, metric: str,
                   margin: float, champion_score: float | None):
     recipe = get_recipe(trained.task)
-    reg = Registry(store, name).register(trained, evaluated, metric, margin, champion_score,
-                                         recipe.card_text(trained.label_names),
-                                         recipe.gate_problem(evaluated.metrics, evaluated.details))
+    registry = Registry(store, name)
+    reg = registry.register(trained, evaluated, metric, margin, champion_score,
+                            recipe.card_text(trained.label_names),
+                            recipe.gate_problem(evaluated.metrics, evaluated.details))
+    index = registry.load()
+    if reg.reason != "already registered":  # recorded now: tell the automations (a rerun tells nothing new)
+        if reg.promoted:
+            events.emit_promoted(name, next(h for h in reversed(index["history"]) if h["champion"] == reg.version))
+        else:
+            events.emit_rejected(reg)
     artifacts.publish_registration(reg)
+    artifacts.publish_champion_history(name, index)
     artifacts.publish_training_artifacts(store, name, reg.version)
+    artifacts.publish_dashboard(name, index, registry.runs())
     return reg
+
+
+@task(name="monitor", **RETRIES)
+def monitor_task(result: dict, manifest: dict, model: ModelRef, store: Store, threshold: float) -> dict:
+    """Record a batch-inference run of a registered model (`result`: its summary) in the registry, with
+    the PSI of its predictions against the version's reference; emit `hfbatch.predictions.drifted`
+    when a figure drifted; refresh the model's dashboard. Returns the run's record."""
+    from prefect.context import FlowRunContext
+
+    from .monitoring import run_record
+
+    registry = Registry(store, model.name)
+    context = FlowRunContext.get()
+    flow_run = {"id": str(context.flow_run.id), "name": context.flow_run.name} if context and context.flow_run else None
+    run = run_record(result, manifest, registry.reference(model.version), threshold, flow_run)
+    runs = registry.record_run(run)
+    if run["drifted"]:
+        events.emit_drifted(model.name, run)
+    artifacts.publish_dashboard(model.name, registry.load(), runs)
+    return run
 
 
 class StoreTasks:

@@ -2,15 +2,17 @@
 
 `models/<name>/registry.json` lists every version (run key, metrics, eval set, time) and the
 promotion history; `models/<name>/<version>/` holds the version's files. `NAME` resolves to the
-champion, `NAME@3` to version 3.
+champion, `NAME@3` to version 3, and `NAME@champion`, `NAME@challenger`, `NAME@previous` to the
+versions those aliases name (`aliases_of`).
 """
 from __future__ import annotations
 
 import hashlib
 import re
 import shutil
+import tempfile
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from .card import write_model_card
@@ -19,6 +21,8 @@ from .refs import EvalResult, TrainedModel
 from .store import MARKER, Store
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+RUNS_KEPT = 50
+"""Batch-inference runs kept per model name (the dashboard and `hfbatch status` show the last ones)."""
 
 
 @dataclass(frozen=True)
@@ -70,12 +74,18 @@ class Registry:
         return next((v for v in index["versions"] if v["version"] == index["champion"]), None)
 
     def resolve(self, version: str | None = None) -> str:
-        """A version string: `version` if registered, else the champion."""
+        """A version string: `version` if registered (a number, or an alias: `champion`, `challenger`,
+        `previous`), else the champion."""
         index = self.load()
-        if version is None:
+        if version is None or version == "champion":
             if index["champion"] is None:
                 raise ModelError(f"model {self.name!r} has no champion yet")
             return index["champion"]
+        if version in ALIASES:
+            found = aliases_of(index)[version]
+            if found is None:
+                raise ModelError(f"model {self.name!r} has no {version} ({ALIASES[version]})")
+            return found
         if version not in {v["version"] for v in index["versions"]}:
             known = [v["version"] for v in index["versions"]]
             raise ModelError(f"model {self.name!r} has no version {version!r} (versions: {known})")
@@ -114,11 +124,12 @@ class Registry:
                 result["entry"], result["reason"] = self._entry(index, trained.run_key), "already registered"
                 return index
             promoted, reason = self._gate(index, seen_champion, evaluation, metric, margin, champion_score, problem)
-            now = datetime.now(timezone.utc).isoformat()
+            now = datetime.now(UTC).isoformat()
             entry = {"version": version, "run_key": trained.run_key, "task": trained.task, "created": now,
                      "metrics": evaluation.metrics, "eval_dataset": evaluation.dataset_fingerprint,
                      "base_model": trained.base_model, "uri": self.store.uri(self.version_key(version)),
-                     "promoted": promoted, "reason": reason, "files": files}
+                     "promoted": promoted, "reason": reason, "files": files,
+                     "reference": evaluation.details.get("reference_figures")}
             index = {**index, "versions": [*index["versions"], entry]}
             if promoted:
                 index["history"] = [*index["history"], {"time": now, "champion": version,
@@ -131,6 +142,26 @@ class Registry:
         if result["entry"]["version"] != version:  # lost the race to register this very run: drop the copy
             self.store.remove(self.version_key(version))
         return self._registration(index, result["entry"], result["reason"])
+
+    @property
+    def runs_key(self) -> str:
+        return f"models/{self.name}/inference_runs.json"
+
+    def record_run(self, run: dict, keep: int = RUNS_KEPT) -> list[dict]:
+        """Add a batch-inference run's record (`monitoring.run_record`) to the last `keep` runs of this
+        name, replacing one with its `id` (the same flow run, retried); returns them, oldest first."""
+        return self.store.update_json(self.runs_key, lambda runs: [*(r for r in runs or [] if r["id"] != run["id"]),
+                                                                   run][-keep:])
+
+    def runs(self) -> list[dict]:
+        """The recorded batch-inference runs, oldest first."""
+        return self.store.read_json(self.runs_key) if self.store.exists(self.runs_key) else []
+
+    def reference(self, version: str) -> dict | None:
+        """The prediction figures recorded when `version` was evaluated (None: registered before
+        references were recorded, or a task without figures)."""
+        entry = next((v for v in self.load()["versions"] if v["version"] == version), None)
+        return entry and entry.get("reference")
 
     def _claim_version(self) -> str:
         """The next free version number, claimed atomically (`_claims/<version>.json`), so two concurrent
@@ -180,9 +211,79 @@ class Registry:
             raise ModelError(f"model {self.name} v{version}: {', '.join(bad)} in {self.store.uri(self.version_key(version))} "
                              "do not match the sha256 recorded at registration (corrupted or replaced)")
 
+    def verify_stored(self, version: str) -> None:
+        """`verify` the files of `version` as they are in the store now (a remote store's files are
+        fetched afresh, not taken from the local cache, which would hide a corruption since)."""
+        key = self.version_key(version)
+        if not self.store.is_complete(key):
+            raise ModelError(f"model {self.name} v{version}: {self.store.uri(key)} is missing or incomplete")
+        if self.store.is_local:
+            self.verify(version, Path(self.store.path(key)))
+            return
+        with tempfile.TemporaryDirectory(prefix="hfbatch-verify-") as tmp:
+            self.store.fs.get(self.store.path(key) + "/", tmp + "/", recursive=True)
+            self.verify(version, Path(tmp))
+
+    def set_champion(self, version: str, action: str, reason: str, by: str,
+                     expected_champion: str | None = None) -> dict:
+        """Make the registered `version` the champion by hand (`action`: promote or rollback) and record
+        it in the history; returns the history entry. With `expected_champion`, refuse if the champion
+        is no longer that one (another promotion came first). Updated through `Store.update_json`, so a
+        concurrent registration or promotion is never lost."""
+        entry: dict = {}
+
+        def change(index: dict | None) -> dict:
+            if index is None:
+                raise ModelError(f"model {self.name!r} is not registered in {self.store.url}")
+            if version not in {v["version"] for v in index["versions"]}:
+                raise ModelError(f"model {self.name!r} has no version {version!r}")
+            if expected_champion is not None and index["champion"] != expected_champion:
+                raise ModelError(f"model {self.name!r}: the champion changed meanwhile (now v{index['champion']}, "
+                                 f"was v{expected_champion}); look again and retry")
+            if index["champion"] == version:
+                raise ModelError(f"model {self.name!r}: v{version} is the champion already")
+            entry.clear()
+            entry.update(time=datetime.now(UTC).isoformat(), champion=version,
+                         previous=index["champion"], reason=reason, action=action, by=by)
+            return {**index, "champion": version, "history": [*index["history"], dict(entry)]}
+
+        self.store.update_json(self.index_key, change)
+        return entry
+
     def _registration(self, index: dict, entry: dict, reason: str) -> Registration:
         return Registration(self.name, entry["version"], entry["uri"], entry["promoted"],
                             index["champion"], reason, entry["metrics"])
+
+
+ALIASES = {"champion": "the version in use",
+           "challenger": "no version registered after the champion that was never promoted",
+           "previous": "no champion before the current one to go back to"}
+
+
+def champion_line(index: dict) -> list[str]:
+    """The champions that led to the current one, oldest first: each promotion adds its version, a
+    rollback goes back to the version it names and drops those after it. The last is the champion,
+    the one before it is `previous` (where a rollback without a target goes), so repeated rollbacks
+    walk further back instead of flipping between two versions."""
+    line: list[str] = []
+    for h in index["history"]:
+        if h.get("action") == "rollback" and h["champion"] in line:
+            del line[len(line) - line[::-1].index(h["champion"]):]
+        else:
+            line.append(h["champion"])
+    return line
+
+
+def aliases_of(index: dict) -> dict[str, str | None]:
+    """`champion`, `challenger` (the newest version registered after the champion that was never
+    champion) and `previous` (the champion the current one replaced, see `champion_line`)."""
+    champion = index["champion"]
+    line = champion_line(index)
+    ever = {h["champion"] for h in index["history"]}
+    newer = [v["version"] for v in index["versions"]
+             if champion is not None and int(v["version"]) > int(champion) and v["version"] not in ever]
+    return {"champion": champion, "challenger": max(newer, key=int, default=None),
+            "previous": line[-2] if len(line) >= 2 and line[-1] == champion else None}
 
 
 def file_digests(directory: Path) -> dict[str, str]:

@@ -36,8 +36,16 @@ class Settings(BaseSettings):
     device: Device = "auto"
     """Where models train and predict: `auto` uses CUDA when a GPU is there; `cpu` keeps a GPU host's
     work on its CPU; `cuda` fails instead of falling back to the CPU."""
+    alert_block: str = "custom-webhook/hfbatch-alerts"
+    """The Prefect notification block the alerts of `hfbatch serve` / `hfbatch deploy` send through, as
+    `<block type slug>/<block name>` (e.g. `slack-webhook/ops`, `sendgrid-email/ops`)."""
+    alert_webhook_url: str | None = None
+    """If set, `hfbatch serve` / `deploy` save this URL as the `custom-webhook` block `alert_block` names."""
+    inference_deadline: float = 7200.0
+    """Seconds a batch-inference run may take from its start (or from being late) before an alert says
+    it did not complete in time."""
 
-    def with_overrides(self, **values: Any) -> "Settings":
+    def with_overrides(self, **values: Any) -> Settings:
         """These settings with the values that are not None replaced (a flow's `store`, `device`)."""
         values = {k: v for k, v in values.items() if v is not None}
         return self.model_copy(update=values) if values else self

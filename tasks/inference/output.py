@@ -17,12 +17,14 @@ exactly the predictions.
 from __future__ import annotations
 
 import io
+from functools import reduce
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import ConfigError, IntegrityError
+from ..monitoring import merge
 from ..store import STAGING, Store
 from .shards import InputFile, Shard, input_fingerprint
 from .spec import InferSpec
@@ -146,6 +148,7 @@ def finalize(spec: InferSpec, files: list[InputFile], shards: list[Shard], entri
         "shards_skipped": sum(bool(e.get("skipped")) for e in entries),
         "tokens": sum(e["tokens"] for e in entries), "seconds": round(seconds, 3),
         "corrupt_files": list(corrupt or []),
+        "figures": reduce(merge, (e.get("figures") or {} for e in entries), {}),  # what it predicted (monitoring)
         "parts": [{k: e[k] for k in ("shard", "file", "start", "stop", "fingerprint", "part", "rows",
                                      "quarantine", "quarantined")} for e in entries],
     }

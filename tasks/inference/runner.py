@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..errors import DataError
+from ..monitoring import figures
 from ..recipes import get_recipe
 from ..refs import ModelRef
 from ..settings import Settings
@@ -61,7 +62,7 @@ def run_shard(shard: Shard, spec: InferSpec) -> dict:
     entry = {"shard": shard.index, "file": shard.name, "start": shard.start, "stop": shard.stop,
              "fingerprint": shard.fingerprint, "model_version": spec.model_version, "part": name,
              "rows": n, "quarantine": quarantine, "quarantined": bad.num_rows, "tokens": tokens,
-             "seconds": round(time.perf_counter() - started, 4)}
+             "seconds": round(time.perf_counter() - started, 4), "figures": figures(predictions, texts)}
     out.write_json(marker, entry)
     return entry | {"skipped": False}
 

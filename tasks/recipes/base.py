@@ -26,7 +26,6 @@ from ..models import load_model
 from ..refs import ModelRef
 from ..settings import Settings
 
-
 log = logging.getLogger(__name__)
 
 
@@ -115,7 +114,7 @@ class Recipe:
         if config.get("architectures"):
             return any(a.endswith(self.heads) for a in config["architectures"])
         card = Path(model.path) / "README.md"
-        tag = re.search(r"^pipeline_tag:\s*(\S+)", card.read_text(errors="replace"), re.M) if card.exists() else None
+        tag = re.search(r"^pipeline_tag:\s*(\S+)", card.read_text(errors="replace"), re.MULTILINE) if card.exists() else None
         return None if tag is None else tag.group(1) in (self.task, *self.aliases)
 
     def check_checkpoint(self, model: ModelRef) -> None:
@@ -167,6 +166,12 @@ class Recipe:
                         metrics: tuple[str, ...]) -> tuple[dict, dict]:
         """`(metrics, details)`: the headline figures named `metrics`, and the task's detail tables."""
         raise NotImplementedError
+
+    def output_table(self, predictions: np.ndarray, predicted: list, model_config):
+        """The eval set's predictions in the columns bulk inference writes (`label`, `entities`, `answer`,
+        `generated_text`, ...), from the raw `predictions` and their post-processed form: what
+        `tasks.monitoring.figures` records as the version's reference for drift. None: no reference."""
+        return
 
     def check_training_data(self, dataset, label_names: tuple[str, ...], src: str) -> list[str]:
         """Refuse training data the task cannot learn from (a `DataError` naming it); return warnings

@@ -245,6 +245,9 @@ class QuestionAnswering(Recipe):
         return ([{"id": i, "prediction_text": t} for i, t in zip(ids, texts)],
                 [{"id": i, "answers": a} for i, a in zip(ids, examples["answers"])])
 
+    def output_table(self, predictions, predicted, model_config):
+        return pa.table({"answer": pa.array([p["prediction_text"] for p in predicted], pa.string())})
+
     def compute_metrics(self, predictions, references, label_names, metrics):
         scores = compute(("squad",), predictions, references)
         shown = [{"id": p["id"], "prediction": p["prediction_text"], "answers": r["answers"]["text"]}

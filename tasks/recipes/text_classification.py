@@ -44,47 +44,49 @@ class TextClassificationPredictor(EncoderPredictor):
     def output_schema(cls, options) -> pa.Schema:
         return pa.schema([("label", pa.string()), ("score", pa.float32())])
 
-    def _function(self) -> str:
-        """The pipeline's default `function_to_apply` for this model's config."""
-        config = self.model.config
-        if config.problem_type == "regression":
-            return "none"
-        if config.problem_type == "multi_label_classification" or config.num_labels == 1:
-            return "sigmoid"
-        if config.problem_type == "single_label_classification" or config.num_labels > 1:
-            return "softmax"
-        return getattr(config, "function_to_apply", None) or "none"
-
     def _forward(self, model, batch: dict) -> np.ndarray:
         return model(**batch).logits.float().cpu().numpy()
 
     def _empty_output(self) -> np.ndarray:
         return np.zeros((0, self.model.config.num_labels), dtype=np.float32)
 
-    def _scores(self, logits: np.ndarray) -> np.ndarray:
-        function = self._function()
-        if function == "sigmoid":
-            return 1.0 / (1.0 + np.exp(-logits))
-        if function == "softmax":
-            shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
-            return shifted / shifted.sum(axis=-1, keepdims=True)
-        return logits
-
     def close_calls(self, logits: np.ndarray) -> np.ndarray:
         """Rows whose two best scores are less than `CLOSE_CALL_GAP` apart: the rows whose label int8's
         rounding may have changed (how many, and how many labels that saves: `benchmarks/RESULTS.md`)."""
         if logits.shape[-1] < 2:
             return np.zeros(0, dtype=np.int64)
-        top2 = np.sort(self._scores(logits), axis=-1)[:, -2:]
+        top2 = np.sort(class_scores(logits, self.model.config), axis=-1)[:, -2:]
         return np.flatnonzero(top2[:, 1] - top2[:, 0] < CLOSE_CALL_GAP)
 
     def _table(self, logits: np.ndarray) -> pa.Table:
-        scores = self._scores(logits)
-        id2label = self.model.config.id2label
-        labels = [id2label[int(i)] for i in scores.argmax(axis=-1)]
-        return pa.table({"label": pa.array(labels, pa.string()),
-                         "score": pa.array(scores.max(axis=-1) if len(scores) else [], pa.float32())},
-                        schema=self.schema)
+        return label_table(logits, self.model.config)
+
+
+def class_scores(logits: np.ndarray, config) -> np.ndarray:
+    """Scores as the pipeline computes them, in numpy float32 as its postprocess does (so that scores match
+    to the last bit): its default `function_to_apply` for this config (softmax, sigmoid or none)."""
+    if config.problem_type == "regression":
+        function = "none"
+    elif config.problem_type == "multi_label_classification" or config.num_labels == 1:
+        function = "sigmoid"
+    elif config.problem_type == "single_label_classification" or config.num_labels > 1:
+        function = "softmax"
+    else:
+        function = getattr(config, "function_to_apply", None) or "none"
+    if function == "sigmoid":
+        return 1.0 / (1.0 + np.exp(-logits))
+    if function == "softmax":
+        shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        return shifted / shifted.sum(axis=-1, keepdims=True)
+    return logits
+
+
+def label_table(logits: np.ndarray, config) -> pa.Table:
+    """`label` and `score` of the best class of each row of logits."""
+    scores = class_scores(logits, config)
+    labels = [config.id2label[int(i)] for i in scores.argmax(axis=-1)]
+    return pa.table({"label": pa.array(labels, pa.string()),
+                     "score": pa.array(scores.max(axis=-1) if len(scores) else [], pa.float32())})
 
 
 class TextClassification(Recipe):
@@ -187,6 +189,9 @@ class TextClassification(Recipe):
             only = details["confusion_matrix"]["labels"][int(matrix.sum(axis=0).argmax())]
             return f"it predicts {only!r} for every eval row (a degenerate model)"
         return None
+
+    def output_table(self, predictions, predicted, model_config):
+        return label_table(np.asarray(predictions, dtype=np.float32), model_config)
 
     def detail_artifacts(self, details, label_names):
         per_class = details["per_class"]

@@ -119,6 +119,16 @@ class TokenClassification(Recipe):
             references.append(data_tags[labels[keep]].tolist())
         return predicted, references
 
+    def output_table(self, predictions, predicted, model_config):
+        """Each row's entities by type, as bulk inference's `entities` column holds them (one per B- tag,
+        or per I- tag that opens a span)."""
+        rows = []
+        for tags in predicted:
+            starts = [t[2:] for i, t in enumerate(tags) if t.startswith("B-") or (
+                t.startswith("I-") and (i == 0 or tags[i - 1][2:] != t[2:] or tags[i - 1] == "O"))]
+            rows.append([{"entity_group": group} for group in starts])
+        return pa.table({"entities": pa.array(rows, pa.list_(pa.struct([("entity_group", pa.string())])))})
+
     def compute_metrics(self, predictions, references, label_names, metrics):
         scores = compute(("seqeval",), predictions, references)
         per_type = {name: value for name, value in scores.items() if isinstance(value, dict)}

@@ -116,3 +116,28 @@ def test_status_shows_champion_trend_and_last_runs(prefect_harness, tiny_classif
         ("batch_inference", None)]] == [runs[1][0], runs[0][0]]
     assert main(["status", "--store", store.url]) == 0
     assert "model sst2: champion v3" in capsys.readouterr().out
+
+
+def test_status_without_a_prefect_api_reads_the_registry_alone(tiny_classifier, tmp_path):
+    """Without `PREFECT_API_URL`, `hfbatch status` shows the registry and says that the run history needs a
+    server: it starts none, and imports neither Prefect nor torch nor transformers (seconds each)."""
+    import os
+    import subprocess
+    import sys
+
+    store = Store(str(tmp_path / "store"))
+    _register(store, tiny_classifier, "r1", 0.80, None)
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}
+    env.pop("PREFECT_API_URL", None)
+    script = ("import sys; from hfbatch.flows.cli import main; code = main(sys.argv[1:]); "
+              "print(sorted(m for m in ('prefect', 'torch', 'transformers') if m in sys.modules), code)")
+    text = subprocess.run([sys.executable, "-c", script, "status", "--store", store.url], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert text.stdout.splitlines()[-1] == "[] 0", text.stderr[-3000:]
+    assert "model sst2: champion v1" in text.stdout
+    assert "run history: needs a Prefect server (set PREFECT_API_URL" in text.stdout
+    as_json = subprocess.run([sys.executable, "-m", "hfbatch.flows.cli", "status", "--json", "--store", store.url],
+                             env=env, capture_output=True, text=True, timeout=120)
+    status = json.loads(as_json.stdout)
+    assert status["flows"] is None and status["models"][0]["champion"]["version"] == "1"
+    assert not (tmp_path / "prefect").exists()  # no server, no database

@@ -82,3 +82,70 @@ def test_cli_evaluate_resolves_champion_and_prints_json(cold_run, sst2_split):
     assert result["version"] == "1" and result["num_rows"] == 800
     assert result["metrics"]["accuracy"] == pytest.approx(cold_state.result()["metrics"]["accuracy"])
     assert set(result["per_class"]["f1"]) == {"negative", "positive"}
+
+
+def _events(name: str, resource: str, count: int, timeout: float = 60) -> list:
+    """The events `name` of `resource` in the Prefect API once there are `count` (they arrive asynchronously)."""
+    from prefect import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+
+    deadline = time.time() + timeout
+    while True:
+        with get_client(sync_client=True) as client:
+            found = client.read_events(filter=EventFilter(event=EventNameFilter(name=[name]),
+                                                          resource=EventResourceFilter(id=[resource])), limit=50).events
+        if len(found) >= count or time.time() > deadline:
+            return found
+        time.sleep(1)
+
+
+def test_batch_inference_is_compared_with_the_versions_evaluation(cold_run, sst2_split, data_dir, tmp_path):
+    """The champion's evaluation recorded what it predicted on the 800 eval rows (its reference); bulk
+    inference on unseen rows of the same data set stays close to it, the same model fed one repeated text
+    (a broken upstream job) drifts: `hfbatch.predictions.drifted` is emitted, and the registry, the
+    `sst2-dashboard` artifact and `hfbatch status` show both runs."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from hfbatch.flows.inference import batch_inference
+    from hfbatch.flows.status import collect_status, format_status
+    from hfbatch.tasks.events import DRIFTED
+    from hfbatch.tasks.registry import Registry
+    from hfbatch.tasks.settings import Settings
+    from hfbatch.tasks.store import Store
+
+    params = cold_run[0]
+    store = Store.open(Settings(), params["store"])
+    registry = Registry(store, "sst2")
+    reference = registry.reference("1")
+    assert sum(reference["label"]["counts"].values()) == 800 == sum(reference["score"]["counts"])
+    assert set(reference["label"]["counts"]) == {"negative", "positive"}
+
+    rows = pq.read_table(data_dir / "sst2" / "train.parquet").slice(61000, 800)
+    pq.write_table(rows, tmp_path / "same.parquet")
+    broken = rows.set_column(rows.column_names.index("text"), "text",
+                             pa.array(["the service was down, please retry later"] * rows.num_rows))
+    pq.write_table(broken, tmp_path / "broken.parquet")
+    same = batch_inference(model="sst2", input=str(tmp_path / "same.parquet"), output=str(tmp_path / "out-same"),
+                           store=params["store"])
+    assert same["drifted"] == [] and same["max_psi"] < 0.2
+    bad = batch_inference(model="sst2", input=str(tmp_path / "broken.parquet"), output=str(tmp_path / "out-bad"),
+                          store=params["store"])
+    assert "label" in bad["drifted"] and bad["max_psi"] > 1.0
+
+    manifest = json.loads((tmp_path / "out-bad" / "_manifest.json").read_text())
+    assert sum(manifest["figures"]["label"]["counts"].values()) == 800 and len(manifest["figures"]["label"]["counts"]) == 1
+    events = _events(DRIFTED, "hfbatch.model.sst2", 1)
+    assert len(events) == 1 and "label" in events[0].payload["drifted"]
+    assert events[0].payload["output"] == str(tmp_path / "out-bad")
+
+    runs = registry.runs()
+    assert [(r["output"], r["version"], r["rows"], r["drifted"] == []) for r in runs] == [
+        (str(tmp_path / "out-same"), "1", 800, True), (str(tmp_path / "out-bad"), "1", 800, False)]
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        dashboards = [a for a in client.read_artifacts() if a.key == "sst2-dashboard"]
+    markdown = max(dashboards, key=lambda a: a.created).data
+    assert "## Batch inference" in markdown and "data:image/png;base64," in markdown and "| label" in markdown
+    text = format_status(collect_status(Settings(), params["store"], runs=False))
+    assert "drifted: label" in text and "no drift" in text
