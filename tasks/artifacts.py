@@ -75,7 +75,7 @@ def publish_dashboard(name: str, index: dict, runs: list[dict], limit: int = 10)
                  "yes" if v["promoted"] else "no", v["reason"]] for v in reversed(index["versions"][-limit:])]
     inference = [[r["time"][:19], r.get("flow_run") or "-", f"v{r['version']}", r["rows"], r["rows_per_s"],
                   f"{100 * r['quarantine_rate']:.2f} %", f"{max(r['drift'].values(), default=0.0):.3f}",
-                  ", ".join(r["drifted"]) or ("no reference" if r.get("reference") is None else "none")]
+                  ", ".join(r["drifted"]) or ("none" if r.get("reference") else "no reference")]
                  for r in reversed(runs[-limit:])]
     markdown = "\n".join([
         f"# {name}", "", f"champion: v{champion}" if champion else "no champion", "",

@@ -7,7 +7,7 @@ import re
 import uuid
 
 import pytest
-from hfbatch.tasks.artifacts import card_markdown, publish_training_artifacts
+from hfbatch.tasks.artifacts import card_markdown, publish_dashboard, publish_training_artifacts
 from hfbatch.tasks.card import write_model_card
 from hfbatch.tasks.plots import loss_curve_png, loss_points
 from hfbatch.tasks.prefect_tasks import register_task
@@ -139,9 +139,11 @@ def test_register_task_publishes_dashboard_artifacts_for_a_short_run(prefect_har
 
     reg = register()
     assert (reg.version, reg.promoted) == ("1", True)
-    artifacts = _latest_artifacts(f"{name}-registration", f"{name}-loss-curve", f"{name}-model-card")
-    assert set(artifacts) == {f"{name}-registration", f"{name}-loss-curve", f"{name}-model-card"}
+    keys = {f"{name}-registration", f"{name}-loss-curve", f"{name}-model-card", f"{name}-dashboard"}
+    artifacts = _latest_artifacts(*keys)
+    assert set(artifacts) == keys
     assert "no per-step loss logged" in artifacts[f"{name}-loss-curve"].data
+    assert "no batch-inference runs recorded yet" in artifacts[f"{name}-dashboard"].data
     assert all(a.task_run_id and a.flow_run_id for a in artifacts.values())  # created inside the task run
     png = (tmp_path / "store" / "models" / name / "1" / "loss_curve.png").read_bytes()
     assert png_size(png) == (480, 240)
@@ -182,3 +184,37 @@ def test_confusion_matrix_heatmap_and_learning_rate_are_drawn():
     without = loss_curve_png([{k: v for k, v in e.items() if k != "learning_rate"} for e in LOG_HISTORY])
     assert with_lr != without and png_size(with_lr) == png_size(without) == (480, 240)
     assert np.asarray(matplotlib.image.imread(io.BytesIO(with_lr), format="png")).shape == (240, 480, 4)
+
+
+def test_dashboard_with_versions_whose_metrics_differ(prefect_harness):
+    """A version registered before a metric was added (no `f1`), one with a NaN, and inference runs with
+    and without a reference: the dashboard draws the trend and lists runs and drift (the case a
+    registration once failed on)."""
+    name = f"dash-{uuid.uuid4().hex[:8]}"
+    index = {"name": name, "champion": "3", "history": [
+        {"time": "2026-11-29T10:00:00", "champion": "1", "previous": None, "reason": "first version"},
+        {"time": "2026-11-29T12:00:00", "champion": "3", "previous": "1", "reason": "better", "action": "promote",
+         "by": "ops@host"}], "versions": [
+        {"version": "1", "created": "2026-11-29T10:00:00", "metrics": {"accuracy": 0.8}, "promoted": True,
+         "reason": "first version"},
+        {"version": "2", "created": "2026-11-29T11:00:00", "metrics": {"accuracy": 0.5, "f1": 0.4},
+         "promoted": False, "reason": "not better"},
+        {"version": "3", "created": "2026-11-29T12:00:00", "metrics": {"accuracy": 0.9, "f1": float("nan")},
+         "promoted": True, "reason": "better"}]}
+    runs = [{"time": "2026-11-29T13:00:00", "flow_run": "calm-fox", "version": "3", "rows": 800, "rows_per_s": 61.2,
+             "quarantine_rate": 0.0025, "drift": {"label": 3.1, "score": 0.05}, "drifted": ["label"], "reference": True},
+            {"time": "2026-11-29T14:00:00", "flow_run": None, "version": "3", "rows": 10, "rows_per_s": 5.0,
+             "quarantine_rate": 0.0, "drift": {}, "drifted": [], "reference": False}]
+
+    @flow(name="dashboard-test")
+    def publish():
+        return publish_dashboard(name, index, runs)
+
+    markdown = publish()
+    assert markdown == _latest_artifacts(f"{name}-dashboard")[f"{name}-dashboard"].data
+    png = base64.b64decode(re.search(r"data:image/png;base64,([A-Za-z0-9+/=]+)", markdown).group(1))
+    assert png_size(png) == (480, 208)
+    assert "| v3 (champion) |" in markdown and "accuracy 0.8000" in markdown
+    assert "| 2026-11-29T13:00:00 | calm-fox | v3 | 800 | 61.2 | 0.25 % | 3.100 | label |" in markdown
+    assert "| 2026-11-29T14:00:00 | - | v3 | 10 | 5.0 | 0.00 % | 0.000 | no reference |" in markdown
+    assert "| 2026-11-29T12:00:00 | promote | v3 | v1 | ops@host | better |" in markdown
