@@ -10,19 +10,25 @@ gets the same effect inside the process, without `LD_PRELOAD`, by raising glibc'
 memory stays in it for the next batch. The cost is resident memory: the heap grows until freed blocks
 fit the next requests (torch's aligned allocations do not always fit the block just freed), then
 stays. So that what it holds does not creep up from shard to shard (each thread's arena keeps its own
-largest batch), `release_freed_memory` hands the free part back to the kernel when a shard is done.
+largest batch), `release_freed_memory` hands the free part back to the kernel when a shard is done,
+and `cap_freed_memory`, before each CPU batch, when the RSS grew by more than `FREE_CAP` since the last
+trim (the arenas' fragments grow with the number of batches otherwise, and the peak with them).
 Time and memory measured: `benchmarks/RESULTS.md`.
 """
 from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import sys
 
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3  # glibc's malloc.h
 MMAP_THRESHOLD = 256 << 20
 TRIM_THRESHOLD = 512 << 20
 TOP_PAD = 64 << 20
+FREE_CAP = 256 << 20
+"""RSS growth (bytes) since the last trim above which the heap's free memory goes back before a batch."""
+_baseline: list[int] = []  # the RSS after the last trim (or at the first batch)
 
 
 @functools.cache
@@ -45,6 +51,28 @@ def keep_freed_memory() -> bool:
 
 def release_freed_memory() -> None:
     """Give the memory the heap holds but no object uses back to the kernel (glibc's `malloc_trim`, all
-    arenas), where `keep_freed_memory` kept it: called between shards, not between batches."""
+    arenas), where `keep_freed_memory` kept it: after each shard, and by `cap_freed_memory`."""
     if keep_freed_memory():
         ctypes.CDLL(None).malloc_trim(0)
+        _baseline[:] = [_rss()]
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def cap_freed_memory(limit: int = FREE_CAP) -> bool:
+    """Before a CPU batch: where `keep_freed_memory` keeps freed memory and the process's RSS has grown
+    by more than `limit` bytes since the last trim, give the heap's free memory back (`malloc_trim`).
+    Returns whether it did. The RSS is the measure because what glibc counts as free stays free after a
+    trim (only its pages go back): a trim is needed only where memory came back in and was freed again."""
+    if not keep_freed_memory():
+        return False
+    rss = _rss()
+    if not _baseline:
+        _baseline.append(rss)
+    if rss - _baseline[0] <= limit:
+        return False
+    release_freed_memory()
+    return True

@@ -228,9 +228,13 @@ class EncoderPredictor(Predictor):
         the CPU the batches run on `cpu_streams()`, several at once; on CUDA one after another."""
         import torch
 
-        left = self.tokenizer.padding_side == "left"
+        from .allocator import cap_freed_memory
+
+        left, cpu = self.tokenizer.padding_side == "left", self.device == "cpu"
 
         def run(rows: np.ndarray) -> np.ndarray:
+            if cpu:
+                cap_freed_memory()
             batch = pad_batch(rows, ids, types, lengths, self.pad_id, left)
             with torch.inference_mode(), self._kernels():
                 return self._forward(model, {k: torch.from_numpy(v).to(self.device) for k, v in batch.items()})

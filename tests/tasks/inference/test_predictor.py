@@ -176,3 +176,33 @@ def test_cpu_inference_keeps_freed_memory_instead_of_faulting_it_back():
     kept, before, after = out.stdout.split()
     assert kept == "True"
     assert int(before) > 10_000 and int(after) < 1_000, (before, after)
+
+
+CAPPED_MEMORY_PROBE = """
+import psutil, torch
+from hfbatch.tasks.inference.allocator import FREE_CAP, cap_freed_memory, keep_freed_memory
+
+keep_freed_memory()
+rss = lambda: psutil.Process().memory_info().rss
+assert not cap_freed_memory()  # the first batch: the RSS to compare with
+# 40 x 32 MiB, each followed by a small tensor that stays: freed, they are holes inside the heap (its
+# top is trimmed by glibc itself), as the fragments batches of many shapes leave behind
+pairs = [(torch.ones(8 << 20), torch.ones(1024)) for _ in range(40)]
+full = rss()
+small = [s for _, s in pairs]
+del pairs  # 1.25 GiB freed, kept by the heap
+kept = rss()
+print(cap_freed_memory(), cap_freed_memory(), (full - kept) >> 20, (kept - rss()) >> 20, FREE_CAP >> 20)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc settings")
+def test_freed_memory_above_the_cap_goes_back_before_the_next_batch():
+    """1.25 GiB freed in holes of the heap stays (the RSS does not fall); `cap_freed_memory` sees the RSS
+    more than `FREE_CAP` above the first batch's and hands the free memory back (the RSS falls by more
+    than the cap), then has nothing to do."""
+    out = subprocess.run([sys.executable, "-c", CAPPED_MEMORY_PROBE], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[3])
+    first, second, fell_on_free, fell_on_trim, cap = out.stdout.split()
+    assert (first, second) == ("True", "False")
+    assert int(fell_on_free) < 100 and int(fell_on_trim) > int(cap), out.stdout
