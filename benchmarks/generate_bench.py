@@ -19,7 +19,7 @@ whole-run rows/s and generated tokens/s per way, whether the outputs are identic
 hfbatch's fraction of this CPU's fp32 matmul limit (`infer_bench.matmul_gflops`) on the model's useful
 FLOPs (`generation_flops`).
 
-    python benchmarks/generate_bench.py [--kind seq2seq|decoder|both] [--rows 192] [--imdb-fraction 0.25]
+    python benchmarks/generate_bench.py [--kind seq2seq|decoder|both] [--rows 768] [--imdb-fraction 0.25]
                                         [--max-new-tokens 48] [--min-new-tokens N] [--rounds 2] [--threads N]
                                         [--batch-tokens N]
 """
@@ -236,7 +236,7 @@ def bench(kind: str, args, texts: list[str], tmp: Path, peak: float) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--kind", choices=("seq2seq", "decoder", "both"), default="both")
-    p.add_argument("--rows", type=int, default=192)
+    p.add_argument("--rows", type=int, default=768)
     p.add_argument("--imdb-fraction", type=float, default=0.25)
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--min-new-tokens", type=int, help="default: --max-new-tokens (every output that long)")

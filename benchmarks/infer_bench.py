@@ -13,9 +13,10 @@ a first-token classifier for that token only, so it also prints its rate on the 
     python benchmarks/infer_bench.py [--rows 400] [--imdb-fraction 0.5] [--threads N] [--rounds 4]
                                      [--model DIR | --train-rows N] [--device cpu|cuda]
 
-On CPU hfbatch runs twice: exact (fp32) and `--precision int8`. On CUDA every way runs on the GPU:
-the pipelines in fp32 (what `pipeline(device="cuda")` gives) and in bf16, hfbatch in its exact
-mode (bf16 where the GPU has it, else fp16). Label agreement of a reduced-precision mode means
+On CPU hfbatch runs exact (fp32), `--precision int8` and, where the CPU has bf16 units,
+`--precision bf16`. On CUDA every way runs on the GPU: the pipelines in fp32 (what
+`pipeline(device="cuda")` gives) and in bf16, hfbatch in its exact mode (bf16 where the GPU has it, else
+fp16). Label agreement of a reduced-precision mode means
 something only for a trained classifier (a random head puts most rows near the decision boundary):
 pass `--model` a fine-tuned one (e.g. `hfbatch-store/models/sst2/1` after the README's main job),
 or `--train-rows N` to fine-tune MiniLM first on N SST-2 rows that are not among the benchmark rows.
@@ -210,7 +211,7 @@ def main(argv=None) -> int:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     import datasets
 
-    from hfbatch.tasks.inference.predictor import get_predictor
+    from hfbatch.tasks.inference.predictor import cpu_has_bf16, get_predictor
     from hfbatch.tasks.inference.runner import run_local
     from hfbatch.tasks.models import resolve_model
     from hfbatch.tasks.recipes import get_recipe
@@ -283,7 +284,8 @@ def main(argv=None) -> int:
             return seconds, out.column("label").to_pylist()
         return run
 
-    for precision in ("auto", "int8") if args.device == "cpu" else ("auto",):
+    cpu_modes = ("auto", "int8", "bf16") if cpu_has_bf16() else ("auto", "int8")
+    for precision in cpu_modes if args.device == "cpu" else ("auto",):
         # loaded once per worker, before the timing
         predictor = get_predictor(recipe.predictor, ref, recipe.infer_options(), settings, precision)
         budget = args.batch_tokens or predictor.batch_tokens

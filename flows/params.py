@@ -83,8 +83,10 @@ class InferParams(Params):
         "overwrite: replace what the output holds; error: refuse a non-empty output")
     on_bad_row: Literal["fail", "quarantine"] = Field("fail", description="stop at a bad row, or set bad rows "
                                                                           "aside in _quarantine/")
-    precision: Literal["auto", "int8"] = Field("auto", description="auto: exact (fp32 on CPU, bf16/fp16 on CUDA); "
-                                               "int8: quantized linear layers on CPU, faster, approximate scores")
+    precision: Literal["auto", "int8", "bf16"] = Field(
+        "auto", description="auto: exact (fp32 on CPU, bf16/fp16 on CUDA); int8: quantized linear layers on CPU, "
+        "faster, approximate scores; bf16: the model in bf16 on a CPU with bf16 units (AVX512-BF16, AMX), faster, "
+        "approximate scores")
     task_runner: Literal["threads", "dask"] = Field("threads", description="run the shards on this process's "
                                                     "threads, or on a Dask cluster (prefect-dask)")
     dask_address: str | None = Field(None, description="with task_runner dask: a scheduler, e.g. tcp://host:8786 "

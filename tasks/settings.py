@@ -36,6 +36,9 @@ class Settings(BaseSettings):
     device: Device = "auto"
     """Where models train and predict: `auto` uses CUDA when a GPU is there; `cpu` keeps a GPU host's
     work on its CPU; `cuda` fails instead of falling back to the CPU."""
+    cpu_kernels: Literal["onednn", "aten"] = "onednn"
+    """Linear layers of fp32 inference on a CPU: `onednn` runs them on weights packed once for oneDNN
+    (`tasks/inference/onednn.py`: faster, equal up to rounding), `aten` on torch's default kernels."""
     alert_block: str = "custom-webhook/hfbatch-alerts"
     """The Prefect notification block the alerts of `hfbatch serve` / `hfbatch deploy` send through, as
     `<block type slug>/<block name>` (e.g. `slack-webhook/ops`, `sendgrid-email/ops`)."""

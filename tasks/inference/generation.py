@@ -171,8 +171,8 @@ class GenerationPredictor(Predictor):
         import transformers
 
         self.tokenizer = load_tokenizer(model, settings)
-        self.model = getattr(transformers, self.model_class).from_pretrained(model.path, **self._load_kwargs())
-        self.model = self.model.to(self.device).eval()
+        self.model = self._prepare(getattr(transformers, self.model_class).from_pretrained(model.path,
+                                                                                          **self._load_kwargs()))
         self.generation_config = self._configure()
         self.engine = GenerationEngine(self.model, self.generation_config, self.device)
         self.truncated_rows = 0

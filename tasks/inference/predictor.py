@@ -27,7 +27,7 @@ from ..models import load_tokenizer, model_kwargs, pick_device
 from ..refs import ModelRef
 from ..settings import Settings
 
-PRECISIONS = ("auto", "int8")
+PRECISIONS = ("auto", "int8", "bf16")
 CPU_BATCH_TOKENS = 4096
 """Token budget of one batch on a CPU: batches are not faster per token past a few thousand tokens,
 and each stream (`streams.py`) holds one batch (figures: `benchmarks/RESULTS.md`)."""
@@ -39,7 +39,8 @@ class Predictor:
     """Base class: `predict` maps `{input name: list of str}` to a table of prediction columns.
 
     `options` is the recipe's inference options; `settings.device` the wanted device; `precision` is
-    `auto` (fp32 on CPU, bf16/fp16 on CUDA) or `int8` (CPU only)."""
+    `auto` (fp32 on CPU, bf16/fp16 on CUDA), `int8` (CPU only) or `bf16` (on a CPU with bf16 units: the
+    model's weights and activations in bf16, faster, scores approximate)."""
 
     inputs: ClassVar[tuple[str, ...]] = ("text",)
     first_token_head: ClassVar[bool] = False
@@ -58,6 +59,11 @@ class Predictor:
                 raise ConfigError(f"precision 'int8' is a CPU mode; on {self.device} use 'auto' ({self.precision}), "
                                   "or device 'cpu' (HFBATCH_DEVICE=cpu) to run on this host's CPU")
             self.precision = "int8"
+        elif precision == "bf16" and self.precision != "bf16":
+            if self.device != "cpu" or not cpu_has_bf16():
+                raise ConfigError(f"precision 'bf16' needs bf16 units (a GPU with bf16, or a CPU with AVX512-BF16 "
+                                  f"or AMX); this {self.device} has none: use 'auto' ({self.precision})")
+            self.precision = "bf16"
         if self.device == "cpu":
             from .allocator import keep_freed_memory
 
@@ -117,25 +123,35 @@ class Predictor:
 
     def _load_kwargs(self) -> dict:
         kwargs = model_kwargs(self.settings)
-        if self.device == "cuda":
+        if self.device == "cuda" or self.precision == "bf16":
             kwargs["dtype"] = self._torch_dtype()
         return kwargs
 
     def _prepare(self, model):
         """`model` on this predictor's device, in eval mode, its last layer cut to the first token where
         the head reads only that (on CPU: on CUDA the forward passes are a small part of the time), its
-        linear layers int8 where asked."""
+        linear layers int8 where asked, the fp32 ones packed for oneDNN on CPU."""
         from .first_token import first_token_only
 
         model = model.to(self.device).eval()
         self.first_token_only = self.first_token_head and self.device == "cpu" and first_token_only(model)
         if self.precision != "int8":
-            return model
+            return self._packed(model)
         from .quantize import quantize_int8
 
+        quantized = quantize_int8(model, keep_first_layer=not self.rescores_close_calls)
         if self.rescores_close_calls:
-            self.exact_model = model
-        return quantize_int8(model, keep_first_layer=not self.rescores_close_calls)
+            self.exact_model = self._packed(model)
+        return self._packed(quantized)  # the layers kept in fp32
+
+    def _packed(self, model):
+        """`model` with its fp32 linear layers on oneDNN's packed weights, on CPU (`onednn.py`), unless
+        the settings ask for torch's own kernels."""
+        if self.device == "cpu" and self.settings.cpu_kernels == "onednn":
+            from .onednn import pack_linear_layers
+
+            pack_linear_layers(model)
+        return model
 
 
 def token_budget_batches(lengths: np.ndarray, batch_tokens: int, pad_slack: float = 0.1, min_slack: int = 8
@@ -296,6 +312,15 @@ class PipelinePredictor(Predictor):
             for i, r in zip(order, out):
                 results[i] = r
         return pa.table(self._rows(results), schema=self.schema), 0
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes in bf16 natively (AVX512-BF16 or AMX): elsewhere bf16 is emulated, slower
+    than fp32."""
+    import torch
+
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    return torch.backends.mkldnn.is_available() and (torch.cpu._is_avx512_bf16_supported() or amx())
 
 
 _CACHE: dict[tuple, Predictor] = {}

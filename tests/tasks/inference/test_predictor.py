@@ -145,6 +145,28 @@ def test_int8_precision_quantizes_and_stays_close(minilm, mixed, tmp_path):
         run_local("feature-extraction", ref, str(mixed), str(tmp_path / "bad"), precision="int4")
 
 
+def test_bf16_precision_runs_in_bf16_where_the_cpu_has_bf16_units(minilm, mixed, tmp_path, monkeypatch):
+    """`precision="bf16"`: on a CPU with bf16 units the model runs in bf16 and the embeddings of the real
+    MiniLM stay close to the exact ones; a CPU without them is refused with a clear error (that CPU is
+    simulated by making the detection say no: this machine's CPU cannot be swapped)."""
+    import torch
+    from hfbatch.tasks.inference import predictor as predictor_module
+
+    ref = resolve_model(minilm)
+    if predictor_module.cpu_has_bf16():
+        fast = predictor("feature-extraction", ref, "bf16")
+        assert fast.model.dtype == torch.bfloat16
+        run_local("feature-extraction", ref, str(mixed), str(tmp_path / "bf16"), shard_rows=120, precision="bf16")
+        run_local("feature-extraction", ref, str(mixed), str(tmp_path / "fp32"), shard_rows=120)
+        exact, approx = (np.stack(pq.read_table(tmp_path / p).column("embedding").to_numpy(zero_copy_only=False))
+                         for p in ("fp32", "bf16"))
+        cosine = (exact * approx).sum(1) / np.linalg.norm(exact, axis=1) / np.linalg.norm(approx, axis=1)
+        assert cosine.min() > 0.98 and not np.allclose(exact, approx, atol=1e-4)
+    monkeypatch.setattr(predictor_module, "cpu_has_bf16", lambda: False)
+    with pytest.raises(ConfigError, match="precision 'bf16' needs bf16 units"):
+        predictor_module.Predictor(ref, None, predictor_module.Settings(device="cpu"), "bf16")
+
+
 KEPT_MEMORY_PROBE = """
 import resource, sys, torch
 from hfbatch.tasks.inference.allocator import keep_freed_memory
