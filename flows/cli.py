@@ -175,6 +175,10 @@ def _end(code: int) -> typing.NoReturn:
     transformers and Prefect, which adds seconds to every command and saves nothing."""
     import atexit
 
+    # logging's own exit handler was registered before the temporary server started, so atexit would run
+    # it after the server's stop: Prefect's API log handler would then wait seconds for a server that is
+    # gone, and its last logs would be lost. Flush and close the handlers while the server still runs.
+    logging.shutdown()
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):

@@ -36,8 +36,8 @@ def warm_up(first_load, in_process: bool = True) -> threading.Thread | None:
     """Begin loading, on a background thread, what the flow loads first, while the flow run starts (and
     a temporary Prefect server comes up): the predictor of an inference whose shards run in this
     process (they take it from `get_predictor`'s cache, waiting for it if need be), else the transformers
-    module of the model's architecture (seconds to import). A failure is left for the flow to meet and
-    report."""
+    module of the model's architecture and, for an evaluation, the libraries it reads, scores and plots
+    with (seconds to import). A failure is left for the flow to meet and report."""
     if isinstance(first_load, InferSpec) and in_process:
         target = _load_predictor
     elif isinstance(first_load, (InferSpec, ModelRef)):
@@ -61,6 +61,11 @@ def _import_architecture(first_load) -> None:
 
         for architecture in json.loads((Path(model.path) / "config.json").read_text()).get("architectures") or ():
             getattr(transformers, architecture, None)
+        if isinstance(first_load, ModelRef):  # evaluation: reads with datasets, scores with evaluate, plots
+            import datasets  # noqa: F401
+            import evaluate  # noqa: F401
+            from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: F401
+            from matplotlib.figure import Figure  # noqa: F401
 
 
 def _train(values: dict, settings: Settings) -> None:
