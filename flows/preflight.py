@@ -57,12 +57,14 @@ def _load_predictor(spec: InferSpec) -> None:
 def _import_architecture(first_load) -> None:
     model = first_load.model if isinstance(first_load, InferSpec) else first_load
     with contextlib.suppress(Exception):
+        evaluation = isinstance(first_load, ModelRef)
+        if evaluation:  # its first step reads the data with datasets
+            import datasets  # noqa: F401
         import transformers
 
         for architecture in json.loads((Path(model.path) / "config.json").read_text()).get("architectures") or ():
             getattr(transformers, architecture, None)
-        if isinstance(first_load, ModelRef):  # evaluation: reads with datasets, scores with evaluate, plots
-            import datasets  # noqa: F401
+        if evaluation:  # then scores with evaluate and plots
             import evaluate  # noqa: F401
             from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: F401
             from matplotlib.figure import Figure  # noqa: F401
