@@ -2,9 +2,11 @@
 temporary Prefect server included), and the rerun completes every row exactly once."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -64,3 +66,8 @@ def test_signal_stops_a_run_cleanly_and_the_rerun_finishes_it(classifier, data_d
     assert all((out / name).stat().st_mtime_ns == mtime for name, mtime in committed.items())
     ids = pq.read_table(out).column("idx").to_pylist()
     assert sorted(ids) == source.column("idx").to_pylist() and len(ids) == len(set(ids))
+    # the rerun's last logs reached its temporary server before it stopped (its SQLite database)
+    with contextlib.closing(sqlite3.connect(tmp_path / "prefect" / "prefect.db")) as db:
+        run_id, state = db.execute("SELECT id, state_name FROM flow_run ORDER BY start_time DESC LIMIT 1").fetchone()
+        messages = [m for (m,) in db.execute("SELECT message FROM log WHERE flow_run_id = ?", (run_id,))]
+    assert state == "Completed" and "Finished in state Completed()" in messages, messages
