@@ -39,11 +39,10 @@ def _end_sometimes(model, inputs: dict, end: int, rate: float) -> None:
         head.weight[end] += scale * direction
 
 
-def seq2seq_models(root: Path, minilm: str, texts: list[str]) -> dict[str, str]:
-    """Marian, T5 and BART directories: [CLS] starts the decoder, [SEP] ends, [PAD] pads."""
-    import torch
+def seq2seq_builders(tokenizer, t5_init: float = 2.0, t5_tied: bool = False) -> dict:
+    """Builders of tiny random Marian, T5 and BART models for MiniLM's WordPiece `tokenizer` ([CLS] starts
+    the decoder, [SEP] ends, [PAD] pads), with weights of a large variance (T5's: `t5_init`)."""
     from transformers import (
-        AutoTokenizer,
         BartConfig,
         BartForConditionalGeneration,
         MarianConfig,
@@ -52,22 +51,30 @@ def seq2seq_models(root: Path, minilm: str, texts: list[str]) -> dict[str, str]:
         T5ForConditionalGeneration,
     )
 
-    tokenizer = AutoTokenizer.from_pretrained(minilm)
     ids = {"vocab_size": len(tokenizer), "pad_token_id": 0, "eos_token_id": 102, "decoder_start_token_id": 101,
            "forced_eos_token_id": None}
     small = {"d_model": 32, "encoder_layers": 2, "decoder_layers": 2, "encoder_attention_heads": 2,
              "decoder_attention_heads": 2, "encoder_ffn_dim": 64, "decoder_ffn_dim": 64,
              "max_position_embeddings": 512}
-    builders = {
+    return {
         "marian": lambda: MarianMTModel(MarianConfig(**small, **ids, init_std=1.0, decoder_vocab_size=len(tokenizer))),
         "t5": lambda: T5ForConditionalGeneration(T5Config(d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2,
-                                                          initializer_factor=2.0, tie_word_embeddings=False, **ids)),
+                                                          initializer_factor=t5_init, tie_word_embeddings=t5_tied,
+                                                          **ids)),
         "bart": lambda: BartForConditionalGeneration(BartConfig(**small, **ids, init_std=0.3)),
     }
+
+
+def seq2seq_models(root: Path, minilm: str, texts: list[str]) -> dict[str, str]:
+    """Marian, T5 and BART directories (`seq2seq_builders`), their end token raised to end some rows early."""
+    import torch
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm)
     enc = tokenizer(texts[:40], padding=True, truncation=True, max_length=128, return_tensors="pt",
                     return_token_type_ids=False)
     paths = {}
-    for name, build in builders.items():
+    for name, build in seq2seq_builders(tokenizer).items():
         torch.manual_seed(0)
         model = build().eval()
         _end_sometimes(model, dict(enc), 102, 0.04 if name == "bart" else 0.08)

@@ -2,6 +2,9 @@
 what a flow run did, read back from the Prefect API."""
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -86,3 +89,20 @@ def task_states(flow_run_id) -> dict[str, list[str]]:
 def artifact_keys() -> set[str]:
     with get_client(sync_client=True) as client:
         return {a.key for a in client.read_artifacts() if a.key}
+
+
+def start_process(cmd: list, env: dict, log: Path) -> subprocess.Popen:
+    """A server or worker process of a test, in a session of its own, its output in `log`."""
+    return subprocess.Popen([str(c) for c in cmd], env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def stop_process(proc: subprocess.Popen, signum: int = signal.SIGTERM, timeout: float = 30) -> None:
+    """Stop `start_process`'s process and its children with `signum`, SIGKILL after `timeout` seconds."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signum)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)

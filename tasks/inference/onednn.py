@@ -3,12 +3,12 @@
 On a CPU, `nn.Linear` calls a BLAS sgemm with the weight as it is stored, and the BLAS repacks the
 weight's panels at every call. oneDNN can reorder a weight once into the blocked layout its kernels read
 (what torch.compile's CPU freezing does) and run every later call on it. Measured on one thread of the
-2-core AVX-512 EPYC (`benchmarks/RESULTS.md`): 1.1-1.6x the sgemm's speed for the encoder and decoder
-layer shapes of MiniLM and Marian at 16 rows or more, 2x for a 30k-token LM head at decoding batch sizes
+2-core AVX-512 EPYC (`benchmarks/RESULTS.md`): 1.1-1.5x the sgemm's speed for MiniLM's layer shapes and
+1.1-1.65x for Marian's at 16 rows or more, 1.7-2.4x for a 30k-token LM head at decoding batch sizes
 (there the weight's memory traffic is the limit). Results differ from the sgemm's by rounding only
-(about 1e-6 relative; outputs checked equal in the tests and benchmarks). Below `MIN_ROWS` rows (one
-sequence's decoding step) sgemm is faster and runs instead. The packed copy doubles the memory of the
-linear weights. `HFBATCH_CPU_KERNELS=aten` turns it off.
+(at most 1e-5 in those measurements; outputs checked equal in the tests and benchmarks). Below
+`MIN_ROWS` rows (one sequence's decoding step) sgemm is faster and runs instead. The packed copy
+doubles the memory of the linear weights. `HFBATCH_CPU_KERNELS=aten` turns it off.
 """
 from __future__ import annotations
 

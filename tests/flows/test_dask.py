@@ -22,6 +22,7 @@ from hfbatch.flows.cli import main
 from prefect.exceptions import ParameterTypeError
 
 from tests.conftest import free_port
+from tests.helpers import start_process, stop_process
 
 BIN = Path(sys.executable).parent
 PARAMS = dict(task="text-classification", shard_rows=40, batch_tokens=2048)
@@ -112,21 +113,6 @@ def test_dask_local_cluster_gives_the_thread_runners_output(prefect_harness, cla
     assert pq.read_table(tmp_path / "threads-same").equals(b)
 
 
-def _start(cmd: list, env: dict, log: Path) -> subprocess.Popen:
-    return subprocess.Popen([str(c) for c in cmd], env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-
-
 @pytest.fixture
 def dask_cluster(tmp_path):
     """`dask scheduler` and two `dask worker` processes (each under its nanny, with one task thread and
@@ -137,19 +123,19 @@ def dask_cluster(tmp_path):
 
     address = f"tcp://127.0.0.1:{free_port()}"
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    procs = [_start([BIN / "dask", "scheduler", "--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1],
-                     "--no-dashboard"], dict(env, DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES="0"),
-                    tmp_path / "scheduler.log")]
+    procs = [start_process([BIN / "dask", "scheduler", "--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1],
+                            "--no-dashboard"], dict(env, DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES="0"),
+                           tmp_path / "scheduler.log")]
     try:
-        procs += [_start([BIN / "dask", "worker", address, "--host", "127.0.0.1", "--nthreads", "1",
-                          "--no-dashboard", "--name", f"worker-{i}"], env, tmp_path / f"worker-{i}.log")
+        procs += [start_process([BIN / "dask", "worker", address, "--host", "127.0.0.1", "--nthreads", "1",
+                                 "--no-dashboard", "--name", f"worker-{i}"], env, tmp_path / f"worker-{i}.log")
                   for i in range(2)]
         with Client(address, timeout=120) as client:
             client.wait_for_workers(2, timeout=180)
             yield address, client
     finally:
         for proc in reversed(procs):
-            _stop(proc)
+            stop_process(proc)
         assert _gone([proc.pid for proc in procs])
 
 

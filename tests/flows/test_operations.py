@@ -29,23 +29,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import MotoServer, free_port
+from tests.helpers import start_process, stop_process
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _start(cmd: list[str], env: dict, log: Path) -> subprocess.Popen:
-    return subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
 
 
 def _wait(what: str, check, timeout: float, logs: list[Path]) -> None:
@@ -88,8 +75,8 @@ def _server(tmp_path_factory, auth: str | None, database: PostgresServer | None 
         env |= {"PREFECT_SERVER_API_AUTH_STRING": auth, "PREFECT_API_AUTH_STRING": auth}
     server_env = dict(env, PREFECT_API_DATABASE_CONNECTION_URL=database.url) if database else env
     log = home / "server.log"
-    proc = _start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)], server_env,
-                  log)
+    proc = start_process([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                         server_env, log)
 
     def healthy() -> bool:
         try:
@@ -101,7 +88,7 @@ def _server(tmp_path_factory, auth: str | None, database: PostgresServer | None 
         _wait("the Prefect server", healthy, 180, [log])
         yield {"env": env, "url": url, "log": log, "auth": auth, "home": home, "database": database}
     finally:
-        _stop(proc)
+        stop_process(proc, signal.SIGINT, 20)
 
 
 class PostgresServer:
@@ -207,10 +194,10 @@ def loop(request, minilm, data_dir, tmp_path_factory):
 
     put(sst2.slice(5000, 40).select(["idx", "text"]), f"{unlabelled}/batch.parquet")
     serve_log = work / "serve.log"
-    serve = _start([str(BIN / "hfbatch"), "serve", "--name", name, "--model", minilm, "--watch", labelled,
-                    "--input", unlabelled, "--output", f"{root}/predictions/{{date}}/v{{model_version}}",
-                    "--watch-interval", "10", "--store", store, "--train-param", "max_train_samples=300",
-                    "--train-param", "max_length=32", "--train-param", "save_steps=1000"], env, serve_log)
+    serve = start_process([str(BIN / "hfbatch"), "serve", "--name", name, "--model", minilm, "--watch", labelled,
+                           "--input", unlabelled, "--output", f"{root}/predictions/{{date}}/v{{model_version}}",
+                           "--watch-interval", "10", "--store", store, "--train-param", "max_train_samples=300",
+                           "--train-param", "max_length=32", "--train-param", "save_steps=1000"], env, serve_log)
     registry = f"{store}/models/{name}/registry.json"
     try:
         time.sleep(15)  # watch-data looks at an empty prefix meanwhile: nothing to report
@@ -230,7 +217,7 @@ def loop(request, minilm, data_dir, tmp_path_factory):
                "manifest": manifest, "env": env, "server": prefect_server, "fs": fs, "root": root,
                "logs": [serve_log, prefect_server["log"]]}
     finally:
-        _stop(serve)
+        stop_process(serve, signal.SIGINT, 20)
         if moto:
             moto.stop()
 

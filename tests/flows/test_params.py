@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hfbatch.flows import cli
+from hfbatch.flows import cli, reference
 from hfbatch.flows.params import check_parameters
 from hfbatch.tasks.errors import ConfigError
 from hfbatch.tasks.recipes import all_recipes
@@ -82,6 +82,6 @@ def test_deployment_parameters_are_flow_parameters():
 
 
 def test_readme_command_reference_is_the_generated_one():
-    """README.md holds `cli.commands_markdown()` verbatim; regenerate it with
-    `.venv/bin/python -c "from hfbatch.flows.cli import commands_markdown; print(commands_markdown())"`."""
-    assert cli.commands_markdown() in (ROOT / "README.md").read_text()
+    """README.md holds `reference.commands_markdown()` verbatim; regenerate it with
+    `.venv/bin/python -c "from hfbatch.flows.reference import commands_markdown; print(commands_markdown())"`."""
+    assert reference.commands_markdown() in (ROOT / "README.md").read_text()

@@ -26,6 +26,7 @@ from hfbatch.tasks.store import Store
 from hfbatch.tasks.tokenization import tokenize
 from hfbatch.tasks.train import TrainConfig, train
 
+from tests.generation_models import seq2seq_builders
 from tests.helpers import predictor, resolve_model, run_local
 
 TRANSLATION, SUMMARIZATION = get_recipe("translation"), get_recipe("summarization")
@@ -71,29 +72,11 @@ def tiny_seq2seq(minilm, wmt, tmp_path_factory) -> dict[str, str]:
     ends, [PAD] pads), initialised with a large variance so that outputs depend on the input. BART's
     end token gets a bias that ends about a quarter of the WMT rows early, the others at the limit."""
     import torch
-    from transformers import (
-        AutoTokenizer,
-        BartConfig,
-        BartForConditionalGeneration,
-        MarianConfig,
-        MarianMTModel,
-        T5Config,
-        T5ForConditionalGeneration,
-    )
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(minilm)
-    ids = {"vocab_size": len(tokenizer), "pad_token_id": 0, "eos_token_id": 102, "decoder_start_token_id": 101,
-           "forced_eos_token_id": None}
-    small = {"d_model": 32, "encoder_layers": 2, "decoder_layers": 2, "encoder_attention_heads": 2,
-             "decoder_attention_heads": 2, "encoder_ffn_dim": 64, "decoder_ffn_dim": 64, "max_position_embeddings": 512}
-    builders = {
-        "marian": lambda: MarianMTModel(MarianConfig(**small, **ids, init_std=1.0, decoder_vocab_size=len(tokenizer))),
-        "t5": lambda: T5ForConditionalGeneration(T5Config(d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2,
-                                                          initializer_factor=5.0, **ids)),
-        "bart": lambda: BartForConditionalGeneration(BartConfig(**small, **ids, init_std=0.3)),
-    }
     root, paths = tmp_path_factory.mktemp("seq2seq"), {}
-    for name, build in builders.items():
+    for name, build in seq2seq_builders(tokenizer, t5_init=5.0, t5_tied=True).items():
         torch.manual_seed(0)
         model = build().eval()
         if name == "bart":
