@@ -8,6 +8,7 @@ duplicates nothing."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import threading
@@ -19,9 +20,9 @@ import pytest
 from hfbatch.tasks.registry import Registry
 from hfbatch.tasks.store import Store
 
-from tests.flows.test_operations import BIN, ROOT, _api, _start, _stop, _wait, prefect_server  # noqa: F401
+from tests.flows.test_operations import BIN, ROOT, _api, _wait, prefect_server  # noqa: F401
 from tests.flows.test_registry_ops import _register
-from tests.helpers import tiny
+from tests.helpers import start_process, stop_process, tiny
 
 NAME = "alerts-sst2"
 DEADLINE = 10  # seconds: Prefect's least for a proactive trigger
@@ -139,11 +140,11 @@ def test_the_four_alerts_arrive_with_the_run_and_its_link(prefect_server, receiv
     pq.write_table(sst2.slice(0, 240), tmp_path / "labelled.parquet")
     pq.write_table(sst2.slice(5000, 16).select(["idx", "text"]), tmp_path / "unlabelled.parquet")
 
-    serve = _start([str(BIN / "hfbatch"), "serve", "--name", NAME, "--model", sst2_classifier,
-                    "--watch", str(tmp_path / "watched"), "--input", str(tmp_path / "unlabelled.parquet"),
-                    "--output", str(tmp_path / "predictions" / "v{model_version}"), "--store", store.url,
-                    "--watch-interval", "3600", "--inference-deadline", str(DEADLINE),
-                    "--train-param", "max_train_samples=200", "--train-param", "max_length=32"], env, logs[0])
+    serve = start_process([str(BIN / "hfbatch"), "serve", "--name", NAME, "--model", sst2_classifier,
+                           "--watch", str(tmp_path / "watched"), "--input", str(tmp_path / "unlabelled.parquet"),
+                           "--output", str(tmp_path / "predictions" / "v{model_version}"), "--store", store.url,
+                           "--watch-interval", "3600", "--inference-deadline", str(DEADLINE),
+                           "--train-param", "max_train_samples=200", "--train-param", "max_length=32"], env, logs[0])
     try:
         _wait("the served deployments and their alerts", lambda: len(_alerts(env)[0]) == 4, 240, logs)
         # (a) a batch-inference run fails: its input is not there
@@ -166,7 +167,7 @@ def test_the_four_alerts_arrive_with_the_run_and_its_link(prefect_server, receiv
         assert index["champion"] == "1" and not index["versions"][1]["promoted"]
         assert f"the champion stays v1: {index['versions'][1]['reason']}" in rejected["body"]  # the gate's words
     finally:
-        _stop(serve)
+        stop_process(serve, signal.SIGINT, 20)
 
     # (d) nobody runs batch inference any more: the next run is late, and not completed by the deadline
     late = _start_run(env, "batch_inference/batch-inference")
