@@ -195,6 +195,10 @@ def _main(argv: list[str]) -> int:
         from hfbatch.flows.server import start_unless_configured
 
         start_unless_configured()  # first: it starts while this process imports the flows and checks the input
+    if command in (*COMMANDS, "status"):
+        from hfbatch.flows.startup import import_lean
+
+        import_lean(command)
     try:
         args = build_parser(flow_options=command in COMMANDS).parse_args(argv)
     except SystemExit as e:  # usage errors (argparse printed them) and --help

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
+import os
 from pathlib import Path
 
 import fsspec
@@ -15,18 +17,24 @@ def digest(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
-def _update(h, path: str | Path) -> None:
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a local file's bytes, hashed from a memory map in one call: hashlib releases the
+    GIL for the whole file, where a loop over blocks takes it back after each one and, while another
+    thread runs Python (the CLI's warm-up imports), waits up to a switch interval (5 ms) for it each
+    time (0.7 s instead of 0.06 s for a 90 MB model, measured)."""
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+        if os.fstat(f.fileno()).st_size == 0:  # an empty file cannot be mapped
+            return hashlib.sha256().hexdigest()
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as view:
+            return hashlib.sha256(view).hexdigest()
 
 
-def hash_files(paths: list[Path]) -> str:
-    """Digest of the names and bytes of local `paths` (sorted by name)."""
+def hash_files(paths: list[Path], digests: dict[str, str] | None = None) -> str:
+    """Digest of the names and bytes of local `paths` (sorted by name); `digests` are the sha256 of
+    files already hashed (`{name: sha256}`), which are not read again."""
     h = hashlib.sha256()
     for p in sorted(paths, key=lambda p: p.name):
-        h.update(p.name.encode())
-        _update(h, p)
+        h.update(f"{p.name}:{(digests or {}).get(p.name) or file_sha256(p)}".encode())
     return h.hexdigest()[:32]
 
 
@@ -36,7 +44,7 @@ def file_fingerprint(fs: fsspec.AbstractFileSystem, path: str, url: str | None =
     h = hashlib.sha256()
     try:
         if "file" in ((fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol):
-            _update(h, path)
+            h.update(file_sha256(path).encode())
         else:
             info = fs.info(path)
             h.update(f"{info.get('ETag') or info.get('etag') or fs.ukey(path)}:{info.get('size')}".encode())

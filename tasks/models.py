@@ -36,8 +36,7 @@ def resolve_model(src: str, settings: Settings, store: Store | None = None) -> M
         if registry is not None and registry.exists():
             v = registry.resolve(version or None)
             local = store.local_dir(registry.version_key(v))
-            registry.verify(v, local)
-            ref = local_model(src, local, settings)
+            ref = local_model(src, local, settings, registry.verify(v, local))
             return ModelRef(src, ref.path, ref.fingerprint, ref.tokenizer_fingerprint, None, name, v,
                             registry.task(v))
     try:
@@ -56,7 +55,9 @@ def trained_model(trained: TrainedModel, store: Store, settings: Settings) -> Mo
     return ModelRef(ref.source, ref.path, ref.fingerprint, ref.tokenizer_fingerprint, task=trained.task)
 
 
-def local_model(src: str, path: Path, settings: Settings) -> ModelRef:
+def local_model(src: str, path: Path, settings: Settings, digests: dict[str, str] | None = None) -> ModelRef:
+    """The model directory `path` checked (safe weights, no remote code unless trusted) and fingerprinted;
+    `digests`: sha256 of its files already computed (`registry.file_digests`), not read again."""
     files = {p.name for p in path.iterdir()}
     weights = [f for f in SAFE_WEIGHTS if f in files]
     if not weights:
@@ -78,7 +79,7 @@ def local_model(src: str, path: Path, settings: Settings) -> ModelRef:
         raise ModelError(f"model directory {src!r} has no tokenizer files")
     weight_files = [path / "config.json"] + [p for p in path.iterdir() if p.name.endswith(".safetensors")
                                             or p.name.startswith("pytorch_model")]
-    return ModelRef(src, str(path.resolve()), hash_files(weight_files), hash_files(tok))
+    return ModelRef(src, str(path.resolve()), hash_files(weight_files, digests), hash_files(tok, digests))
 
 
 def _hub_model(src: str, settings: Settings) -> ModelRef:

@@ -7,7 +7,6 @@ versions those aliases name (`aliases_of`).
 """
 from __future__ import annotations
 
-import hashlib
 import re
 import shutil
 import tempfile
@@ -17,6 +16,7 @@ from pathlib import Path
 
 from .card import write_model_card
 from .errors import ConfigError, ModelError
+from .fingerprint import file_sha256
 from .refs import EvalResult, TrainedModel
 from .store import MARKER, Store
 
@@ -198,18 +198,20 @@ class Registry:
         return promoted, (f"{metric} {score:.4f} {verb} champion v{champion['version']} {champion_score:.4f} "
                           f"+ margin {margin} on eval set {evaluation.dataset_fingerprint[:12]}")
 
-    def verify(self, version: str, directory: Path) -> None:
+    def verify(self, version: str, directory: Path) -> dict[str, str] | None:
         """Check the files of `version` (fetched to `directory`) against the sha256 digests registered
-        with it: a corrupted or replaced file is a `ModelError`, not a silently different model."""
+        with it: a corrupted or replaced file is a `ModelError`, not a silently different model.
+        Returns the digests it found (`file_digests`), None for a version registered without them."""
         entry = next(v for v in self.load()["versions"] if v["version"] == version)
         expected = entry.get("files")
         if expected is None:  # registered before digests were recorded
-            return
+            return None
         found = file_digests(directory)
         bad = sorted(n for n in expected if found.get(n) != expected[n])
         if bad:
             raise ModelError(f"model {self.name} v{version}: {', '.join(bad)} in {self.store.uri(self.version_key(version))} "
                              "do not match the sha256 recorded at registration (corrupted or replaced)")
+        return found
 
     def verify_stored(self, version: str) -> None:
         """`verify` the files of `version` as they are in the store now (a remote store's files are
@@ -291,9 +293,5 @@ def file_digests(directory: Path) -> dict[str, str]:
     digests = {}
     for path in sorted(Path(directory).rglob("*")):
         if path.is_file() and path.name != MARKER:
-            h = hashlib.sha256()
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-            digests[path.relative_to(directory).as_posix()] = h.hexdigest()
+            digests[path.relative_to(directory).as_posix()] = file_sha256(path)
     return digests
