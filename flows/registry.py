@@ -121,7 +121,7 @@ def _apply(plan: Plan, action: str, reason: str, by: str | None) -> dict:
     events.emit_promoted(registry.name, change)
     index = registry.load()
     artifacts.publish_champion_history(registry.name, index)
-    artifacts.publish_dashboard(registry.name, index, registry.runs())
+    artifacts.publish_dashboard(registry.name, index, registry.runs(), registry.store)
     get_run_logger().info("%s: %s v%s → champion v%s (%s, by %s)", registry.name, action, change["previous"],
                           change["champion"], reason, change["by"])
     return {"name": registry.name, "action": action, "champion": change["champion"], "previous": change["previous"],

@@ -7,6 +7,7 @@ import base64
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from . import plots
+from .fingerprint import digest
 from .recipes import Recipe
 from .refs import EvalResult
 from .registry import Registration, Registry, aliases_of
@@ -64,11 +65,12 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
             *("| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows)]
 
 
-def publish_dashboard(name: str, index: dict, runs: list[dict], limit: int = 10) -> str:
+def publish_dashboard(name: str, index: dict, runs: list[dict], store: Store | None = None, limit: int = 10) -> str:
     """`<name>-dashboard`: the metric trend across versions (a PNG), the versions, the champion history
     and the last `limit` batch-inference runs with rows/s, rows, quarantine and drift. Published after
-    every registration, promotion, rollback and batch-inference run of the name. Returns the markdown."""
-    png = plots.metric_trend_png(index["versions"], f"{name}: metrics by version")
+    every registration, promotion, rollback and batch-inference run of the name. Returns the markdown.
+    With the registry's `store`, the trend is drawn once per set of versions (`metric_trend`)."""
+    png = metric_trend(name, index["versions"], store)
     champion = index["champion"]
     versions = [[f"v{v['version']}" + (" (champion)" if v["version"] == champion else ""), v["created"][:19],
                  ", ".join(f"{k} {x:.4f}" for k, x in v["metrics"].items() if isinstance(x, (int, float))),
@@ -88,6 +90,25 @@ def publish_dashboard(name: str, index: dict, runs: list[dict], limit: int = 10)
     create_markdown_artifact(key=f"{slug(name)}-dashboard", markdown=markdown,
                              description=f"{name}: metrics, champion history, batch inference and drift")
     return markdown
+
+
+TREND_VERSION = 1  # of the chart metric_trend_png draws: a new version draws every chart again
+
+
+def metric_trend(name: str, versions: list[dict], store: Store | None = None) -> bytes:
+    """The metric-trend PNG of `versions`, kept in `store` under a key made of what it shows
+    (`models/<name>/_charts/`): an inference run, which adds a run and not a version, republishes the
+    dashboard without matplotlib (0.35 s to import, 0.1 s to draw, on every `hfbatch infer`)."""
+    title = f"{name}: metrics by version"
+    if store is None:
+        return plots.metric_trend_png(versions, title)
+    shown = [{k: v.get(k) for k in ("version", "metrics", "promoted")} for v in versions]
+    key = f"models/{name}/_charts/metric-trend-{digest('metric-trend', TREND_VERSION, title, shown)}.png"
+    if store.exists(key):
+        return store.fs.cat_file(store.path(key))
+    png = plots.metric_trend_png(versions, title)
+    store.write_bytes(key, png)
+    return png
 
 
 def publish_training_artifacts(store: Store, name: str, version: str) -> dict[str, str]:

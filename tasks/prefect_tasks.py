@@ -119,7 +119,7 @@ def register_task(trained: TrainedModel, evaluated: EvalResult, store: Store, na
     artifacts.publish_registration(reg)
     artifacts.publish_champion_history(name, index)
     artifacts.publish_training_artifacts(store, name, reg.version)
-    artifacts.publish_dashboard(name, index, registry.runs())
+    artifacts.publish_dashboard(name, index, registry.runs(), store)
     return reg
 
 
@@ -139,7 +139,7 @@ def monitor_task(result: dict, manifest: dict, model: ModelRef, store: Store, th
     runs = registry.record_run(run)
     if run["drifted"]:
         events.emit_drifted(model.name, run)
-    artifacts.publish_dashboard(model.name, registry.load(), runs)
+    artifacts.publish_dashboard(model.name, registry.load(), runs, store)
     return run
 
 

@@ -218,3 +218,34 @@ def test_dashboard_with_versions_whose_metrics_differ(prefect_harness):
     assert "| 2026-11-29T13:00:00 | calm-fox | v3 | 800 | 61.2 | 0.25 % | 3.100 | label |" in markdown
     assert "| 2026-11-29T14:00:00 | - | v3 | 10 | 5.0 | 0.00 % | 0.000 | no reference |" in markdown
     assert "| 2026-11-29T12:00:00 | promote | v3 | v1 | ops@host | better |" in markdown
+
+
+def test_dashboard_chart_is_drawn_once_per_set_of_versions(prefect_harness, tmp_path, monkeypatch):
+    """With the registry's store, a republished dashboard whose versions did not change (an inference run
+    adds a run, not a version) reuses the chart it drew; a new version or metric draws a new one."""
+    from hfbatch.tasks import plots
+
+    name, store = f"dash-{uuid.uuid4().hex[:8]}", Store(str(tmp_path / "store"))
+    index = {"name": name, "champion": "1", "history": [], "versions": [
+        {"version": "1", "created": "2026-11-29T10:00:00", "metrics": {"accuracy": 0.8}, "promoted": True,
+         "reason": "first version"}]}
+    drawn = []
+    draw = plots.metric_trend_png
+    monkeypatch.setattr(plots, "metric_trend_png", lambda *a, **k: drawn.append(a) or draw(*a, **k))
+
+    @flow(name="dashboard-test")
+    def publish(index: dict, runs: list):
+        return publish_dashboard(name, index, runs, store)
+
+    first = publish(index, [])
+    run = {"time": "2026-11-29T13:00:00", "flow_run": "calm-fox", "version": "1", "rows": 800, "rows_per_s": 61.2,
+           "quarantine_rate": 0.0, "drift": {}, "drifted": [], "reference": True}
+    second = publish(index, [run])
+    chart = re.compile(r"data:image/png;base64,[A-Za-z0-9+/=]+")
+    assert len(drawn) == 1 and chart.search(first).group() == chart.search(second).group()
+    assert "calm-fox" in second and len(store.list(f"models/{name}/_charts")) == 1
+    index["versions"].append({"version": "2", "created": "2026-11-29T11:00:00", "metrics": {"accuracy": 0.9},
+                              "promoted": False, "reason": "not better"})
+    third = publish(index, [run])
+    assert len(drawn) == 2 and chart.search(third).group() != chart.search(second).group()
+    assert len(store.list(f"models/{name}/_charts")) == 2
