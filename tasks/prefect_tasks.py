@@ -6,6 +6,7 @@ every process and on every machine that uses the same store.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Callable
 
@@ -27,12 +28,18 @@ from .store import Store
 
 def result_storage(store: Store):
     """The Prefect result storage inside `store`, saved as a block named after the store (Prefect
-    requires result storage to be a saved block so that any worker can read the results back)."""
+    requires result storage to be a saved block so that any worker can read the results back). A
+    saved block that is the same is loaded, not saved again (one API call instead of five)."""
     if store.is_local:
         block = LocalFileSystem(basepath=store.uri("prefect-results"))
     else:
         block = RemoteFileSystem(basepath=store.uri("prefect-results"), settings=store.options)
-    block.save(f"hfbatch-results-{digest(store.url)[:16]}", overwrite=True)
+    name = f"hfbatch-results-{digest(store.url)[:16]}"
+    with contextlib.suppress(ValueError):  # ValueError: none of that name yet
+        saved = type(block).load(name)
+        if all(getattr(saved, f) == getattr(block, f) for f in type(block).model_fields):
+            return saved
+    block.save(name, overwrite=True)
     return block
 
 
