@@ -191,14 +191,10 @@ def _main(argv: list[str]) -> int:
     # Without PREFECT_API_URL, a temporary local server (SQLite); its start-up limit (Prefect's default,
     # 20 s, is too short on a busy small machine, where migrating a fresh database takes longer)
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    if command in COMMANDS and not {"-h", "--help"} & set(argv):
-        from hfbatch.flows.server import start_unless_configured
+    if command in (*COMMANDS, "status") and not {"-h", "--help"} & set(argv):
+        from hfbatch.flows.startup import begin
 
-        start_unless_configured()  # first: it starts while this process imports the flows and checks the input
-    if command in (*COMMANDS, "status"):
-        from hfbatch.flows.startup import import_lean
-
-        import_lean(command)
+        begin(command, runs_flow=command in COMMANDS)
     try:
         args = build_parser(flow_options=command in COMMANDS).parse_args(argv)
     except SystemExit as e:  # usage errors (argparse printed them) and --help

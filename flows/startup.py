@@ -1,4 +1,5 @@
-"""What a command imports at its start, without the parts of two packages that no command uses.
+"""A command's first steps: the temporary Prefect server of a flow command without a Prefect API, then
+the imports, without the parts of two packages that no command uses.
 
 A small command's time is mostly imports (its CPU time is its wall time: the imports hold the GIL), and
 two packages import, in their `__init__`, optional parts hfbatch never calls:
@@ -19,6 +20,16 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+
+
+def begin(command: str, runs_flow: bool) -> None:
+    """Start the temporary server first when `runs_flow` (`flows/server.py`: it starts while this process
+    imports the flows and checks the input), then `import_lean`."""
+    if runs_flow:
+        from hfbatch.flows.server import start_unless_configured
+
+        start_unless_configured()
+    import_lean(command)
 
 
 def import_lean(command: str) -> None:
