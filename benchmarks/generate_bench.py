@@ -173,11 +173,11 @@ def bench(kind: str, args, texts: list[str], tmp: Path, peak: float) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-    from hfbatch.tasks.inference.predictor import get_predictor
-    from hfbatch.tasks.inference.runner import run_local
-    from hfbatch.tasks.models import resolve_model
+    from hfbatch.tasks.engine.predictor import get_predictor
+    from hfbatch.tasks.batch.runner import run_local
+    from hfbatch.tasks.core.models import resolve_model
     from hfbatch.tasks.recipes import get_recipe
-    from hfbatch.tasks.settings import Settings
+    from hfbatch.tasks.core.settings import Settings
 
     task = TASKS[kind]
     model_dir = build_model(kind, tmp / kind, args.max_new_tokens, args.min_new_tokens or args.max_new_tokens)

@@ -70,13 +70,13 @@ def make_classifier(base: str, out: Path) -> str:
 def fine_tune(base: str, data: Path, rows: int, tmp: Path) -> str:
     """MiniLM fine-tuned (1 epoch, max length 64) on the last `rows` SST-2 rows, with hfbatch's own
     training functions; returns the model directory."""
-    from hfbatch.tasks.ingest import ingest
-    from hfbatch.tasks.models import resolve_model
+    from hfbatch.tasks.training.ingest import ingest
+    from hfbatch.tasks.core.models import resolve_model
     from hfbatch.tasks.recipes import get_recipe
-    from hfbatch.tasks.settings import Settings
-    from hfbatch.tasks.store import Store
-    from hfbatch.tasks.tokenization import tokenize
-    from hfbatch.tasks.train import TrainConfig, train
+    from hfbatch.tasks.core.settings import Settings
+    from hfbatch.tasks.core.store import Store
+    from hfbatch.tasks.training.tokenization import tokenize
+    from hfbatch.tasks.training.train import TrainConfig, train
 
     table = pq.read_table(data / "sst2" / "train.parquet")
     pq.write_table(table.slice(table.num_rows - rows), tmp / "train.parquet")
@@ -97,7 +97,7 @@ def matmul_gflops(n: int = 1024, seconds: float = 2.0) -> tuple[float, float]:
     one single-threaded matmul per thread at once, as hfbatch's CPU streams run batches)."""
     import torch
 
-    from hfbatch.tasks.inference.streams import cpu_streams
+    from hfbatch.tasks.engine.streams import cpu_streams
 
     a, b = torch.randn(n, n), torch.randn(n, n)
     streams = cpu_streams()  # hfbatch's own, as many as torch's threads (set before this first call)
@@ -211,11 +211,11 @@ def main(argv=None) -> int:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     import datasets
 
-    from hfbatch.tasks.inference.predictor import cpu_has_bf16, get_predictor
-    from hfbatch.tasks.inference.runner import run_local
-    from hfbatch.tasks.models import resolve_model
+    from hfbatch.tasks.engine.predictor import cpu_has_bf16, get_predictor
+    from hfbatch.tasks.batch.runner import run_local
+    from hfbatch.tasks.core.models import resolve_model
     from hfbatch.tasks.recipes import get_recipe
-    from hfbatch.tasks.settings import Settings
+    from hfbatch.tasks.core.settings import Settings
 
     settings, recipe = Settings(device=args.device), get_recipe("text-classification")
 

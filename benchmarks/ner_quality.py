@@ -39,7 +39,7 @@ def main() -> None:
 
     from hfbatch.flows.training import evaluate_flow, train_flow
     from hfbatch.tasks.recipes import get_recipe
-    from hfbatch.tasks.train import DEFAULTS
+    from hfbatch.tasks.training.train import DEFAULTS
     from prefect.testing.utilities import prefect_test_harness
 
     recipe = get_recipe("token-classification")

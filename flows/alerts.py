@@ -24,8 +24,8 @@ from prefect.exceptions import ObjectNotFound
 from prefect.logging import get_logger
 
 from hfbatch.tasks import events
-from hfbatch.tasks.errors import ConfigError
-from hfbatch.tasks.settings import Settings
+from hfbatch.tasks.core.errors import ConfigError
+from hfbatch.tasks.core.settings import Settings
 
 logger = get_logger("hfbatch.alerts")
 

@@ -14,7 +14,7 @@ import types
 import typing
 from typing import TYPE_CHECKING, Any
 
-from hfbatch.tasks.errors import ConfigError, HfbatchError
+from hfbatch.tasks.core.errors import ConfigError, HfbatchError
 
 if TYPE_CHECKING:
     from pydantic.fields import FieldInfo
@@ -233,14 +233,14 @@ def _run(args) -> dict:
     if args.command == "status":
         from hfbatch.flows.server import configured_api_url
         from hfbatch.flows.status import collect_status
-        from hfbatch.tasks.settings import Settings
+        from hfbatch.tasks.core.settings import Settings
 
         # without a Prefect API, the registry only: a server started just to read would take seconds
         return collect_status(Settings(), args.store, args.limit, runs=bool(configured_api_url()))
     from hfbatch.flows import server
     from hfbatch.flows.params import check_parameters, merged_fields
     from hfbatch.flows.preflight import check, warm_up
-    from hfbatch.tasks.settings import Settings
+    from hfbatch.tasks.core.settings import Settings
 
     flow = flows()[args.command]
     values = {name: getattr(args, name) for name in merged_fields(*flow.fn.parameter_models)}
@@ -311,7 +311,7 @@ def _user_errors_quiet(enabled: bool):
 
 def _operate(args) -> dict:
     from hfbatch.flows.deploy import build_deployments, deploy_all, serve_deployments
-    from hfbatch.tasks.settings import Settings
+    from hfbatch.tasks.core.settings import Settings
 
     overrides = {"alert_block": args.alert_block, "inference_deadline": args.inference_deadline}
     settings = Settings().with_overrides(**overrides)

@@ -21,8 +21,8 @@ from hfbatch.flows.params import check_parameters
 from hfbatch.flows.training import train_flow
 from hfbatch.flows.watch import watch_data
 from hfbatch.tasks import watch
-from hfbatch.tasks.errors import ConfigError
-from hfbatch.tasks.settings import Settings
+from hfbatch.tasks.core.errors import ConfigError
+from hfbatch.tasks.core.settings import Settings
 
 PREFECT_YAML = Path(__file__).resolve().parents[1] / "deployments" / "prefect.yaml"
 

@@ -13,17 +13,17 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from hfbatch.flows.params import InferParams, parameters, recipe_options, validated
 from hfbatch.flows.status import SUMMARY_KEY
-from hfbatch.tasks.errors import ConfigError, is_transient
-from hfbatch.tasks.inference.output import check_output_location, finalize, prepare_output, quarantine_files
-from hfbatch.tasks.inference.prefect_tasks import infer_shard_task
-from hfbatch.tasks.inference.shards import describe_input, plan_shards
-from hfbatch.tasks.inference.spec import build_spec, output_for
-from hfbatch.tasks.models import resolve_model
+from hfbatch.tasks.core.errors import ConfigError, is_transient
+from hfbatch.tasks.batch.output import check_output_location, finalize, prepare_output, quarantine_files
+from hfbatch.tasks.batch.prefect_tasks import infer_shard_task
+from hfbatch.tasks.batch.shards import describe_input, plan_shards
+from hfbatch.tasks.batch.spec import build_spec, output_for
+from hfbatch.tasks.core.models import resolve_model
 from hfbatch.tasks.prefect_tasks import monitor_task
 from hfbatch.tasks.recipes import get_recipe
-from hfbatch.tasks.refs import ModelRef
-from hfbatch.tasks.settings import Settings
-from hfbatch.tasks.store import Store
+from hfbatch.tasks.core.refs import ModelRef
+from hfbatch.tasks.core.settings import Settings
+from hfbatch.tasks.core.store import Store
 
 _listeners: list[Callable[[dict], None]] = []
 

@@ -15,9 +15,9 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.fields import FieldInfo
 
-from hfbatch.tasks.errors import ConfigError
+from hfbatch.tasks.core.errors import ConfigError
 from hfbatch.tasks.recipes import Options, all_recipes, task_names
-from hfbatch.tasks.settings import Device
+from hfbatch.tasks.core.settings import Device
 
 Task = Literal[task_names()]
 TrainTask = Literal[task_names(trainable=True)]

@@ -12,18 +12,18 @@ from typing import Any
 
 from hfbatch.flows.inference import task_of
 from hfbatch.flows.params import EvalParams, InferParams, TrainParams, validated
-from hfbatch.tasks.inference.output import check_output_location, prepare_output
-from hfbatch.tasks.inference.predictor import get_predictor
-from hfbatch.tasks.inference.shards import describe_input
-from hfbatch.tasks.inference.spec import InferSpec, build_spec, output_for
-from hfbatch.tasks.ingest import check_columns
+from hfbatch.tasks.batch.output import check_output_location, prepare_output
+from hfbatch.tasks.engine.predictor import get_predictor
+from hfbatch.tasks.batch.shards import describe_input
+from hfbatch.tasks.batch.spec import InferSpec, build_spec, output_for
+from hfbatch.tasks.training.ingest import check_columns
 from hfbatch.tasks.metrics import module_fingerprint
-from hfbatch.tasks.models import resolve_model
+from hfbatch.tasks.core.models import resolve_model
 from hfbatch.tasks.recipes import get_recipe
-from hfbatch.tasks.refs import ModelRef
-from hfbatch.tasks.registry import Registry
-from hfbatch.tasks.settings import Settings
-from hfbatch.tasks.store import Store
+from hfbatch.tasks.core.refs import ModelRef
+from hfbatch.tasks.core.registry import Registry
+from hfbatch.tasks.core.settings import Settings
+from hfbatch.tasks.core.store import Store
 
 
 def check(command: str, values: dict[str, Any], settings: Settings):

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from prefect import flow, get_run_logger
 
 from hfbatch.tasks import artifacts, events
-from hfbatch.tasks.errors import ConfigError, ModelError
-from hfbatch.tasks.registry import ALIASES, Registry, aliases_of
-from hfbatch.tasks.settings import Settings
-from hfbatch.tasks.store import Store
+from hfbatch.tasks.core.errors import ConfigError, ModelError
+from hfbatch.tasks.core.registry import ALIASES, Registry, aliases_of
+from hfbatch.tasks.core.settings import Settings
+from hfbatch.tasks.core.store import Store
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import tomllib
 import urllib.request
 from pathlib import Path
 
-from hfbatch.tasks.errors import ConfigError
+from hfbatch.tasks.core.errors import ConfigError
 
 _temporary: TemporaryServer | None = None
 

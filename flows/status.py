@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import json
 
-from hfbatch.tasks.errors import ConfigError
-from hfbatch.tasks.registry import Registry, aliases_of
-from hfbatch.tasks.settings import Settings
-from hfbatch.tasks.store import Store
+from hfbatch.tasks.core.errors import ConfigError
+from hfbatch.tasks.core.registry import Registry, aliases_of
+from hfbatch.tasks.core.settings import Settings
+from hfbatch.tasks.core.store import Store
 
 SUMMARY_KEY = "batch-inference-summary"  # the artifact of a batch_inference run's figures
 SUMMARY_FIELDS = ("rows", "rows_per_s", "model", "model_version")

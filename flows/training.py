@@ -11,16 +11,16 @@ from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectAlreadyExists
 
 from hfbatch.flows.params import EvalParams, TrainParams, parameters, recipe_options, validated
-from hfbatch.tasks.errors import ConfigError
-from hfbatch.tasks.models import label_names, resolve_model, trained_model
+from hfbatch.tasks.core.errors import ConfigError
+from hfbatch.tasks.core.models import label_names, resolve_model, trained_model
 from hfbatch.tasks.prefect_tasks import StoreTasks
 from hfbatch.tasks.recipes import Options, Recipe, get_recipe
-from hfbatch.tasks.refs import DatasetRef, ModelRef
-from hfbatch.tasks.registry import Registry
-from hfbatch.tasks.settings import Settings
-from hfbatch.tasks.sources import fingerprint, parse_source
-from hfbatch.tasks.store import Store
-from hfbatch.tasks.train import TrainConfig
+from hfbatch.tasks.core.refs import DatasetRef, ModelRef
+from hfbatch.tasks.core.registry import Registry
+from hfbatch.tasks.core.settings import Settings
+from hfbatch.tasks.core.sources import fingerprint, parse_source
+from hfbatch.tasks.core.store import Store
+from hfbatch.tasks.training.train import TrainConfig
 
 
 class _Run:

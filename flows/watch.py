@@ -6,8 +6,8 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.events import emit_event
 
 from hfbatch.tasks import watch
-from hfbatch.tasks.settings import Settings
-from hfbatch.tasks.store import Store
+from hfbatch.tasks.core.settings import Settings
+from hfbatch.tasks.core.store import Store
 
 
 @flow(name="watch_data")

@@ -6,12 +6,12 @@ import base64
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from . import plots
-from .fingerprint import digest
-from .recipes import Recipe
-from .refs import EvalResult
-from .registry import Registration, Registry, aliases_of
-from .store import Store
+from hfbatch.tasks.core import plots
+from hfbatch.tasks.core.fingerprint import digest
+from hfbatch.tasks.recipes import Recipe
+from hfbatch.tasks.core.refs import EvalResult
+from hfbatch.tasks.core.registry import Registration, Registry, aliases_of
+from hfbatch.tasks.core.store import Store
 
 
 def slug(text: str) -> str:

@@ -10,7 +10,7 @@ import socket
 
 from prefect.events import emit_event
 
-from .registry import Registration
+from hfbatch.tasks.core.registry import Registration
 
 PROMOTED = "hfbatch.model.promoted"
 REJECTED = "hfbatch.model.rejected"

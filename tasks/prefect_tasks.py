@@ -14,16 +14,19 @@ from prefect import task
 from prefect.filesystems import LocalFileSystem, RemoteFileSystem
 from prefect.tasks import exponential_backoff
 
-from . import artifacts, evaluation, events, tokenization
-from . import ingest as ingest_mod
-from . import train as train_mod
-from .errors import is_transient
-from .fingerprint import digest
-from .recipes import Options, get_recipe
-from .refs import DatasetRef, EvalResult, ModelRef, TrainedModel
-from .registry import Registry
-from .settings import Settings
-from .store import Store
+from hfbatch.tasks import artifacts
+from hfbatch.tasks.training import evaluation
+from hfbatch.tasks import events
+from hfbatch.tasks.training import tokenization
+from hfbatch.tasks.training import ingest as ingest_mod
+from hfbatch.tasks.training import train as train_mod
+from hfbatch.tasks.core.errors import is_transient
+from hfbatch.tasks.core.fingerprint import digest
+from hfbatch.tasks.recipes import Options, get_recipe
+from hfbatch.tasks.core.refs import DatasetRef, EvalResult, ModelRef, TrainedModel
+from hfbatch.tasks.core.registry import Registry
+from hfbatch.tasks.core.settings import Settings
+from hfbatch.tasks.core.store import Store
 
 
 def result_storage(store: Store):
@@ -137,7 +140,7 @@ def monitor_task(result: dict, manifest: dict, model: ModelRef, store: Store, th
     when a figure drifted; refresh the model's dashboard. Returns the run's record."""
     from prefect.context import FlowRunContext
 
-    from .monitoring import run_record
+    from hfbatch.tasks.core.monitoring import run_record
 
     registry = Registry(store, model.name)
     context = FlowRunContext.get()

@@ -12,9 +12,9 @@ from typing import Any
 
 import fsspec
 
-from .fingerprint import digest
-from .sources import BUILDERS, Source, fingerprint, parse_source
-from .store import Store
+from hfbatch.tasks.core.fingerprint import digest
+from hfbatch.tasks.core.sources import BUILDERS, Source, fingerprint, parse_source
+from hfbatch.tasks.core.store import Store
 
 EVENT = "hfbatch.dataset.updated"
 

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-from hfbatch.tasks.inference import runner
-from hfbatch.tasks.inference.predictor import get_predictor
-from hfbatch.tasks.models import resolve_model as resolve
+from hfbatch.tasks.batch import runner
+from hfbatch.tasks.engine.predictor import get_predictor
+from hfbatch.tasks.core.models import resolve_model as resolve
 from hfbatch.tasks.recipes import get_recipe
-from hfbatch.tasks.settings import Settings
+from hfbatch.tasks.core.settings import Settings
 from prefect import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 

@@ -5,16 +5,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from hfbatch.tasks.evaluation import evaluate_model
-from hfbatch.tasks.inference.predictor import get_predictor
-from hfbatch.tasks.inference.runner import run_local
-from hfbatch.tasks.ingest import ingest
-from hfbatch.tasks.models import pick_device, resolve_model, trained_model
+from hfbatch.tasks.training.evaluation import evaluate_model
+from hfbatch.tasks.engine.predictor import get_predictor
+from hfbatch.tasks.batch.runner import run_local
+from hfbatch.tasks.training.ingest import ingest
+from hfbatch.tasks.core.models import pick_device, resolve_model, trained_model
 from hfbatch.tasks.recipes import get_recipe
-from hfbatch.tasks.settings import Settings
-from hfbatch.tasks.store import Store
-from hfbatch.tasks.tokenization import tokenize
-from hfbatch.tasks.train import TrainConfig, train
+from hfbatch.tasks.core.settings import Settings
+from hfbatch.tasks.core.store import Store
+from hfbatch.tasks.training.tokenization import tokenize
+from hfbatch.tasks.training.train import TrainConfig, train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 EXPECTED = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp16"

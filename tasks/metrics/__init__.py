@@ -4,8 +4,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from ..errors import ConfigError
-from ..fingerprint import hash_files
+from hfbatch.tasks.core.errors import ConfigError
+from hfbatch.tasks.core.fingerprint import hash_files
 
 METRICS_DIR = Path(__file__).parent
 

@@ -6,8 +6,8 @@ import functools
 import importlib
 import pkgutil
 
-from ..errors import ConfigError
-from .base import Options, Recipe
+from hfbatch.tasks.core.errors import ConfigError
+from hfbatch.tasks.recipes.base import Options, Recipe
 
 
 @functools.cache

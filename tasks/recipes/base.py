@@ -20,11 +20,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict
 
-from ..errors import ConfigError, DataError, ModelError
-from ..inference.predictor import Predictor
-from ..models import load_model
-from ..refs import ModelRef
-from ..settings import Settings
+from hfbatch.tasks.core.errors import ConfigError, DataError, ModelError
+from hfbatch.tasks.engine.predictor import Predictor
+from hfbatch.tasks.core.models import load_model
+from hfbatch.tasks.core.refs import ModelRef
+from hfbatch.tasks.core.settings import Settings
 
 log = logging.getLogger(__name__)
 

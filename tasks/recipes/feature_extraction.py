@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from ..inference.predictor import EncoderPredictor
-from .base import Recipe
+from hfbatch.tasks.engine.predictor import EncoderPredictor
+from hfbatch.tasks.recipes.base import Recipe
 
 
 class FeatureExtractionPredictor(EncoderPredictor):

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pyarrow as pa
 from pydantic import Field
 
-from ..errors import ConfigError
-from ..inference.predictor import PipelinePredictor
-from .base import Options, Recipe
+from hfbatch.tasks.core.errors import ConfigError
+from hfbatch.tasks.engine.predictor import PipelinePredictor
+from hfbatch.tasks.recipes.base import Options, Recipe
 
 TOP_K_DESCRIPTION = ("fill-mask: tokens to return per row (default: 5); sampling (text generation): keep the K "
                      "likeliest tokens, 0: all (default: the model's generation config)")

@@ -12,13 +12,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
-from ..errors import ConfigError, DataError
-from ..inference.predictor import EncoderPredictor, pad_batch, token_budget_batches
-from ..metrics import compute
-from ..refs import ModelRef
-from ..settings import Settings
-from .base import Options, Recipe, first_bad_row, require_columns
-from .qa_spans import answer_positions, best_answers, window_offsets
+from hfbatch.tasks.core.errors import ConfigError, DataError
+from hfbatch.tasks.engine.predictor import EncoderPredictor, pad_batch, token_budget_batches
+from hfbatch.tasks.metrics import compute
+from hfbatch.tasks.core.refs import ModelRef
+from hfbatch.tasks.core.settings import Settings
+from hfbatch.tasks.recipes.base import Options, Recipe, first_bad_row, require_columns
+from hfbatch.tasks.recipes.qa_spans import answer_positions, best_answers, window_offsets
 
 EXAMPLES_SHOWN = 20
 """Eval examples whose prediction and answers the evaluation details show."""

@@ -20,14 +20,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field, field_validator
 
-from ..errors import ConfigError, DataError
-from ..inference.generation import GenerationPredictor
-from ..metrics import compute
-from ..models import load_model, load_tokenizer, model_kwargs
-from ..refs import ModelRef
-from ..settings import Settings
-from .base import Options, Recipe, first_bad_row, require_columns
-from .fill_mask import TOP_K_DESCRIPTION
+from hfbatch.tasks.core.errors import ConfigError, DataError
+from hfbatch.tasks.engine.generation import GenerationPredictor
+from hfbatch.tasks.metrics import compute
+from hfbatch.tasks.core.models import load_model, load_tokenizer, model_kwargs
+from hfbatch.tasks.core.refs import ModelRef
+from hfbatch.tasks.core.settings import Settings
+from hfbatch.tasks.recipes.base import Options, Recipe, first_bad_row, require_columns
+from hfbatch.tasks.recipes.fill_mask import TOP_K_DESCRIPTION
 
 log = logging.getLogger(__name__)
 

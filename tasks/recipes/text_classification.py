@@ -11,11 +11,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
-from ..errors import DataError
-from ..inference.predictor import EncoderPredictor
-from ..metrics import compute
-from ..plots import confusion_png
-from .base import Options, Recipe, first_bad_row, require_columns
+from hfbatch.tasks.core.errors import DataError
+from hfbatch.tasks.engine.predictor import EncoderPredictor
+from hfbatch.tasks.metrics import compute
+from hfbatch.tasks.core.plots import confusion_png
+from hfbatch.tasks.recipes.base import Options, Recipe, first_bad_row, require_columns
 
 CLOSE_CALL_GAP = 0.2
 """int8: rows whose two best scores are closer than this are scored again in fp32."""

@@ -14,10 +14,10 @@ import copy
 
 from pydantic import Field
 
-from ..errors import ConfigError
-from ..inference.generation import GenerationPredictor
-from .base import Recipe
-from .text2text_generation import Seq2SeqInferOptions, _with_options, sampling
+from hfbatch.tasks.core.errors import ConfigError
+from hfbatch.tasks.engine.generation import GenerationPredictor
+from hfbatch.tasks.recipes.base import Recipe
+from hfbatch.tasks.recipes.text2text_generation import Seq2SeqInferOptions, _with_options, sampling
 
 
 class TextGenerationOptions(Seq2SeqInferOptions):

@@ -11,10 +11,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
-from ..errors import DataError
-from ..inference.predictor import PipelinePredictor
-from ..metrics import compute
-from .base import Options, Recipe, require_columns
+from hfbatch.tasks.core.errors import DataError
+from hfbatch.tasks.engine.predictor import PipelinePredictor
+from hfbatch.tasks.metrics import compute
+from hfbatch.tasks.recipes.base import Options, Recipe, require_columns
 
 IGNORED = -100
 """The label of sub-tokens the loss and the metrics skip (PyTorch's cross-entropy `ignore_index`)."""

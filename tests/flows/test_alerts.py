@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from hfbatch.tasks.registry import Registry
-from hfbatch.tasks.store import Store
+from hfbatch.tasks.core.registry import Registry
+from hfbatch.tasks.core.store import Store
 
 from tests.flows.test_operations import BIN, ROOT, _api, _wait, prefect_server  # noqa: F401
 from tests.flows.test_registry_ops import _register

@@ -6,7 +6,7 @@ import json
 import pyarrow.parquet as pq
 import pytest
 from hfbatch.flows.training import train_flow
-from hfbatch.tasks.errors import ConfigError
+from hfbatch.tasks.core.errors import ConfigError
 
 pytestmark = pytest.mark.slow
 

@@ -9,7 +9,7 @@ import pytest
 import yaml
 from hfbatch.flows import cli, reference
 from hfbatch.flows.params import check_parameters
-from hfbatch.tasks.errors import ConfigError
+from hfbatch.tasks.core.errors import ConfigError
 from hfbatch.tasks.recipes import all_recipes
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -14,13 +14,13 @@ import pytest
 from hfbatch.flows.cli import main
 from hfbatch.flows.registry import promote_flow
 from hfbatch.flows.status import collect_status, format_status
-from hfbatch.tasks.errors import ModelError
+from hfbatch.tasks.core.errors import ModelError
 from hfbatch.tasks.events import PROMOTED, operator
-from hfbatch.tasks.models import resolve_model
-from hfbatch.tasks.refs import EvalResult, TrainedModel
-from hfbatch.tasks.registry import Registry
-from hfbatch.tasks.settings import Settings
-from hfbatch.tasks.store import Store
+from hfbatch.tasks.core.models import resolve_model
+from hfbatch.tasks.core.refs import EvalResult, TrainedModel
+from hfbatch.tasks.core.registry import Registry
+from hfbatch.tasks.core.settings import Settings
+from hfbatch.tasks.core.store import Store
 
 from tests.helpers import tiny
 

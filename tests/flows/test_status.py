@@ -9,10 +9,10 @@ import pyarrow.parquet as pq
 import pytest
 from hfbatch.flows.cli import main
 from hfbatch.flows.status import collect_status, format_status
-from hfbatch.tasks.refs import EvalResult, TrainedModel
-from hfbatch.tasks.registry import Registry
-from hfbatch.tasks.settings import Settings
-from hfbatch.tasks.store import Store
+from hfbatch.tasks.core.refs import EvalResult, TrainedModel
+from hfbatch.tasks.core.registry import Registry
+from hfbatch.tasks.core.settings import Settings
+from hfbatch.tasks.core.store import Store
 
 
 @pytest.fixture(scope="module")

@@ -117,9 +117,9 @@ def test_batch_inference_is_compared_with_the_versions_evaluation(cold_run, sst2
     from hfbatch.flows.inference import batch_inference
     from hfbatch.flows.status import collect_status, format_status
     from hfbatch.tasks.events import DRIFTED
-    from hfbatch.tasks.registry import Registry
-    from hfbatch.tasks.settings import Settings
-    from hfbatch.tasks.store import Store
+    from hfbatch.tasks.core.registry import Registry
+    from hfbatch.tasks.core.settings import Settings
+    from hfbatch.tasks.core.store import Store
 
     params = cold_run[0]
     store = Store.open(Settings(), params["store"])

@@ -8,12 +8,12 @@ import uuid
 
 import pytest
 from hfbatch.tasks.artifacts import card_markdown, publish_dashboard, publish_training_artifacts
-from hfbatch.tasks.card import write_model_card
-from hfbatch.tasks.plots import loss_curve_png, loss_points
+from hfbatch.tasks.core.card import write_model_card
+from hfbatch.tasks.core.plots import loss_curve_png, loss_points
 from hfbatch.tasks.prefect_tasks import register_task
-from hfbatch.tasks.refs import EvalResult, TrainedModel
-from hfbatch.tasks.registry import Registry
-from hfbatch.tasks.store import Store
+from hfbatch.tasks.core.refs import EvalResult, TrainedModel
+from hfbatch.tasks.core.registry import Registry
+from hfbatch.tasks.core.store import Store
 from prefect import flow
 
 # `train_log.json` of the 5-step run in test_train.py (logging_steps=2): the Trainer's log_history
@@ -175,7 +175,7 @@ def test_confusion_matrix_heatmap_and_learning_rate_are_drawn():
     import matplotlib.image
     import numpy as np
 
-    from hfbatch.tasks.plots import confusion_png
+    from hfbatch.tasks.core.plots import confusion_png
 
     png = confusion_png(["negative", "positive"], [[300, 50], [40, 410]])
     pixels = matplotlib.image.imread(io.BytesIO(png), format="png")

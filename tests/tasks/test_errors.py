@@ -3,7 +3,7 @@ import errno
 
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError
-from hfbatch.tasks.errors import DataError, TransientReadError, is_transient
+from hfbatch.tasks.core.errors import DataError, TransientReadError, is_transient
 from hfbatch.tasks.prefect_tasks import RETRIES
 from prefect import flow, task
 

@@ -5,11 +5,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from hfbatch.tasks import ingest as ingest_mod
-from hfbatch.tasks.errors import DataError
+from hfbatch.tasks.core.errors import DataError
 from hfbatch.tasks.recipes import get_recipe
-from hfbatch.tasks.settings import Settings
-from hfbatch.tasks.sources import fingerprint, parse_source
-from hfbatch.tasks.store import Store
+from hfbatch.tasks.core.settings import Settings
+from hfbatch.tasks.core.sources import fingerprint, parse_source
+from hfbatch.tasks.core.store import Store
 
 TC = get_recipe("text-classification")
 

@@ -1,9 +1,9 @@
 import shutil
 
 import pytest
-from hfbatch.tasks.errors import ModelError
-from hfbatch.tasks.models import resolve_model
-from hfbatch.tasks.settings import Settings
+from hfbatch.tasks.core.errors import ModelError
+from hfbatch.tasks.core.models import resolve_model
+from hfbatch.tasks.core.settings import Settings
 
 SETTINGS = Settings()
 
@@ -42,8 +42,8 @@ def test_device_setting(monkeypatch):
     running on the CPU; anything else is refused, in HFBATCH_DEVICE as in the parameter."""
     import pydantic
     import torch
-    from hfbatch.tasks.errors import ConfigError
-    from hfbatch.tasks.models import pick_device
+    from hfbatch.tasks.core.errors import ConfigError
+    from hfbatch.tasks.core.models import pick_device
 
     monkeypatch.setenv("HFBATCH_DEVICE", "cpu")
     assert Settings().device == "cpu" and pick_device(Settings().device) == ("cpu", "fp32")

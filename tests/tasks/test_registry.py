@@ -1,9 +1,9 @@
 """Registry logic on small hand-made model directories (the files are copied, never loaded)."""
 import pytest
-from hfbatch.tasks.errors import ModelError
-from hfbatch.tasks.refs import EvalResult, TrainedModel
-from hfbatch.tasks.registry import Registry
-from hfbatch.tasks.store import Store
+from hfbatch.tasks.core.errors import ModelError
+from hfbatch.tasks.core.refs import EvalResult, TrainedModel
+from hfbatch.tasks.core.registry import Registry
+from hfbatch.tasks.core.store import Store
 
 
 def _trained(store: Store, run_key: str) -> TrainedModel:
@@ -60,7 +60,7 @@ def test_registering_the_same_run_twice_returns_its_version(tmp_path):
 
 
 def test_invalid_name_is_rejected(tmp_path):
-    from hfbatch.tasks.errors import ConfigError
+    from hfbatch.tasks.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="invalid model name"):
         Registry(Store(str(tmp_path)), "../etc")
@@ -97,8 +97,8 @@ def test_concurrent_registrations_lose_no_version_on_s3(s3):
 
 
 def test_a_corrupted_registered_file_is_refused_when_loaded(tmp_path):
-    from hfbatch.tasks.models import resolve_model
-    from hfbatch.tasks.settings import Settings
+    from hfbatch.tasks.core.models import resolve_model
+    from hfbatch.tasks.core.settings import Settings
 
     store = Store(str(tmp_path))
     Registry(store, "m").register(_trained(store, "r1"), _eval(0.7))

@@ -1,8 +1,8 @@
 import json
 
 import pytest
-from hfbatch.tasks.settings import Settings
-from hfbatch.tasks.store import MARKER, Store
+from hfbatch.tasks.core.settings import Settings
+from hfbatch.tasks.core.store import MARKER, Store
 
 
 def test_staging_commits_marker_last_and_failed_block_leaves_nothing(tmp_path):

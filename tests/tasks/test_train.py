@@ -3,15 +3,15 @@ import json
 
 import pytest
 from hfbatch.flows.params import validated
-from hfbatch.tasks.errors import ConfigError
-from hfbatch.tasks.ingest import ingest
-from hfbatch.tasks.models import resolve_model
-from hfbatch.tasks.plots import loss_curve_png, loss_points
+from hfbatch.tasks.core.errors import ConfigError
+from hfbatch.tasks.training.ingest import ingest
+from hfbatch.tasks.core.models import resolve_model
+from hfbatch.tasks.core.plots import loss_curve_png, loss_points
 from hfbatch.tasks.recipes import get_recipe
-from hfbatch.tasks.settings import Settings
-from hfbatch.tasks.store import Store
-from hfbatch.tasks.tokenization import tokenize
-from hfbatch.tasks.train import TrainConfig, train
+from hfbatch.tasks.core.settings import Settings
+from hfbatch.tasks.core.store import Store
+from hfbatch.tasks.training.tokenization import tokenize
+from hfbatch.tasks.training.train import TrainConfig, train
 
 TC = get_recipe("text-classification")
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pyarrow.parquet as pq
 from hfbatch.tasks import watch
-from hfbatch.tasks.store import Store
+from hfbatch.tasks.core.store import Store
 
 
 def _write(data_dir, path, start: int, n: int) -> None:

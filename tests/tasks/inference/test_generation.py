@@ -12,10 +12,10 @@ import contextlib
 import pyarrow.parquet as pq
 import pytest
 import torch
-from hfbatch.tasks.errors import ConfigError
-from hfbatch.tasks.inference import generation_batch
-from hfbatch.tasks.inference.generation import GenerationEngine, row_seed
-from hfbatch.tasks.inference.streams import Streams
+from hfbatch.tasks.core.errors import ConfigError
+from hfbatch.tasks.batch import generation_batch
+from hfbatch.tasks.engine.generation import GenerationEngine, row_seed
+from hfbatch.tasks.engine.streams import Streams
 
 from tests.generation_models import decoder_models, seq2seq_models
 from tests.helpers import predictor, resolve_model

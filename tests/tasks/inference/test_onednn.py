@@ -5,11 +5,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from hfbatch.tasks.inference import onednn
-from hfbatch.tasks.inference.onednn import MIN_ROWS, PackedForward, pack_linear_layers
-from hfbatch.tasks.inference.predictor import get_predictor
+from hfbatch.tasks.batch import onednn
+from hfbatch.tasks.engine.onednn import MIN_ROWS, PackedForward, pack_linear_layers
+from hfbatch.tasks.engine.predictor import get_predictor
 from hfbatch.tasks.recipes import get_recipe
-from hfbatch.tasks.settings import Settings
+from hfbatch.tasks.core.settings import Settings
 
 from tests.helpers import SETTINGS, predictor, resolve_model
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from hfbatch.tasks.errors import ConfigError
-from hfbatch.tasks.inference.first_token import FirstTokenLayer, first_token_only
-from hfbatch.tasks.inference.predictor import token_budget_batches
+from hfbatch.tasks.core.errors import ConfigError
+from hfbatch.tasks.engine.first_token import FirstTokenLayer, first_token_only
+from hfbatch.tasks.engine.predictor import token_budget_batches
 
 from tests.helpers import predictor, resolve_model, run_local, texts_of
 
@@ -37,7 +37,7 @@ def test_cpu_batches_run_on_single_threaded_streams(classifier, mixed, monkeypat
     import threading
 
     import torch
-    from hfbatch.tasks.inference import streams
+    from hfbatch.tasks.batch import streams
 
     before = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -150,7 +150,7 @@ def test_bf16_precision_runs_in_bf16_where_the_cpu_has_bf16_units(minilm, mixed,
     MiniLM stay close to the exact ones; a CPU without them is refused with a clear error (that CPU is
     simulated by making the detection say no: this machine's CPU cannot be swapped)."""
     import torch
-    from hfbatch.tasks.inference import predictor as predictor_module
+    from hfbatch.tasks.batch import predictor as predictor_module
 
     ref = resolve_model(minilm)
     if predictor_module.cpu_has_bf16():
@@ -169,7 +169,7 @@ def test_bf16_precision_runs_in_bf16_where_the_cpu_has_bf16_units(minilm, mixed,
 
 KEPT_MEMORY_PROBE = """
 import resource, sys, torch
-from hfbatch.tasks.inference.allocator import keep_freed_memory
+from hfbatch.tasks.engine.allocator import keep_freed_memory
 
 def faults(rounds):
     # page faults of each round: a 64 MiB activation-sized tensor filled, used and freed
@@ -202,7 +202,7 @@ def test_cpu_inference_keeps_freed_memory_instead_of_faulting_it_back():
 
 CAPPED_MEMORY_PROBE = """
 import psutil, torch
-from hfbatch.tasks.inference.allocator import FREE_CAP, cap_freed_memory, keep_freed_memory
+from hfbatch.tasks.engine.allocator import FREE_CAP, cap_freed_memory, keep_freed_memory
 
 keep_freed_memory()
 rss = lambda: psutil.Process().memory_info().rss

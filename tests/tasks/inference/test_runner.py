@@ -12,8 +12,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from hfbatch.tasks.errors import ConfigError, DataError
-from hfbatch.tasks.inference import runner
+from hfbatch.tasks.core.errors import ConfigError, DataError
+from hfbatch.tasks.batch import runner
 from hfbatch.tasks.recipes import get_recipe
 
 from tests.helpers import resolve_model, run_local

@@ -6,8 +6,8 @@ import errno
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from hfbatch.tasks.errors import ConfigError, DataError
-from hfbatch.tasks.inference.shards import describe_input, iter_shard_batches, list_input_files, plan_shards
+from hfbatch.tasks.core.errors import ConfigError, DataError
+from hfbatch.tasks.batch.shards import describe_input, iter_shard_batches, list_input_files, plan_shards
 
 
 @pytest.fixture
@@ -106,7 +106,7 @@ def test_damaged_later_page_yields_corrupt_rows_after_the_batches_read(data_dir,
 def test_file_system_errors_pass_unchanged_to_be_retried():
     """An OSError the file system raised (s3fs turns an S3 5xx into OSError(EIO, ...)) is not taken for
     damaged data: no second read, same exception, so the shard task retries it."""
-    from hfbatch.tasks.inference.shards import _decoding
+    from hfbatch.tasks.batch.shards import _decoding
 
     error = OSError(errno.EIO, "We encountered an internal error. Please try again.")
     with pytest.raises(OSError) as info:

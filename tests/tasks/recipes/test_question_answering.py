@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from hfbatch.tasks.errors import ConfigError, DataError
+from hfbatch.tasks.core.errors import ConfigError, DataError
 from hfbatch.tasks.metrics import compute
 from hfbatch.tasks.recipes import get_recipe
 
@@ -213,12 +213,12 @@ def test_short_training_fits_and_its_metrics_are_the_squad_modules(data_dir, min
     evaluation's figures are the squad module's on answers found from logits computed here, and far
     above the untrained head's (the training fits its data)."""
     import torch
-    from hfbatch.tasks.evaluation import evaluate_model
-    from hfbatch.tasks.ingest import ingest
-    from hfbatch.tasks.models import load_tokenizer, resolve_model, trained_model
-    from hfbatch.tasks.store import Store
-    from hfbatch.tasks.tokenization import tokenize
-    from hfbatch.tasks.train import TrainConfig, train
+    from hfbatch.tasks.training.evaluation import evaluate_model
+    from hfbatch.tasks.training.ingest import ingest
+    from hfbatch.tasks.core.models import load_tokenizer, resolve_model, trained_model
+    from hfbatch.tasks.core.store import Store
+    from hfbatch.tasks.training.tokenization import tokenize
+    from hfbatch.tasks.training.train import TrainConfig, train
     from transformers import AutoModelForQuestionAnswering
 
     path = tmp_path / "normans.parquet"
@@ -263,8 +263,8 @@ def test_short_training_fits_and_its_metrics_are_the_squad_modules(data_dir, min
 def test_train_flow_registers_a_version_that_batch_inference_runs(prefect_harness, data_dir, minilm, tmp_path):
     from hfbatch.flows.inference import batch_inference
     from hfbatch.flows.training import train_flow
-    from hfbatch.tasks.registry import Registry
-    from hfbatch.tasks.store import Store
+    from hfbatch.tasks.core.registry import Registry
+    from hfbatch.tasks.core.store import Store
 
     train_file, eval_file = _split(data_dir, tmp_path, range(1057, 1169), range(1169, 1199))
     store = str(tmp_path / "store")

@@ -15,16 +15,16 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from hfbatch.flows.params import validated
-from hfbatch.tasks.errors import ConfigError, DataError
-from hfbatch.tasks.evaluation import evaluate_model
-from hfbatch.tasks.ingest import ingest
-from hfbatch.tasks.models import load_tokenizer, local_model, trained_model
+from hfbatch.tasks.core.errors import ConfigError, DataError
+from hfbatch.tasks.training.evaluation import evaluate_model
+from hfbatch.tasks.training.ingest import ingest
+from hfbatch.tasks.core.models import load_tokenizer, local_model, trained_model
 from hfbatch.tasks.recipes import all_recipes, get_recipe, task_names
 from hfbatch.tasks.recipes.text2text_generation import Seq2Seq, Seq2SeqOptions
-from hfbatch.tasks.settings import Settings
-from hfbatch.tasks.store import Store
-from hfbatch.tasks.tokenization import tokenize
-from hfbatch.tasks.train import TrainConfig, train
+from hfbatch.tasks.core.settings import Settings
+from hfbatch.tasks.core.store import Store
+from hfbatch.tasks.training.tokenization import tokenize
+from hfbatch.tasks.training.train import TrainConfig, train
 
 from tests.generation_models import seq2seq_builders
 from tests.helpers import predictor, resolve_model, run_local

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from hfbatch.tasks.errors import ConfigError
-from hfbatch.tasks.inference.first_token import FirstTokenLayer
+from hfbatch.tasks.core.errors import ConfigError
+from hfbatch.tasks.engine.first_token import FirstTokenLayer
 
 from tests.helpers import predictor, resolve_model, run_local, texts_of
 
@@ -96,7 +96,7 @@ def test_int8_text_classification_scores_close_calls_again_in_fp32(classifier, m
 def test_training_data_checks_and_the_degenerate_model_gate():
     import datasets
 
-    from hfbatch.tasks.errors import DataError
+    from hfbatch.tasks.core.errors import DataError
     from hfbatch.tasks.recipes import get_recipe
 
     recipe = get_recipe("text-classification")

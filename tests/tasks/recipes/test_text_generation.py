@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from hfbatch.flows import cli
-from hfbatch.tasks.errors import ConfigError
+from hfbatch.tasks.core.errors import ConfigError
 from hfbatch.tasks.recipes import get_recipe, task_names
 
 from tests.generation_models import decoder_models
@@ -143,7 +143,7 @@ def test_chats_from_a_messages_column(decoders, prompts, tmp_path):
         {"text": good}, 4000)
     assert pq.read_table(tmp_path / "out").column("generated_text").to_pylist() == \
         expected.column("generated_text").to_pylist()
-    from hfbatch.tasks.errors import DataError
+    from hfbatch.tasks.core.errors import DataError
 
     with pytest.raises(DataError, match="not a chat"):
         run_local("text-generation", model, str(prompts), str(tmp_path / "bad"),

@@ -13,17 +13,17 @@ import time
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..errors import DataError
-from ..monitoring import figures
-from ..recipes import get_recipe
-from ..refs import ModelRef
-from ..settings import Settings
-from .allocator import release_freed_memory
-from .output import (check_output_location, finalize, output_store, parquet_bytes, part_name, prepare_output,
+from hfbatch.tasks.core.errors import DataError
+from hfbatch.tasks.core.monitoring import figures
+from hfbatch.tasks.recipes import get_recipe
+from hfbatch.tasks.core.refs import ModelRef
+from hfbatch.tasks.core.settings import Settings
+from hfbatch.tasks.engine.allocator import release_freed_memory
+from hfbatch.tasks.batch.output import (check_output_location, finalize, output_store, parquet_bytes, part_name, prepare_output,
                      quarantine_files)
-from .predictor import get_predictor
-from .shards import CorruptRows, Shard, describe_input, iter_shard_batches, plan_shards, read_footer
-from .spec import ROW_ID, InferSpec, build_spec
+from hfbatch.tasks.engine.predictor import get_predictor
+from hfbatch.tasks.batch.shards import CorruptRows, Shard, describe_input, iter_shard_batches, plan_shards, read_footer
+from hfbatch.tasks.batch.spec import ROW_ID, InferSpec, build_spec
 
 
 def run_shard(shard: Shard, spec: InferSpec) -> dict:

@@ -13,7 +13,7 @@ import warnings
 import torch
 from torch import nn
 
-from .first_token import encoder_layers
+from hfbatch.tasks.engine.first_token import encoder_layers
 
 
 def fp32_linear_names(model: nn.Module, keep_first_layer: bool = True) -> set[str]:

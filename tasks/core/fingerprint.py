@@ -8,7 +8,7 @@ from pathlib import Path
 
 import fsspec
 
-from .errors import DataError
+from hfbatch.tasks.core.errors import DataError
 
 
 def digest(*parts) -> str:

@@ -22,10 +22,10 @@ import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel
 
-from ..errors import ConfigError
-from ..models import load_tokenizer, model_kwargs, pick_device
-from ..refs import ModelRef
-from ..settings import Settings
+from hfbatch.tasks.core.errors import ConfigError
+from hfbatch.tasks.core.models import load_tokenizer, model_kwargs, pick_device
+from hfbatch.tasks.core.refs import ModelRef
+from hfbatch.tasks.core.settings import Settings
 
 PRECISIONS = ("auto", "int8", "bf16")
 CPU_BATCH_TOKENS = 4096
@@ -65,7 +65,7 @@ class Predictor:
                                   f"or AMX); this {self.device} has none: use 'auto' ({self.precision})")
             self.precision = "bf16"
         if self.device == "cpu":
-            from .allocator import keep_freed_memory
+            from hfbatch.tasks.engine.allocator import keep_freed_memory
 
             keep_freed_memory()
         self.lock = threading.Lock()
@@ -131,13 +131,13 @@ class Predictor:
         """`model` on this predictor's device, in eval mode, its last layer cut to the first token where
         the head reads only that (on CPU: on CUDA the forward passes are a small part of the time), its
         linear layers int8 where asked, the fp32 ones packed for oneDNN on CPU."""
-        from .first_token import first_token_only
+        from hfbatch.tasks.engine.first_token import first_token_only
 
         model = model.to(self.device).eval()
         self.first_token_only = self.first_token_head and self.device == "cpu" and first_token_only(model)
         if self.precision != "int8":
             return self._packed(model)
-        from .quantize import quantize_int8
+        from hfbatch.tasks.engine.quantize import quantize_int8
 
         quantized = quantize_int8(model, keep_first_layer=not self.rescores_close_calls)
         if self.rescores_close_calls:
@@ -148,7 +148,7 @@ class Predictor:
         """`model` with its fp32 linear layers on oneDNN's packed weights, on CPU (`onednn.py`), unless
         the settings ask for torch's own kernels."""
         if self.device == "cpu" and self.settings.cpu_kernels == "onednn":
-            from .onednn import pack_linear_layers
+            from hfbatch.tasks.engine.onednn import pack_linear_layers
 
             pack_linear_layers(model)
         return model
@@ -244,7 +244,7 @@ class EncoderPredictor(Predictor):
         the CPU the batches run on `cpu_streams()`, several at once; on CUDA one after another."""
         import torch
 
-        from .allocator import cap_freed_memory
+        from hfbatch.tasks.engine.allocator import cap_freed_memory
 
         left, cpu = self.tokenizer.padding_side == "left", self.device == "cpu"
 
@@ -257,7 +257,7 @@ class EncoderPredictor(Predictor):
 
         batches = token_budget_batches(lengths, batch_tokens)[::-1]  # the longest rows, the costliest, first
         if self.device == "cpu":
-            from .streams import cpu_streams
+            from hfbatch.tasks.engine.streams import cpu_streams
 
             results = cpu_streams().map(run, batches)
         else:

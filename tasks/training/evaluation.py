@@ -5,14 +5,14 @@ import json
 import tempfile
 from pathlib import Path
 
-from .fingerprint import digest
-from .metrics import compute_custom, module_fingerprint
-from .models import load_tokenizer, pick_device
-from .monitoring import figures
-from .recipes import Options, Recipe
-from .refs import DatasetRef, EvalResult, ModelRef
-from .settings import Settings
-from .store import Store
+from hfbatch.tasks.core.fingerprint import digest
+from hfbatch.tasks.metrics import compute_custom, module_fingerprint
+from hfbatch.tasks.core.models import load_tokenizer, pick_device
+from hfbatch.tasks.core.monitoring import figures
+from hfbatch.tasks.recipes import Options, Recipe
+from hfbatch.tasks.core.refs import DatasetRef, EvalResult, ModelRef
+from hfbatch.tasks.core.settings import Settings
+from hfbatch.tasks.core.store import Store
 
 EVAL_VERSION = 3
 

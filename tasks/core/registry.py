@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from .card import write_model_card
-from .errors import ConfigError, ModelError
-from .fingerprint import file_sha256
-from .refs import EvalResult, TrainedModel
-from .store import MARKER, Store
+from hfbatch.tasks.core.card import write_model_card
+from hfbatch.tasks.core.errors import ConfigError, ModelError
+from hfbatch.tasks.core.fingerprint import file_sha256
+from hfbatch.tasks.core.refs import EvalResult, TrainedModel
+from hfbatch.tasks.core.store import MARKER, Store
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 RUNS_KEPT = 50

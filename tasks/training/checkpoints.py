@@ -8,7 +8,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from .store import MARKER, Store
+from hfbatch.tasks.core.store import MARKER, Store
 
 log = logging.getLogger(__name__)
 

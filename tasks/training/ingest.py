@@ -5,13 +5,13 @@ from pathlib import Path
 
 import numpy as np
 
-from . import sources
-from .errors import DataError
-from .fingerprint import digest
-from .recipes import Options, Recipe
-from .refs import DatasetRef
-from .settings import Settings
-from .store import Store
+from hfbatch.tasks.core import sources
+from hfbatch.tasks.core.errors import DataError
+from hfbatch.tasks.core.fingerprint import digest
+from hfbatch.tasks.recipes import Options, Recipe
+from hfbatch.tasks.core.refs import DatasetRef
+from hfbatch.tasks.core.settings import Settings
+from hfbatch.tasks.core.store import Store
 
 INGEST_VERSION = 2
 

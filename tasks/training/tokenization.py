@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import ConfigError
-from .fingerprint import digest
-from .models import load_tokenizer
-from .recipes import Options, Recipe
-from .refs import DatasetRef, ModelRef
-from .settings import Settings
-from .store import Store
+from hfbatch.tasks.core.errors import ConfigError
+from hfbatch.tasks.core.fingerprint import digest
+from hfbatch.tasks.core.models import load_tokenizer
+from hfbatch.tasks.recipes import Options, Recipe
+from hfbatch.tasks.core.refs import DatasetRef, ModelRef
+from hfbatch.tasks.core.settings import Settings
+from hfbatch.tasks.core.store import Store
 
 TOKENIZE_VERSION = 2
 SPLITS = ("train", "eval")

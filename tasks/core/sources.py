@@ -16,8 +16,8 @@ from typing import Any
 
 import fsspec
 
-from .errors import DataError
-from .fingerprint import digest, file_fingerprint
+from hfbatch.tasks.core.errors import DataError
+from hfbatch.tasks.core.fingerprint import digest, file_fingerprint
 
 BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".pq": "parquet"}
 

@@ -6,13 +6,13 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from ..errors import ConfigError, DataError
-from ..fingerprint import digest
-from ..recipes import Options, get_recipe
-from ..refs import ModelRef
-from ..settings import Settings
-from .predictor import PRECISIONS
-from .shards import InputFile, Shard, read_footer
+from hfbatch.tasks.core.errors import ConfigError, DataError
+from hfbatch.tasks.core.fingerprint import digest
+from hfbatch.tasks.recipes import Options, get_recipe
+from hfbatch.tasks.core.refs import ModelRef
+from hfbatch.tasks.core.settings import Settings
+from hfbatch.tasks.engine.predictor import PRECISIONS
+from hfbatch.tasks.batch.shards import InputFile, Shard, read_footer
 
 ID_COLUMNS = ("id", "idx")
 ROW_ID = "row_id"

@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING
 import torch
 from transformers.generation import logits_process as lp
 
-from ..errors import ConfigError
+from hfbatch.tasks.core.errors import ConfigError
 
 if TYPE_CHECKING:
-    from .generation_batch import Batch
+    from hfbatch.tasks.engine.generation_batch import Batch
 
 BATCHED = (lp.TemperatureLogitsWarper, lp.TopKLogitsWarper, lp.TopPLogitsWarper, lp.MinPLogitsWarper,
            lp.TypicalLogitsWarper, lp.EpsilonLogitsWarper, lp.EtaLogitsWarper, lp.TopHLogitsWarper,

@@ -9,13 +9,13 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .card import write_model_card
-from .fingerprint import digest
-from .models import load_tokenizer, pick_device
-from .recipes import Options, Recipe, get_recipe
-from .refs import DatasetRef, ModelRef, TrainedModel
-from .settings import Settings
-from .store import Store
+from hfbatch.tasks.core.card import write_model_card
+from hfbatch.tasks.core.fingerprint import digest
+from hfbatch.tasks.core.models import load_tokenizer, pick_device
+from hfbatch.tasks.recipes import Options, Recipe, get_recipe
+from hfbatch.tasks.core.refs import DatasetRef, ModelRef, TrainedModel
+from hfbatch.tasks.core.settings import Settings
+from hfbatch.tasks.core.store import Store
 
 log = logging.getLogger(__name__)
 TRAIN_VERSION = 1
@@ -75,7 +75,7 @@ def train(data: DatasetRef, model: ModelRef, store: Store, recipe: Recipe, optio
     done = store.committed(model_key, TrainedModel)
     if done is not None:  # before any checkpoint is fetched or data loaded
         return done
-    from .checkpoints import last_checkpoint
+    from hfbatch.tasks.training.checkpoints import last_checkpoint
 
     ckpt_key = f"runs/{key}/checkpoints"
     output_dir = Path(store.path(ckpt_key)) if store.is_local else store.cache_dir / "runs" / key
@@ -88,7 +88,7 @@ def train(data: DatasetRef, model: ModelRef, store: Store, recipe: Recipe, optio
         job = dict(data=data, model=model, store=store, task=recipe.task, options=options, config=config,
                    settings=settings, ckpt_key=ckpt_key, output_dir=output_dir, resume=resume, model_dir=tmp)
         if config.nproc_per_node > 1:
-            from .distributed import run_distributed
+            from hfbatch.tasks.training.distributed import run_distributed
 
             store.local_dir(data.key)  # fetched once, before the processes read it
             fitted = run_distributed(config.nproc_per_node, fit, job)
@@ -120,7 +120,7 @@ def fit(data: DatasetRef, model: ModelRef, store: Store, task: str, options: Opt
     runs this (DDP); the first one saves and commits. Returns the run's figures (`TrainedModel` fields)."""
     from transformers import set_seed
 
-    from .checkpoints import CheckpointCommit
+    from hfbatch.tasks.training.checkpoints import CheckpointCommit
 
     recipe = get_recipe(task)
     ds = store.load_dataset(data.key)

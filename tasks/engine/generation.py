@@ -26,13 +26,13 @@ import pyarrow as pa
 import torch
 from pydantic import BaseModel
 
-from ..errors import ConfigError
-from ..models import load_tokenizer
-from ..refs import ModelRef
-from ..settings import Settings
-from .generation_batch import Row, Stepper, joinable
-from .generation_search import Decoding
-from .predictor import CUDA_BATCH_TOKENS, Predictor
+from hfbatch.tasks.core.errors import ConfigError
+from hfbatch.tasks.core.models import load_tokenizer
+from hfbatch.tasks.core.refs import ModelRef
+from hfbatch.tasks.core.settings import Settings
+from hfbatch.tasks.engine.generation_batch import Row, Stepper, joinable
+from hfbatch.tasks.engine.generation_search import Decoding
+from hfbatch.tasks.engine.predictor import CUDA_BATCH_TOKENS, Predictor
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +218,7 @@ class GenerationPredictor(Predictor):
         if self.engine.sampling:
             seeds = [row_seed(self.options.seed, r) for r in (row_ids or [str(i) for i in range(n)])]
         if self.device == "cpu":
-            from .streams import cpu_streams
+            from hfbatch.tasks.engine.streams import cpu_streams
 
             outputs = self.engine.generate(ids, limits, batch_tokens, seeds, cpu_streams())
         else:

@@ -16,8 +16,8 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..errors import ConfigError, DataError, TransientReadError
-from ..fingerprint import digest, file_fingerprint
+from hfbatch.tasks.core.errors import ConfigError, DataError, TransientReadError
+from hfbatch.tasks.core.fingerprint import digest, file_fingerprint
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .refs import TrainedModel
+from hfbatch.tasks.core.refs import TrainedModel
 
 GENERIC_LIMITS = ("The model reproduces biases present in its base checkpoint and training data.",)
 

@@ -32,8 +32,8 @@ from typing import Any, Callable, Iterator, TypeVar
 
 import fsspec
 
-from .refs import Ref
-from .settings import DEFAULT_CACHE_DIR, Settings
+from hfbatch.tasks.core.refs import Ref
+from hfbatch.tasks.core.settings import DEFAULT_CACHE_DIR, Settings
 
 MARKER = "_SUCCESS"
 STAGING = "_staging"

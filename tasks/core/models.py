@@ -8,12 +8,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .errors import ConfigError, ModelError
-from .fingerprint import hash_files
-from .refs import ModelRef, TrainedModel
-from .registry import Registry
-from .settings import Settings
-from .store import Store
+from hfbatch.tasks.core.errors import ConfigError, ModelError
+from hfbatch.tasks.core.fingerprint import hash_files
+from hfbatch.tasks.core.refs import ModelRef, TrainedModel
+from hfbatch.tasks.core.registry import Registry
+from hfbatch.tasks.core.settings import Settings
+from hfbatch.tasks.core.store import Store
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
                    "merges.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model", "added_tokens.json")

@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from . import errors
+from hfbatch.tasks.core import errors
 
 
 def run_distributed(nproc: int, fit: Callable[..., dict], job: dict) -> dict:
