@@ -81,7 +81,7 @@ def fine_tune(base: str, data: Path, rows: int, tmp: Path) -> str:
     table = pq.read_table(data / "sst2" / "train.parquet")
     pq.write_table(table.slice(table.num_rows - rows), tmp / "train.parquet")
     settings, recipe = Settings(), get_recipe("text-classification")
-    options = recipe.train_options()
+    options = recipe.options_class()
     store, model = Store(str(tmp / "store")), resolve_model(base, settings)
     t = time.perf_counter()
     data = tokenize(ingest(str(tmp / "train.parquet"), store, recipe, options, settings), model, store, recipe,

@@ -14,25 +14,13 @@ import types
 import typing
 from typing import TYPE_CHECKING, Any
 
+from hfbatch.flows.commands import COMMANDS
 from hfbatch.tasks.core.errors import ConfigError, HfbatchError
 
 if TYPE_CHECKING:
-    from pydantic.fields import FieldInfo
-# The flows (hfbatch.flows.params and what it imports: the recipes, torch, transformers, Prefect) are
-# imported only by the commands that run one: `status` and `--help` answer without them.
-
-COMMANDS = {"train": "fine-tune, evaluate, register and gate a model",
-            "evaluate": "evaluate a model on a labelled dataset",
-            "infer": "run a model over Parquet rows (sharded, exactly once)"}
-
-
-def flows() -> dict[str, Any]:
-    """The flow behind each flow command."""
-    from hfbatch.flows.inference import batch_inference
-    from hfbatch.flows.training import evaluate_flow, train_flow
-
-    return {"train": train_flow, "evaluate": evaluate_flow, "infer": batch_inference}
-
+    from hfbatch.flows.params import Option
+# The flows (and Prefect) are imported only by the commands that run one, and for their options: `status`
+# answers without them. Neither the options nor their checks import torch or transformers.
 
 def build_parser(flow_options: bool = True) -> argparse.ArgumentParser:
     """The command line; without `flow_options`, the flow commands are there without their options (and
@@ -45,10 +33,11 @@ def build_parser(flow_options: bool = True) -> argparse.ArgumentParser:
     for command, description in COMMANDS.items():
         parser = sub.add_parser(command, parents=[output], help=description, description=description)
         if flow_options:
-            from hfbatch.flows.params import merged_fields
+            from hfbatch.flows.commands import flows
+            from hfbatch.flows.params import flow_options as options_of
 
-            for name, field in merged_fields(*flows()[command].fn.parameter_models).items():
-                add_option(parser, name, field)
+            for option in options_of(flows()[command]):
+                add_option(parser, option)
 
     s = sub.add_parser("status", parents=[output], help="champions, metric trends and the last flow runs")
     s.add_argument("--store", help="artifact store URL holding the model registry")
@@ -97,18 +86,19 @@ def build_parser(flow_options: bool = True) -> argparse.ArgumentParser:
     return p
 
 
-def add_option(parser: argparse.ArgumentParser, name: str, field: FieldInfo) -> None:
-    """`--name-with-dashes` for a flow parameter: its type, choices, default and description."""
-    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
-    flags = [f"--{name.replace('_', '-')}", *extra.get("cli_aliases", ())]
-    kind, inner = _kind(field.annotation)
-    kwargs: dict[str, Any] = {"dest": name, "help": field.description or ""}
-    if field.is_required():
+def add_option(parser: argparse.ArgumentParser, option: Option) -> None:
+    """`--name-with-dashes` for a flow parameter (or a field of its `training` or `options` models): its
+    type, choices and description, its default in the help. Only options given reach the flow."""
+    extra = option.field.json_schema_extra if isinstance(option.field.json_schema_extra, dict) else {}
+    kind, inner = _kind(option.annotation)
+    kwargs: dict[str, Any] = {"dest": option.dest, "help": option.help}
+    if option.required:
         kwargs["required"] = True
     else:
-        kwargs["default"] = field.default
-        if not _unset(field.default):
-            kwargs["help"] += " (default: %(default)s)"
+        kwargs["default"] = argparse.SUPPRESS
+        default = option.field.get_default()
+        if not option.per_task and not unset(default):
+            kwargs["help"] += f" (default: {default})"
     if kind == "bool":
         kwargs["action"] = argparse.BooleanOptionalAction
     elif kind == "choice":
@@ -120,11 +110,14 @@ def add_option(parser: argparse.ArgumentParser, name: str, field: FieldInfo) -> 
         kwargs.update(type=_pairs(metavar), metavar=metavar)
     else:
         kwargs["type"] = inner
-    parser.add_argument(*flags, **kwargs)
+    action = parser.add_argument(option.flag, *option.aliases, **kwargs)
+    action.shown_default = None if option.per_task or option.required else option.field.get_default()
 
 
 def _kind(annotation) -> tuple[str, Any]:
     """What kind of option a parameter type makes: ("bool" | "choice" | "list" | "dict" | "value", detail)."""
+    if typing.get_origin(annotation) is typing.Annotated:
+        return _kind(typing.get_args(annotation)[0])
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
         return _kind(args[0])
@@ -140,9 +133,9 @@ def _kind(annotation) -> tuple[str, Any]:
     return "value", annotation
 
 
-def _unset(default) -> bool:
+def unset(default) -> bool:
     """A default that says "not given" rather than a value (shown as nothing in help)."""
-    return default is None or default is False or default == () or default == []
+    return default is None or default is False or default in ((), [], "")
 
 
 def _comma_list(text: str) -> tuple[str, ...]:
@@ -237,28 +230,13 @@ def _run(args) -> dict:
 
         # without a Prefect API, the registry only: a server started just to read would take seconds
         return collect_status(Settings(), args.store, args.limit, runs=bool(configured_api_url()))
-    from hfbatch.flows import server
-    from hfbatch.flows.params import check_parameters, merged_fields
-    from hfbatch.flows.preflight import check, warm_up
-    from hfbatch.tasks.core.settings import Settings
+    from hfbatch.flows import commands
 
-    flow = flows()[args.command]
-    values = {name: getattr(args, name) for name in merged_fields(*flow.fn.parameter_models)}
-    # before a flow run (and a temporary Prefect server) starts
-    check_parameters(flow, values)
-    if args.command == "infer":
-        from hfbatch.flows.inference import check_task_runner
-
-        check_task_runner(values["task_runner"], values["dask_address"])
-    first_load = check(args.command, values, Settings())
-    warm_up(first_load, in_process=values.get("task_runner", "threads") == "threads")
-    server.ready()
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "json", "debug")}
     if args.command != "infer":
-        return flow(**values)
-    from hfbatch.flows.inference import progress_listener
-
-    with _InferProgress(enabled=not args.json) as bar, progress_listener(bar.update):
-        return flow(**values)
+        return commands.run(args.command, given)
+    with _InferProgress(enabled=not args.json) as bar:
+        return commands.run(args.command, given, bar.update)
 
 
 @contextlib.contextmanager

@@ -17,12 +17,13 @@ from prefect.events import DeploymentEventTrigger
 
 from hfbatch.flows.alerts import ensure_alerts, notification_block
 from hfbatch.flows.inference import batch_inference
-from hfbatch.flows.params import check_parameters
+from hfbatch.flows.params import check_parameters, flow_values
 from hfbatch.flows.training import train_flow
 from hfbatch.flows.watch import watch_data
 from hfbatch.tasks import watch
 from hfbatch.tasks.core.errors import ConfigError
 from hfbatch.tasks.core.settings import Settings
+from hfbatch.tasks.predictors import canonical_task
 
 PREFECT_YAML = Path(__file__).resolve().parents[1] / "deployments" / "prefect.yaml"
 
@@ -38,7 +39,10 @@ def retrain_trigger(prefix: str) -> DeploymentEventTrigger:
 def build_deployments(name: str, base_model: str, watch_prefix: str, infer_input: str, infer_output: str,
                       task: str = "text-classification", cron: str = "0 2 * * *", watch_interval: float = 300,
                       store: str | None = None, train_params: dict | None = None) -> list:
-    train = {"dataset": watch_prefix, "model": base_model, "name": name, "store": store, **(train_params or {})}
+    """The deployments of the operations loop for model `name`; `train_params` are train flow options as
+    the command line names them (`max_train_samples`, `question_column`, ...)."""
+    train = flow_values(train_flow, {"dataset": watch_prefix, "model": base_model, "name": name, "store": store,
+                                     "task": task, **(train_params or {})}, canonical_task(task))
     infer = {"model": name, "task": task, "input": infer_input, "output": infer_output, "store": store}
     check_parameters(train_flow, train)
     check_parameters(batch_inference, infer)

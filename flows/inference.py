@@ -5,25 +5,30 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Annotated, Literal
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.context import FlowRunContext
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+from pydantic import BaseModel, Field
 
-from hfbatch.flows.params import InferParams, parameters, recipe_options, validated
+from hfbatch.flows import plans
+from hfbatch.flows.params import InferOptions, InferTask, parameter_model, task_options
 from hfbatch.flows.status import SUMMARY_KEY
-from hfbatch.tasks.core.errors import ConfigError, is_transient
 from hfbatch.tasks.batch.output import check_output_location, finalize, prepare_output, quarantine_files
 from hfbatch.tasks.batch.prefect_tasks import infer_shard_task
-from hfbatch.tasks.batch.shards import describe_input, plan_shards
-from hfbatch.tasks.batch.spec import build_spec, output_for
+from hfbatch.tasks.batch.shards import InputFile, Shard, describe_input, plan_shards
+from hfbatch.tasks.batch.spec import InferSpec, build_spec, output_for
+from hfbatch.tasks.core.errors import ConfigError, is_transient
 from hfbatch.tasks.core.models import resolve_model
-from hfbatch.tasks.prefect_tasks import monitor_task
-from hfbatch.tasks.recipes import get_recipe
 from hfbatch.tasks.core.refs import ModelRef
-from hfbatch.tasks.core.settings import Settings
+from hfbatch.tasks.core.settings import Device, Settings
 from hfbatch.tasks.core.store import Store
+from hfbatch.tasks.engine.predictor import PredictorSpec
+from hfbatch.tasks.predictors import canonical_task, get_predictor_class, predictor_classes
+from hfbatch.tasks.prefect_tasks import monitor_task
 
 _listeners: list[Callable[[dict], None]] = []
 
@@ -45,23 +50,15 @@ def _notify(event: dict) -> None:
 
 
 def _run_day() -> str:
-    """The day this run was scheduled for (UTC), e.g. 2026-11-26."""
+    """The day this run was scheduled for (UTC), e.g. 2026-11-26; today outside a flow run."""
     from prefect.runtime import flow_run
 
-    start = flow_run.scheduled_start_time
+    start = flow_run.scheduled_start_time if FlowRunContext.get() else None
     return start.date().isoformat() if start else time.strftime("%Y-%m-%d", time.gmtime())
 
 
-TASK_RUNNERS = ("threads", "dask")  # InferParams.task_runner
 DASK_LOCAL_WORKERS = 2
 _THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
-
-
-def check_task_runner(task_runner: str, dask_address: str | None = None) -> None:
-    if task_runner not in TASK_RUNNERS:
-        raise ConfigError(f"task_runner must be one of {TASK_RUNNERS}, got {task_runner!r}")
-    if dask_address and task_runner != "dask":
-        raise ConfigError(f"dask_address ({dask_address!r}) needs task_runner='dask'")
 
 
 def dask_task_runner(address: str | None = None, n_workers: int = DASK_LOCAL_WORKERS) -> TaskRunner:
@@ -83,7 +80,6 @@ def dask_task_runner(address: str | None = None, n_workers: int = DASK_LOCAL_WOR
 def shard_runner(task_runner: str = "threads", dask_address: str | None = None) -> Iterator[TaskRunner]:
     """The task runner the shards are submitted to: the flow's own thread pool, or a Dask cluster
     (started here and closed on exit when it is a `LocalCluster`)."""
-    check_task_runner(task_runner, dask_address)
     if task_runner == "threads":
         yield FlowRunContext.get().task_runner
         return
@@ -109,63 +105,122 @@ def _api_for_workers() -> Iterator[None]:
     yield
 
 
+@dataclass(frozen=True)
+class InferencePlan:
+    """What a run works out before its first shard: the model, the input's files and shards, the spec."""
+
+    settings: Settings
+    model: ModelRef
+    files: tuple[InputFile, ...]
+    corrupt: tuple[dict, ...] | None
+    """Input files that could not be read at all (quarantine mode), else None."""
+    spec: InferSpec
+    shards: tuple[Shard, ...]
+    in_process: bool
+    """The shards run on this process's threads (not on a Dask cluster)."""
+
+
+def plan_inference(p: BaseModel) -> InferencePlan:
+    """The checks before any work, and the run's first steps (`p`: the flow's parameters): the input's
+    files listed and fingerprinted (footers only), the model resolved, the predictor's inputs matched to
+    the input's schema, the shards cut, the output checked. Raises the `HfbatchError` that says what is
+    wrong; loads no model."""
+    if p.dask_address and p.task_runner != "dask":
+        raise ConfigError(f"--dask-address ({p.dask_address!r}) needs --task-runner dask")
+    settings = Settings().with_overrides(device=p.device)
+    corrupt: list[dict] | None = [] if p.on_bad_row == "quarantine" else None
+    files = describe_input(p.input, settings.storage_options(p.input), corrupt)
+    ref = resolve_model(p.model, settings, Store.open(settings, p.store))
+    task = canonical_task(task_of(p.task, ref))
+    options = task_options(p.options, task, {t: c.options_class for t, c in predictor_classes().items()})
+    predictor = PredictorSpec(get_predictor_class(task), ref, options, settings, p.precision)
+    output = output_for(p.output, ref, _run_day())
+    check_output_location(p.input, output)
+    spec = build_spec(predictor, output, files, p.text_column, p.columns, p.keep_columns, p.batch_tokens,
+                      p.on_bad_row)  # schema errors surface here, before any model is loaded
+    shards = plan_shards(files, p.shard_rows)
+    prepare_output(spec, files, p.mode, claim=False)
+    return InferencePlan(settings, ref, tuple(files), None if corrupt is None else tuple(corrupt), spec, tuple(shards),
+                         p.task_runner == "threads")
+
+
 # Two workers: while one shard computes (the model holds a lock, torch uses every core), the other
 # reads or writes Parquet.
 @flow(name="batch_inference", task_runner=ThreadPoolTaskRunner(max_workers=2))
-@parameters(InferParams, *recipe_options("infer"))
-def batch_inference(**values) -> dict:
-    """Run `model` (`NAME[@VERSION]` from the registry in `store`, a local directory or a hub id) over
-    the Parquet rows of `input` and write predictions as Parquet parts plus `_manifest.json` to `output`.
+def batch_inference(
+    model: str,
+    input: str,
+    output: str,
+    task: InferTask | None = None,
+    text_column: str = "text",
+    columns: Annotated[dict[str, str] | None, Field(json_schema_extra={"metavar": "INPUT=COLUMN,..."})] = None,
+    keep_columns: tuple[str, ...] | None = None,
+    batch_tokens: Annotated[int, Field(ge=1)] | None = None,
+    shard_rows: Annotated[int, Field(ge=1)] = 10_000,
+    mode: Literal["resume", "overwrite", "error"] = "resume",
+    on_bad_row: Literal["fail", "quarantine"] = "fail",
+    precision: Literal["auto", "int8", "bf16"] = "auto",
+    task_runner: Literal["threads", "dask"] = "threads",
+    dask_address: str | None = None,
+    store: str | None = None,
+    drift_threshold: Annotated[float, Field(gt=0)] = 0.2,
+    device: Device | None = None,
+    options: InferOptions | None = None,
+) -> dict:
+    """Run `model` over the Parquet rows of `input` and write predictions as Parquet parts plus
+    `_manifest.json` to `output`.
 
-    `columns` maps a task's inputs to input columns (`text_column` is the shortcut for `text`);
-    `keep_columns` are copied to the output (default: an `id` or `idx` column if there is one; a stable
-    `row_id` is always added). Bad rows fail the run or, with `on_bad_row="quarantine"`, go to
-    `_quarantine/`, with the rows of a row group whose data cannot be decoded (and unreadable input
-    files to `_quarantine/_files.parquet`, listed in the manifest).
     A rerun into the same `output` computes only the shards not committed yet (`mode="resume"`, which
-    refuses an output written from other input content, model or configuration); `mode="overwrite"`
-    replaces what is there, `mode="error"` writes only into an empty output. An output inside the input
-    is refused.
+    refuses an output written from other input content, model or configuration). Bad rows fail the run
+    or, with `on_bad_row="quarantine"`, go to `_quarantine/` with the reason (with the rows of a row group
+    whose data cannot be decoded, and unreadable input files in `_quarantine/_files.parquet`). An output
+    inside the input is refused. `output` may hold `{date}` (the day the run was scheduled for) and
+    `{model_version}`, e.g. `s3://bucket/predictions/{date}/v{model_version}`: a scheduled run that
+    resolves `NAME` to a new champion then writes to a new place. With `task_runner="dask"` the workers of
+    a remote cluster need this package, access to the model, `input` and `output` (e.g. `s3://`), and a
+    Prefect API they can reach (`PREFECT_API_URL`; without it, this process's temporary server).
 
-    `output` may hold `{date}` (the day the run was scheduled for) and `{model_version}`, e.g.
-    `s3://bucket/predictions/{date}/v{model_version}`: a scheduled run that resolves `NAME` to a new
-    champion then writes to a new place.
-
-    `precision="int8"` quantizes the model's linear layers to int8 on CPU: faster, with scores that
-    differ slightly from `pipeline`'s. Text classification quantizes every encoder layer and scores the
-    rows whose two best scores are within 0.2 again in fp32, so a label differs only now and then; the
-    other tasks keep the first encoder layer in fp32.
-
-    `task_runner="dask"` runs the shards on a Dask cluster (prefect-dask): the scheduler at
-    `dask_address`, or else a temporary `LocalCluster` of 2 worker processes, each loading the model
-    once. The output is the same as with the default thread pool. The workers of a remote cluster
-    need this package, access to the model, `input` and `output` (e.g. `s3://`), and a Prefect API they
-    can reach (`PREFECT_API_URL`; without it, this process's temporary server on 127.0.0.1).
+    Args:
+        model: NAME[@VERSION] from the registry, a local directory or a hub id
+        input: Parquet file, directory, glob or s3:// prefix
+        output: output directory or s3:// prefix; may hold {date} and {model_version}
+        task: the ML task (default: the registered model's)
+        text_column: column of the input text
+        columns: task inputs to columns, e.g. question=q,context=c
+        keep_columns: input columns copied to the output (default: id or idx; a stable row_id is always added)
+        batch_tokens: token budget of one model batch (default: 4096 on CPU, 65536 on CUDA)
+        shard_rows: target rows per shard
+        mode: resume: continue the same input, model and configuration, refuse anything else; overwrite:
+            replace what the output holds; error: refuse a non-empty output
+        on_bad_row: stop at a bad row, or set bad rows aside in _quarantine/
+        precision: auto: exact (fp32 on CPU, bf16/fp16 on CUDA); int8: quantized linear layers on CPU,
+            faster, approximate scores (text classification scores close calls again in fp32); bf16: the model
+            in bf16 on a CPU with bf16 units (AVX512-BF16, AMX), faster, approximate scores
+        task_runner: run the shards on this process's threads, or on a Dask cluster (prefect-dask)
+        dask_address: with task_runner dask: a scheduler, e.g. tcp://host:8786 (default: a temporary
+            LocalCluster of 2 worker processes)
+        store: artifact store URL holding the model registry (default: $HFBATCH_STORE or ./hfbatch-store)
+        drift_threshold: a registered model's run has drifted where the PSI of a prediction figure against
+            the version's evaluation reference is above this
+        device: auto: CUDA when torch sees a GPU, else CPU; cpu; cuda: fail without a GPU (default:
+            $HFBATCH_DEVICE or auto)
+        options: each task's inference options, under its name (e.g. question_answering)
     """
-    p = validated(InferParams, values)
-    check_task_runner(p.task_runner, p.dask_address)
+    params = InferParams.model_construct(**locals())  # the parameters as one typed value
     logger = get_run_logger()
     started = time.perf_counter()
-    settings = Settings().with_overrides(device=p.device)
-    corrupt = [] if p.on_bad_row == "quarantine" else None  # unreadable files: set aside, or fail the run
-    files = describe_input(p.input, settings.storage_options(p.input), corrupt)
-    ref = resolve_model(p.model, settings, Store.open(settings, p.store))
-    recipe = get_recipe(task_of(p.task, ref))
-    output = output_for(p.output, ref, _run_day())
-    check_output_location(p.input, output)
-    spec = build_spec(recipe.task, ref, output, files, settings, validated(recipe.infer_options, values),
-                      p.text_column, p.columns, p.keep_columns, p.batch_tokens, p.on_bad_row,
-                      p.precision)  # schema errors surface here, before any model is loaded
-    shards = plan_shards(files, p.shard_rows)
-    prepare_output(spec, files, p.mode)
+    plan = plans.take("infer", params, plan_inference)
+    spec, shards, files, ref = plan.spec, list(plan.shards), list(plan.files), plan.model
+    corrupt = None if plan.corrupt is None else list(plan.corrupt)
+    prepare_output(spec, files, mode)
     quarantine_files(spec, corrupt)
     logger.info("%s: %d rows in %d files, %d shards; model %s %s", spec.task, sum(s.num_rows for s in shards),
                 len(files), len(shards), spec.model_name, spec.model_version)
-    progress = create_progress_artifact(0.0, key="batch-inference-progress", description=f"Shards of {output}")
+    progress = create_progress_artifact(0.0, key="batch-inference-progress", description=f"Shards of {spec.output}")
     total = sum(s.num_rows for s in shards)
     _notify({"done": 0, "shards": len(shards), "rows_done": 0, "rows": total, "skipped": False})
     entries, rows_done = [], 0
-    with shard_runner(p.task_runner, p.dask_address) as runner:
+    with shard_runner(task_runner, dask_address) as runner:
         # what `infer_shard_task.submit(shard, spec)` does, on the chosen runner
         futures = [runner.submit(infer_shard_task, {"shard": shard, "spec": spec}) for shard in shards]
         for shard, future in zip(shards, futures):
@@ -184,7 +239,7 @@ def batch_inference(**values) -> dict:
                "shards_skipped": manifest["shards_skipped"], "rows_per_s": round(rows_per_s, 1),
                "seconds": manifest["seconds"], "input_fingerprint": manifest["input_fingerprint"]}
     if ref.name and ref.version:  # a registered model: record the run, compare with its reference
-        run = monitor_task(summary, manifest, ref, Store.open(settings, p.store), p.drift_threshold)
+        run = monitor_task(summary, manifest, ref, Store.open(plan.settings, store), drift_threshold)
         summary["drifted"] = run["drifted"]
         summary["max_psi"] = max(run["drift"].values(), default=None)
         if run["drifted"]:
@@ -192,9 +247,13 @@ def batch_inference(**values) -> dict:
                            ", ".join(f"{k} PSI {run['drift'][k]:.3f}" for k in run["drifted"]))
     create_table_artifact(key=SUMMARY_KEY, table=[summary],
                           description=f"{spec.task} with {spec.model_name} {spec.model_version}")
-    logger.info("%d rows → %s (%d quarantined, %d/%d shards skipped, %.1f rows/s)", summary["rows"], output,
+    logger.info("%d rows → %s (%d quarantined, %d/%d shards skipped, %.1f rows/s)", summary["rows"], spec.output,
                 summary["quarantined"], summary["shards_skipped"], summary["shards"], rows_per_s)
     return summary
+
+
+InferParams = parameter_model(batch_inference)
+"""The parameters of `batch_inference` as one model (what `plan_inference` takes)."""
 
 
 LOST_SHARD_RESUBMITS = 3
@@ -245,5 +304,5 @@ def _mark_crashed(task_run_id, message: str, wait_s: float = 5.0) -> None:
 def task_of(task: str | None, model: ModelRef) -> str:
     """The task asked for, else the registered model's."""
     if task or model.task:
-        return task or model.task
+        return task or model.task  # type: ignore[return-value]
     raise ConfigError(f"model {model.source!r} is not a registered model, so its task is unknown: give --task")

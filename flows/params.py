@@ -1,162 +1,172 @@
-"""The flows' parameters, defined once.
+"""The flows' parameters: the types their signatures are written with, and what the command line, the
+Prefect UI and the deployments read from those signatures.
 
-Each flow's parameters are typed pydantic models: the common ones below (and, for `train`, the
-hyperparameters, `tasks.train.TrainConfig`), plus the options of every task recipe (`Recipe.train_options`, `Recipe.infer_options`: data columns and task settings). The
-`parameters` decorator makes them the flow's signature, so that Prefect's parameter schema (the UI's
-run form, deployment parameters, their validation), the command line and its `--help`
-(`flows/cli.py`) and the README's command table all come from these definitions. Flow parameters
-stay flat (`--param dataset=...` and event triggers set one at a time).
+Each flow is an ordinary typed function (`flows/training.py`, `flows/inference.py`). Its common
+parameters are flat (`dataset`, `model`, `name`, ...: what a deployment or an event trigger sets one at a
+time); the training hyperparameters are one model (`training`); the task options are one model with a
+field per task (`options.question_answering.doc_stride`), so that one name can mean different things in
+two tasks and a task brings its options with its own module. Prefect's parameter schema (the UI's run
+form, deployment parameters and their validation), the command line and its `--help` (`flows/cli.py`)
+and the README's command table all come from these signatures. This module imports neither torch nor
+transformers.
 """
 from __future__ import annotations
 
+import functools
 import inspect
+import typing
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, Field, create_model
 from pydantic.fields import FieldInfo
 
 from hfbatch.tasks.core.errors import ConfigError
-from hfbatch.tasks.recipes import Options, all_recipes, task_names
-from hfbatch.tasks.core.settings import Device
+from hfbatch.tasks.core.options import Options, param_name, validated
+from hfbatch.tasks.predictors import predictor_classes
+from hfbatch.tasks.predictors import task_names as infer_task_names
+from hfbatch.tasks.recipes import all_recipes
+from hfbatch.tasks.recipes import task_names as train_task_names
 
-Task = Literal[task_names()]
-TrainTask = Literal[task_names(trainable=True)]
-STORE = Field(None, description="artifact store URL (default: $HFBATCH_STORE or ./hfbatch-store)")
-METRIC_MODULE = Field(None, description="a metric of your own: a Python file with compute(predictions, references), "
-                      "or a local evaluate module; computed, published and usable in the gate")
-DEVICE = Field(None, description="auto: CUDA when torch sees a GPU, else CPU; cpu; cuda: fail without a GPU "
-                                 "(default: $HFBATCH_DEVICE or auto)")
-
-
-class Params(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="ignore")
+TrainTask = Literal[train_task_names()]  # type: ignore[valid-type]
+InferTask = Literal[infer_task_names()]  # type: ignore[valid-type]
+MaxLength = Annotated[int, Field(ge=8)] | None
 
 
-class TrainParams(Params):
-    """`train`: fine-tune, evaluate, register and gate a new version of a model name."""
-
-    dataset: str = Field(description="training data: file, directory, s3:// URI or hub id ID[:CONFIG][#SPLIT]")
-    model: str = Field(description="base model: local directory or hub id[@revision]")
-    name: str = Field(description="registry name the new version is added to")
-    task: TrainTask = Field("text-classification", description="the ML task")
-    eval_dataset: str | None = Field(None, description="evaluation data (default: hold out eval_fraction of dataset)")
-    eval_fraction: float = Field(0.1, gt=0, lt=1, description="fraction of dataset held out without eval_dataset")
-    max_length: int | None = Field(None, ge=8, description="truncate inputs to N tokens (default: the task's)")
-    metric: str | None = Field(None, description="metric of the champion gate (default: the task's)")
-    metric_module: str | None = METRIC_MODULE
-    promotion_margin: float = Field(0.0, ge=0, description="a challenger must beat the champion by more than this")
-    store: str | None = STORE
-    device: Device | None = DEVICE
+def task_options_model(name: str, classes: dict[str, type[Options]]) -> type[Options]:
+    """A model with one field per task that has options: that task's options, None until given."""
+    fields: dict[str, Any] = {param_name(task): (cls | None, Field(None, description=f"options of {task}"))
+                              for task, cls in classes.items() if cls.model_fields}
+    return create_model(name, __base__=Options, __doc__="Each task's options (a field per task).", **fields)
 
 
-class EvalParams(Params):
-    """`evaluate`: a model's metrics on a labelled dataset."""
-
-    model: str = Field(description="NAME[@VERSION] from the registry, a local directory or a hub id")
-    dataset: str = Field(description="labelled data: file, directory, s3:// URI or hub id")
-    task: TrainTask | None = Field(None, description="the ML task (default: the registered model's, "
-                                                     "else text-classification)")
-    metrics: tuple[str, ...] | None = Field(None, description="metrics to compute (default: all of the task's)")
-    metric_module: str | None = METRIC_MODULE
-    max_length: int | None = Field(None, ge=8, description="truncate inputs to N tokens (default: the task's)")
-    store: str | None = STORE
-    device: Device | None = DEVICE
+TrainOptions = task_options_model("TrainOptions", {t: r.options_class for t, r in all_recipes().items()})
+InferOptions = task_options_model("InferOptions", {t: c.options_class for t, c in predictor_classes().items()})
 
 
-class InferParams(Params):
-    """`batch_inference`: run a model over Parquet rows, sharded, exactly once."""
-
-    model: str = Field(description="NAME[@VERSION] from the registry, a local directory or a hub id")
-    input: str = Field(description="Parquet file, directory, glob or s3:// prefix")
-    output: str = Field(description="output directory or s3:// prefix; may hold {date} and {model_version}")
-    task: Task | None = Field(None, description="the ML task (default: the registered model's)")
-    text_column: str = Field("text", description="column of the input text")
-    columns: dict[str, str] | None = Field(None, description="task inputs to columns, e.g. question=q,context=c",
-                                           json_schema_extra={"metavar": "INPUT=COLUMN,..."})
-    keep_columns: tuple[str, ...] | None = Field(None, description="input columns copied to the output "
-                                                                   "(default: id or idx)")
-    batch_tokens: int | None = Field(None, ge=1, description="token budget of one model batch "
-                                                             "(default: 4096 on CPU, 65536 on CUDA)")
-    shard_rows: int = Field(10_000, ge=1, description="target rows per shard")
-    mode: Literal["resume", "overwrite", "error"] = Field(
-        "resume", description="resume: continue the same input, model and configuration, refuse anything else; "
-        "overwrite: replace what the output holds; error: refuse a non-empty output")
-    on_bad_row: Literal["fail", "quarantine"] = Field("fail", description="stop at a bad row, or set bad rows "
-                                                                          "aside in _quarantine/")
-    precision: Literal["auto", "int8", "bf16"] = Field(
-        "auto", description="auto: exact (fp32 on CPU, bf16/fp16 on CUDA); int8: quantized linear layers on CPU, "
-        "faster, approximate scores; bf16: the model in bf16 on a CPU with bf16 units (AVX512-BF16, AMX), faster, "
-        "approximate scores")
-    task_runner: Literal["threads", "dask"] = Field("threads", description="run the shards on this process's "
-                                                    "threads, or on a Dask cluster (prefect-dask)")
-    dask_address: str | None = Field(None, description="with task_runner dask: a scheduler, e.g. tcp://host:8786 "
-                                     "(default: a temporary LocalCluster of 2 worker processes)")
-    store: str | None = Field(None, description="artifact store URL holding the model registry")
-    drift_threshold: float = Field(0.2, gt=0, description="a registered model's run has drifted where the PSI of "
-                                   "a prediction figure against the version's evaluation reference is above this")
-    device: Device | None = DEVICE
+def task_options(options: Options | None, task: str, classes: dict[str, type[Options]]) -> Options:
+    """The options of `task` (its own name) in a flow's `options`: as given, else the task's defaults; a
+    `ConfigError` naming what the task needs and was not given."""
+    given = getattr(options, param_name(task), None) if options is not None else None
+    if given is not None:
+        return given
+    return validated(classes[task], {}, f" of {task}")
 
 
-def recipe_options(kind: str) -> list[type[BaseModel]]:
-    """The option models of every recipe: `train` (training and evaluation) or `infer`."""
-    attr = {"train": "train_options", "infer": "infer_options"}[kind]
-    return list(dict.fromkeys(getattr(r, attr) for r in all_recipes().values() if getattr(r, attr) is not None))
+@functools.cache
+def parameter_model(fn) -> type[BaseModel]:
+    """The pydantic model of a flow's signature: one field per parameter, with its type, constraints and
+    default, and its description from the docstring's `Args:` (as Prefect reads it): what the CLI
+    validates a command line with and takes its help from."""
+    from prefect.utilities.callables import parameter_docstrings
+
+    fn = getattr(fn, "fn", fn)
+    hints = typing.get_type_hints(fn, include_extras=True)
+    docs = parameter_docstrings(inspect.getdoc(fn))
+    fields = {name: (hints[name], Field(... if p.default is inspect.Parameter.empty else p.default,
+                                        description=" ".join(docs.get(name, "").split()) or None))
+              for name, p in inspect.signature(fn).parameters.items()}
+    return create_model(f"{fn.__name__}_parameters", __config__={"frozen": True, "extra": "forbid"}, **fields)
 
 
-def merged_fields(*models: type[BaseModel]) -> dict[str, FieldInfo]:
-    """The fields of `models`, in order; one declared by two of them must be declared alike."""
-    fields: dict[str, FieldInfo] = {}
-    for model in models:
-        for name, field in model.model_fields.items():
-            if name in fields and (fields[name].annotation, fields[name].default) != (field.annotation, field.default):
-                raise TypeError(f"parameter {name!r} of {model.__name__} differs from an earlier one")
-            fields.setdefault(name, field)
-    return fields
+@dataclass
+class Option:
+    """A command-line option of a flow parameter, or of a field of its `training` or `options` model
+    (one option for the same field name in several tasks)."""
+
+    flag: str
+    dest: str
+    annotation: Any
+    field: FieldInfo
+    paths: dict[str | None, tuple[str, ...]] = field(default_factory=dict)
+    """Where a value goes: `{None: path}` for a flat parameter or a `training` field, else
+    `{task: ("options", task_param, field name)}` for each task that has the field."""
+    helps: dict[str, list[str]] = field(default_factory=dict)
+    """Per-task options: {description: [tasks]}."""
+
+    @property
+    def per_task(self) -> bool:
+        return None not in self.paths
+
+    @property
+    def required(self) -> bool:
+        return not self.per_task and self.field.is_required()
+
+    @property
+    def aliases(self) -> tuple[str, ...]:
+        extra = self.field.json_schema_extra if isinstance(self.field.json_schema_extra, dict) else {}
+        return tuple(extra.get("cli_aliases", ()))
+
+    @property
+    def help(self) -> str:
+        if not self.per_task:
+            return self.field.description or ""
+        return "; ".join(f"{', '.join(tasks)}: {text}" for text, tasks in self.helps.items())
 
 
-def parameters(*models: type[BaseModel]):
-    """Make the fields of `models` the keyword-only signature of the decorated `**values` function, with
-    their types, constraints and defaults, and their descriptions in its docstring (where Prefect reads
-    them)."""
-    fields = merged_fields(*models)
+def flow_options(fn) -> list[Option]:
+    """The command-line options of a flow: its flat parameters, the fields of `training`, and the fields
+    of every task's options (merged by name), in signature order."""
+    fn = getattr(fn, "fn", fn)
+    hints = typing.get_type_hints(fn, include_extras=True)
+    model = parameter_model(fn)
+    options: dict[str, Option] = {}
 
-    def wrap(fn):
-        signature = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY,
-                                       default=inspect.Parameter.empty if f.is_required() else f.default,
-                                       annotation=Annotated[(f.annotation, *f.metadata)] if f.metadata else f.annotation)
-                     for name, f in fields.items()]
-        fn.__signature__ = inspect.Signature(signature, return_annotation=dict)
-        args = "\n".join(f"    {name}: {f.description}" for name, f in fields.items() if f.description)
-        fn.__doc__ = f"{inspect.cleandoc(fn.__doc__ or '')}\n\nArgs:\n{args}\n"
-        fn.parameter_models = models
-        return fn
+    def add(name: str, annotation: Any, info: FieldInfo, path: tuple[str, ...], task: str | None) -> None:
+        option = options.setdefault(name, Option(f"--{name.replace('_', '-')}", name, annotation, info))
+        option.paths[task] = path
+        if task is not None:
+            default = info.get_default()
+            shown = "" if default in (None, False, (), [], "") or info.is_required() else f" (default: {default})"
+            option.helps.setdefault((info.description or "") + shown, []).append(task)
 
-    return wrap
+    for name, info in model.model_fields.items():
+        kind = _model_of(hints[name])
+        if kind is None:
+            add(name, hints[name], info, (name,), None)
+        elif name == "options":
+            for task_param, task_field in kind.model_fields.items():
+                task = task_param.replace("_", "-")
+                for fname, finfo in _model_of(task_field.annotation).model_fields.items():
+                    add(fname, finfo.annotation, finfo, ("options", task_param, fname), task)
+        else:
+            for fname, finfo in kind.model_fields.items():
+                add(fname, finfo.annotation, finfo, (name, fname), None)
+    return list(options.values())
 
 
-def validated(model: type[BaseModel], values: dict[str, Any]):
-    """`model` of `values`; invalid values are a `ConfigError` naming the parameter and the problem."""
-    try:
-        return model.model_validate(values)
-    except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
-        raise ConfigError(f"invalid parameter(s): {problems}") from None
+def _model_of(annotation) -> type[BaseModel] | None:
+    """The pydantic model a (possibly optional or annotated) parameter type is, else None."""
+    if typing.get_origin(annotation) is Annotated:
+        annotation = typing.get_args(annotation)[0]
+    args = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    found = args[0] if len(args) == 1 else None
+    return found if isinstance(found, type) and issubclass(found, BaseModel) else None
+
+
+def flow_values(fn, given: dict[str, Any], task: str) -> dict[str, Any]:
+    """The keyword arguments of a flow call from command-line values (`{option dest: value}`, only those
+    given), for `task` (its own name): flat values as they are, the `training` fields in one dict, the
+    task's options in `options`. An option of another task is a `ConfigError` naming it."""
+    values: dict[str, Any] = {}
+    options = flow_options(fn)
+    unknown = sorted(set(given) - {o.dest for o in options})
+    if unknown:
+        raise ConfigError(f"no such option: {', '.join('--' + u.replace('_', '-') for u in unknown)}")
+    for option in options:
+        if option.dest not in given:
+            continue
+        path = option.paths.get(None) or option.paths.get(task)
+        if path is None:
+            raise ConfigError(f"{option.flag} is an option of {', '.join(sorted(option.paths))}, not of {task}")
+        target = values
+        for part in path[:-1]:
+            target = target.setdefault(part, {})
+        target[path[-1]] = given[option.dest]
+    return values
 
 
 def check_parameters(flow, values: dict[str, Any]) -> None:
-    """Refuse `values` for `flow` (a deployment's parameters) that it does not take or would reject."""
-    fn = getattr(flow, "fn", flow)
-    unknown = sorted(set(values) - set(inspect.signature(fn).parameters))
-    if unknown:
-        raise ConfigError(f"{getattr(flow, 'name', fn.__name__)} has no parameter(s) {unknown}; "
-                          f"its parameters: {sorted(inspect.signature(fn).parameters)}")
-    for model in getattr(fn, "parameter_models", ()):  # a recipe's own checks run where its task is known
-        if not issubclass(model, Options):
-            validated(model, values)
-    if hasattr(flow, "validate_parameters"):
-        from prefect.exceptions import ParameterTypeError
-
-        try:
-            flow.validate_parameters(values)
-        except ParameterTypeError as e:
-            raise ConfigError(f"{flow.name}: {e}") from None
+    """Refuse `values` for `flow` (a deployment's parameters) that it does not take or would reject, in
+    the message format of the command line."""
+    validated(parameter_model(flow), values, f" of {getattr(flow, 'name', getattr(flow, '__name__', 'the flow'))}")

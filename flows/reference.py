@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from hfbatch.flows.cli import _unset, build_parser
+from hfbatch.flows.cli import build_parser, unset
 
 
 def commands_markdown() -> str:
@@ -23,9 +23,13 @@ def commands_markdown() -> str:
                 continue
             flag = " / ".join(f"`{o}`" for o in action.option_strings if not o.startswith("--no-")) \
                 or f"`{action.metavar or action.dest}`"  # a positional argument
-            default = "required" if action.required else "" if _unset(action.default) else f"`{action.default}`"
+            shown = getattr(action, "shown_default", action.default)
+            default = "required" if action.required else "" if unset(shown) else f"`{shown}`"
             choices = f" ({', '.join(map(str, action.choices))})" if action.choices else ""
-            text = (action.help or "").replace(" (default: %(default)s)", "").replace("|", "\\|")
+            text = (action.help or "").replace(" (default: %(default)s)", "")
+            if not unset(shown):
+                text = text.replace(f" (default: {shown})", "")
+            text = text.replace("|", "\\|")
             lines.append(f"| {flag} | {default} | {text}{choices} |")
         lines.append("")
     return "\n".join(lines)

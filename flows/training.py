@@ -4,101 +4,197 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Annotated
 
 from prefect import flow, get_run_logger
 from prefect.client.orchestration import get_client
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectAlreadyExists
+from pydantic import BaseModel, Field
 
-from hfbatch.flows.params import EvalParams, TrainParams, parameters, recipe_options, validated
+from hfbatch.flows import plans
+from hfbatch.flows.params import MaxLength, TrainOptions, TrainTask, parameter_model, task_options
 from hfbatch.tasks.core.errors import ConfigError
 from hfbatch.tasks.core.models import label_names, resolve_model, trained_model
-from hfbatch.tasks.prefect_tasks import StoreTasks
-from hfbatch.tasks.recipes import Options, Recipe, get_recipe
+from hfbatch.tasks.core.options import Options
 from hfbatch.tasks.core.refs import DatasetRef, ModelRef
 from hfbatch.tasks.core.registry import Registry
-from hfbatch.tasks.core.settings import Settings
-from hfbatch.tasks.core.sources import fingerprint, parse_source
+from hfbatch.tasks.core.settings import Device, Settings
 from hfbatch.tasks.core.store import Store
+from hfbatch.tasks.metrics import module_fingerprint
+from hfbatch.tasks.prefect_tasks import StoreTasks
+from hfbatch.tasks.recipes import Recipe, all_recipes, get_recipe
+from hfbatch.tasks.training.ingest import plan_source
 from hfbatch.tasks.training.train import TrainConfig
 
 
-class _Run:
-    """What the steps of one flow run share: the recipe, its options, the settings and the store's tasks."""
+@dataclass(frozen=True)
+class Source:
+    """A data source and its content fingerprint, taken once per run."""
 
-    def __init__(self, recipe: Recipe, values: dict, settings: Settings):
-        recipe.check_trainable()
-        self.recipe, self.settings = recipe, settings
-        self.options: Options = validated(recipe.train_options, values)
-        self.store = Store.open(settings)
+    src: str
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """What a training or evaluation run works out before its first task."""
+
+    settings: Settings
+    recipe: Recipe
+    options: Options
+    metrics: tuple[str, ...]
+    max_length: int
+    model: ModelRef
+    dataset: Source
+    eval_dataset: Source | None = None
+
+    @property
+    def store(self) -> Store:
+        return Store.open(self.settings)
+
+
+def _options(p: BaseModel, recipe: Recipe) -> Options:
+    return task_options(p.options, recipe.task, {t: r.options_class for t, r in all_recipes().items()})
+
+
+def _metric_checked(recipe: Recipe, metrics: tuple[str, ...], metric_module: str | None) -> None:
+    if metric_module:
+        module_fingerprint(metric_module)  # it exists (a module's metric names are known once it has run)
+    else:
+        recipe.check_metrics(metrics)
+
+
+def plan_training(p: BaseModel) -> TrainingPlan:
+    """The checks before any work, and the training run's first steps (`p`: the flow's parameters): the
+    task and its options, the metric, the registry (read and checked), the data sources (their columns
+    and content fingerprints), the base model. Raises the `HfbatchError` that says what is wrong."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # the flow itself launched by torchrun: once per process
+        raise ConfigError("run the train flow once, not under torchrun: --nproc-per-node N (nproc_per_node) "
+                          "launches the training processes itself")
+    settings = Settings().with_overrides(store=p.store, device=p.device)
+    recipe = get_recipe(p.task)
+    options = _options(p, recipe)
+    metric = p.metric or recipe.default_metric
+    _metric_checked(recipe, (metric,), p.metric_module)
+    Registry(Store.open(settings), p.name).load()  # a bad name or a torn registry, before any work
+    sources = [Source(src, plan_source(src, options, settings)) for src in filter(None, (p.dataset, p.eval_dataset))]
+    return TrainingPlan(settings, recipe, options, (metric,), p.max_length or recipe.max_length,
+                        resolve_model(p.model, settings), sources[0], sources[1] if p.eval_dataset else None)
+
+
+def plan_evaluation(p: BaseModel) -> TrainingPlan:
+    """The checks before any work, and the evaluation run's first steps: the model resolved, its task,
+    the metrics, the data source's columns and content fingerprint."""
+    settings = Settings().with_overrides(store=p.store, device=p.device)
+    ref = resolve_model(p.model, settings, Store.open(settings))
+    recipe = get_recipe(p.task or ref.task or "text-classification")
+    options = _options(p, recipe)
+    metrics = tuple(p.metrics or recipe.metrics)
+    recipe.check_metrics(metrics)
+    _metric_checked(recipe, metrics, p.metric_module)
+    return TrainingPlan(settings, recipe, options, metrics, p.max_length or recipe.max_length, ref,
+                        Source(p.dataset, plan_source(p.dataset, options, settings)))
+
+
+class _Run:
+    """What the steps of one flow run share: the plan and the store's tasks."""
+
+    def __init__(self, plan: TrainingPlan):
+        self.plan, self.recipe, self.options, self.settings = plan, plan.recipe, plan.options, plan.settings
+        self.store = plan.store
         self.tasks = StoreTasks(self.store)
 
-    def ingest(self, src: str, labels: tuple[str, ...] | None = None) -> DatasetRef:
-        """Fingerprint the source here (cheap: bytes, ETag or revision) so the ingest task's cache key
-        is its content; an unchanged file is then never read again."""
-        fs_options = self.settings.storage_options(src)
-        fp = fingerprint(parse_source(src, fs_options), fs_options)
-        return self.tasks.ingest(src, self.store, self.recipe.task, self.options, self.settings, fp, labels)
+    def ingest(self, source: Source, labels: tuple[str, ...] | None = None) -> DatasetRef:
+        """The ingest task's cache key is the source's content (fingerprinted by the plan): an unchanged
+        file is never read again."""
+        return self.tasks.ingest(source.src, self.store, self.recipe.task, self.options, self.settings,
+                                 source.fingerprint, labels)
 
-    def tokenize(self, data: DatasetRef, model: ModelRef, max_length: int, split: str) -> DatasetRef:
+    def tokenize(self, data: DatasetRef, model: ModelRef, split: str) -> DatasetRef:
         return self.tasks.tokenize(data, model, self.store, self.recipe.task, self.options, self.settings,
-                                   max_length, split)
+                                   self.plan.max_length, split)
 
-    def evaluate(self, model: ModelRef, examples: DatasetRef, max_length: int, metrics: tuple[str, ...],
+    def evaluate(self, model: ModelRef, examples: DatasetRef, metrics: tuple[str, ...],
                  metric_module: str | None = None, artifact_key: str | None = None):
-        features = self.tokenize(examples, model, max_length, "eval")
+        features = self.tokenize(examples, model, "eval")
         return self.tasks.evaluate(model, examples, features, self.store, self.recipe.task, self.options,
                                    self.settings, metrics, metric_module, artifact_key)
 
 
 @flow(name="train")
-@parameters(TrainParams, TrainConfig, *recipe_options("train"))
-def train_flow(**values) -> dict:
+def train_flow(
+    dataset: str,
+    model: str,
+    name: str,
+    task: TrainTask = "text-classification",
+    eval_dataset: str | None = None,
+    eval_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1,
+    max_length: MaxLength = None,
+    metric: str | None = None,
+    metric_module: str | None = None,
+    promotion_margin: Annotated[float, Field(ge=0)] = 0.0,
+    store: str | None = None,
+    device: Device | None = None,
+    training: TrainConfig = TrainConfig(),
+    options: TrainOptions | None = None,
+) -> dict:
     """Fine-tune `model` on `dataset` for `task`, evaluate it, and register it as a new version of `name`.
 
-    Without `eval_dataset`, a stratified `eval_fraction` of `dataset` is held out for evaluation.
-    The new version becomes champion only if its `metric` beats the champion's on the same eval
-    set by more than `promotion_margin`.
+    Without `eval_dataset`, a stratified `eval_fraction` of `dataset` is held out for evaluation. The new
+    version becomes champion only if its `metric` beats the champion's on the same eval set by more than
+    `promotion_margin`. With `training.nproc_per_node` above 1, the train task fine-tunes in that many
+    processes (DDP under `torchrun`, which it launches itself); the flow and its other tasks run once, here.
 
-    With `nproc_per_node` above 1, the train task fine-tunes in that many processes (DDP under
-    `torchrun`, which it launches itself); the flow and its other tasks run once, here.
+    Args:
+        dataset: training data: file, directory, s3:// URI or hub id ID[:CONFIG][#SPLIT]
+        model: base model: local directory or hub id[@revision]
+        name: registry name the new version is added to
+        task: the ML task
+        eval_dataset: evaluation data (default: hold out eval_fraction of dataset)
+        eval_fraction: fraction of dataset held out without eval_dataset
+        max_length: truncate inputs to N tokens (default: the task's)
+        metric: metric of the champion gate (default: the task's)
+        metric_module: a metric of your own: a Python file with compute(predictions, references), or a local
+            evaluate module; computed, published and usable in the gate
+        promotion_margin: a challenger must beat the champion by more than this
+        store: artifact store URL (default: $HFBATCH_STORE or ./hfbatch-store)
+        device: auto: CUDA when torch sees a GPU, else CPU; cpu; cuda: fail without a GPU (default:
+            $HFBATCH_DEVICE or auto)
+        training: training hyperparameters
+        options: the task's data columns and settings, under its name (e.g. question_answering)
     """
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # the flow itself launched by torchrun: once per process
-        raise ConfigError("run the train flow once, not under torchrun: --nproc-per-node N (nproc_per_node) "
-                          "launches the training processes itself")
+    params = TrainParams.model_construct(**locals())  # the parameters as one typed value
     logger = get_run_logger()
-    p, config = validated(TrainParams, values), validated(TrainConfig, values)
-    recipe = get_recipe(p.task)
-    run = _Run(recipe, values, Settings().with_overrides(store=p.store, device=p.device))
-    metric = p.metric or recipe.default_metric
-    if not p.metric_module:  # a module's metric names are known once it has run
-        recipe.check_metrics((metric,))
-    max_length = p.max_length or recipe.max_length
-    Registry(run.store, p.name)  # validates the name before any work
-    with one_training_per_name(p.name):
-        base = resolve_model(p.model, run.settings)
-        data = run.ingest(p.dataset)
-        if p.eval_dataset:
-            eval_data = run.ingest(p.eval_dataset, data.label_names or None)
+    plan = plans.take("train", params, plan_training)
+    run, recipe, metric = _Run(plan), plan.recipe, plan.metrics[0]
+    with one_training_per_name(name):
+        data = run.ingest(plan.dataset)
+        if plan.eval_dataset:
+            eval_data = run.ingest(plan.eval_dataset, data.label_names or None)
         else:
-            data, eval_data = run.tasks.holdout(data, run.store, recipe.task, p.eval_fraction, config.seed)
-        tokens = run.tokenize(data, base, max_length, "train")
-        trained = run.tasks.train(tokens, base, run.store, recipe.task, run.options, config, run.settings)
-        model = trained_model(trained, run.store, run.settings)
-        evaluated = run.evaluate(model, eval_data, max_length, recipe.metrics, p.metric_module, f"{p.name}-eval")
-        champion_score = _champion_score(run, p.name, trained.run_key, eval_data, metric, max_length,
-                                         p.metric_module)
-        registration = run.tasks.register(trained, evaluated, run.store, p.name, metric, p.promotion_margin,
+            data, eval_data = run.tasks.holdout(data, run.store, recipe.task, eval_fraction, training.seed)
+        tokens = run.tokenize(data, plan.model, "train")
+        trained = run.tasks.train(tokens, plan.model, run.store, recipe.task, run.options, training, run.settings)
+        model_ref = trained_model(trained, run.store, run.settings)
+        evaluated = run.evaluate(model_ref, eval_data, recipe.metrics, metric_module, f"{name}-eval")
+        champion_score = _champion_score(run, name, trained.run_key, eval_data, metric, metric_module)
+        registration = run.tasks.register(trained, evaluated, run.store, name, metric, promotion_margin,
                                           champion_score)
-    logger.info("%s v%s: %s=%.4f, champion v%s (%s)", p.name, registration.version, metric,
+    logger.info("%s v%s: %s=%.4f, champion v%s (%s)", name, registration.version, metric,
                 evaluated.metrics[metric], registration.champion, registration.reason)
-    return {"name": p.name, "task": recipe.task, "version": registration.version, "champion": registration.champion,
+    return {"name": name, "task": recipe.task, "version": registration.version, "champion": registration.champion,
             "promoted": registration.promoted, "reason": registration.reason, "metrics": evaluated.metrics,
             "uri": registration.uri, "run_key": trained.run_key, "global_step": trained.global_step,
             "resumed_from_step": trained.resumed_from_step,
             "train_samples_per_second": trained.train_samples_per_second, "train_loss": trained.train_loss,
             "warnings": list(trained.warnings), "device": trained.device,
             "precision": trained.precision, "store": run.store.url}
+
+
+TrainParams = parameter_model(train_flow)
+"""The parameters of `train_flow` as one model (what `plan_training` takes)."""
 
 
 @contextmanager
@@ -128,7 +224,7 @@ def one_training_per_name(name: str) -> Iterator[None]:
 
 
 def _champion_score(run: _Run, name: str, run_key: str, eval_data: DatasetRef, metric: str,
-                    max_length: int, metric_module: str | None) -> float | None:
+                    metric_module: str | None) -> float | None:
     """The champion's `metric` on this eval set: from the registry if it was measured on it, else
     by evaluating the champion now (cached like any evaluation)."""
     champion = Registry(run.store, name).champion()
@@ -137,22 +233,44 @@ def _champion_score(run: _Run, name: str, run_key: str, eval_data: DatasetRef, m
     if champion["eval_dataset"] == eval_data.fingerprint and metric in champion["metrics"]:
         return champion["metrics"][metric]
     champion_model = resolve_model(f"{name}@{champion['version']}", run.settings, run.store)
-    return run.evaluate(champion_model, eval_data, max_length, run.recipe.metrics, metric_module).metrics[metric]
+    return run.evaluate(champion_model, eval_data, run.recipe.metrics, metric_module).metrics[metric]
 
 
 @flow(name="evaluate")
-@parameters(EvalParams, *recipe_options("train"))
-def evaluate_flow(**values) -> dict:
-    """Evaluate a registered model (`NAME[@VERSION]`), a local model directory or a hub model."""
-    p = validated(EvalParams, values)
-    settings = Settings().with_overrides(store=p.store, device=p.device)
-    ref = resolve_model(p.model, settings, Store.open(settings))
-    recipe = get_recipe(p.task or ref.task or "text-classification")
-    run = _Run(recipe, values, settings)
-    metrics = tuple(p.metrics or recipe.metrics)
-    recipe.check_metrics(metrics)
-    data = run.ingest(p.dataset, label_names(ref) or None)
-    result = run.evaluate(ref, data, p.max_length or recipe.max_length, metrics, p.metric_module,
-                          f"{ref.name or 'model'}-eval")
-    return {"model": p.model, "task": recipe.task, "version": ref.version, "dataset": p.dataset,
+def evaluate_flow(
+    model: str,
+    dataset: str,
+    task: TrainTask | None = None,
+    metrics: tuple[str, ...] | None = None,
+    metric_module: str | None = None,
+    max_length: MaxLength = None,
+    store: str | None = None,
+    device: Device | None = None,
+    options: TrainOptions | None = None,
+) -> dict:
+    """Evaluate a registered model (`NAME[@VERSION]`), a local model directory or a hub model.
+
+    Args:
+        model: NAME[@VERSION] from the registry, a local directory or a hub id
+        dataset: labelled data: file, directory, s3:// URI or hub id
+        task: the ML task (default: the registered model's, else text-classification)
+        metrics: metrics to compute (default: all of the task's)
+        metric_module: a metric of your own: a Python file with compute(predictions, references), or a local
+            evaluate module; computed, published and usable in the gate
+        max_length: truncate inputs to N tokens (default: the task's)
+        store: artifact store URL (default: $HFBATCH_STORE or ./hfbatch-store)
+        device: auto: CUDA when torch sees a GPU, else CPU; cpu; cuda: fail without a GPU (default:
+            $HFBATCH_DEVICE or auto)
+        options: the task's data columns and settings, under its name (e.g. question_answering)
+    """
+    params = EvalParams.model_construct(**locals())  # the parameters as one typed value
+    plan = plans.take("evaluate", params, plan_evaluation)
+    run, ref = _Run(plan), plan.model
+    data = run.ingest(plan.dataset, label_names(ref) or None)
+    result = run.evaluate(ref, data, plan.metrics, metric_module, f"{ref.name or 'model'}-eval")
+    return {"model": model, "task": plan.recipe.task, "version": ref.version, "dataset": dataset,
             "num_rows": result.num_rows, "metrics": result.metrics, **result.details, "uri": result.uri}
+
+
+EvalParams = parameter_model(evaluate_flow)
+"""The parameters of `evaluate_flow` as one model (what `plan_evaluation` takes)."""

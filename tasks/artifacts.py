@@ -8,7 +8,6 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from hfbatch.tasks.core import plots
 from hfbatch.tasks.core.fingerprint import digest
-from hfbatch.tasks.recipes import Recipe
 from hfbatch.tasks.core.refs import EvalResult
 from hfbatch.tasks.core.registry import Registration, Registry, aliases_of
 from hfbatch.tasks.core.store import Store
@@ -19,17 +18,46 @@ def slug(text: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")[:100] or "hfbatch"
 
 
-def publish_eval_artifacts(result: EvalResult, recipe: Recipe, key: str) -> None:
-    """`<key>-metrics` (a table) and the recipe's detail artifacts (`<key>-per-class`, ...)."""
+def publish_eval_artifacts(result: EvalResult, key: str) -> None:
+    """`<key>-metrics` (a table) and an artifact for each of the evaluation's detail tables
+    (`<key>-per-class`, `-confusion-matrix`, `-per-type`, `-samples`, `-examples`)."""
     prefix = slug(key)
     create_table_artifact(key=f"{prefix}-metrics", description=f"Metrics of {result.model} ({result.num_rows} rows)",
                           table=[{"metric": k, "value": round(v, 4)} for k, v in result.metrics.items()])
-    for suffix, (kind, content) in recipe.detail_artifacts(result.details, result.label_names).items():
+    for suffix, (kind, content) in detail_artifacts(result.details).items():
         description = f"{suffix.replace('-', ' ').capitalize()} of {result.model}"
         if kind == "table":
             create_table_artifact(key=f"{prefix}-{suffix}", table=content, description=description)
         else:
             create_markdown_artifact(key=f"{prefix}-{suffix}", markdown=content, description=description)
+
+
+def detail_artifacts(details: dict) -> dict[str, tuple[str, object]]:
+    """`{key suffix: ("table" | "markdown", content)}` of the detail tables an evaluation recorded
+    (`Recipe.compute_metrics`): per class and a confusion matrix (classification), per entity type (NER),
+    examples (QA), samples (generation)."""
+    out: dict[str, tuple[str, object]] = {}
+    if "per_class" in details:
+        per_class = details["per_class"]
+        out["per-class"] = ("table", [
+            {"label": name, **{m: round(v[name], 4) for m, v in per_class.items() if m != "support"},
+             "support": per_class["support"][name]} for name in per_class["support"]])
+    if "confusion_matrix" in details:
+        names, matrix = details["confusion_matrix"]["labels"], details["confusion_matrix"]["matrix"]
+        head = "| reference \\ predicted | " + " | ".join(names) + " |\n|" + " --- |" * (len(names) + 1)
+        rows = [f"| **{n}** | " + " | ".join(str(v) for v in row) + " |" for n, row in zip(names, matrix)]
+        png = base64.b64encode(plots.confusion_png(names, matrix)).decode()
+        out["confusion-matrix"] = ("markdown", f"# Confusion matrix\n\n![Confusion matrix](data:image/png;base64,"
+                                               f"{png})\n\n" + "\n".join([head, *rows]))
+    if "per_type" in details:
+        out["per-type"] = ("table", [{"entity type": name, **{m: round(v[m], 4) for m in ("precision", "recall", "f1")},
+                                      "number": v["number"]} for name, v in sorted(details["per_type"].items())])
+    if "examples" in details:
+        out["examples"] = ("table", [{"id": e["id"], "prediction": e["prediction"],
+                                      "answers": " | ".join(dict.fromkeys(e["answers"]))} for e in details["examples"]])
+    if "samples" in details:
+        out["samples"] = ("table", details["samples"])
+    return out
 
 
 def publish_registration(reg: Registration) -> None:

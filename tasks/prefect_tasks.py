@@ -22,7 +22,8 @@ from hfbatch.tasks.training import ingest as ingest_mod
 from hfbatch.tasks.training import train as train_mod
 from hfbatch.tasks.core.errors import is_transient
 from hfbatch.tasks.core.fingerprint import digest
-from hfbatch.tasks.recipes import Options, get_recipe
+from hfbatch.tasks.core.options import Options
+from hfbatch.tasks.recipes import get_recipe
 from hfbatch.tasks.core.refs import DatasetRef, EvalResult, ModelRef, TrainedModel
 from hfbatch.tasks.core.registry import Registry
 from hfbatch.tasks.core.settings import Settings
@@ -103,7 +104,7 @@ def evaluate_task(model: ModelRef, examples: DatasetRef, features: DatasetRef, s
     result = evaluation.evaluate_model(model, examples, features, store, recipe, options, settings, metrics,
                                        metric_module)
     if artifact_key:
-        artifacts.publish_eval_artifacts(result, recipe, artifact_key)
+        artifacts.publish_eval_artifacts(result, artifact_key)
     return result
 
 

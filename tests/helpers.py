@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 from hfbatch.tasks.batch import runner
-from hfbatch.tasks.engine.predictor import get_predictor
 from hfbatch.tasks.core.models import resolve_model as resolve
-from hfbatch.tasks.recipes import get_recipe
+from hfbatch.tasks.core.options import validated
 from hfbatch.tasks.core.settings import Settings
+from hfbatch.tasks.engine.predictor import PredictorSpec
+from hfbatch.tasks.predictors import get_predictor_class
 from prefect import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
@@ -25,14 +26,28 @@ def resolve_model(src: str):
     return resolve(src, SETTINGS)
 
 
-def run_local(task: str, model, input: str, output: str, **kwargs) -> dict:
-    return runner.run_local(task, model, input, output, SETTINGS, **kwargs)
+def predictor_spec(task: str, model, precision: str = "auto", options=None, settings: Settings = SETTINGS,
+                   **values) -> PredictorSpec:
+    """What `batch_inference` hands the batch job for `task`: its predictor with these options (an options
+    object, or its fields as keyword arguments)."""
+    cls = get_predictor_class(task)
+    return PredictorSpec(cls, model, options if options is not None else validated(cls.options_class, values),
+                         settings, precision)
+
+
+JOB_OPTIONS = ("shard_rows", "mode", "text_column", "columns", "keep_columns", "batch_tokens", "on_bad_row")
+
+
+def run_local(task: str, model, input: str, output: str, options=None, precision: str = "auto", **kwargs) -> dict:
+    """The batch job without Prefect; `kwargs` are its own options and the task's (`top_k=3`)."""
+    job = {k: v for k, v in kwargs.items() if k in JOB_OPTIONS}
+    values = {k: v for k, v in kwargs.items() if k not in JOB_OPTIONS}
+    return runner.run_local(predictor_spec(task, model, precision, options, **values), input, output, **job)
 
 
 def predictor(task: str, model, precision: str = "auto", **options):
     """The predictor `batch_inference` uses for `task`, with these options."""
-    recipe = get_recipe(task)
-    return get_predictor(recipe.predictor, model, recipe.infer_options(**options), SETTINGS, precision)
+    return predictor_spec(task, model, precision, **options).load()
 
 
 def texts_of(path) -> list[str]:
@@ -106,3 +121,14 @@ def stop_process(proc: subprocess.Popen, signum: int = signal.SIGTERM, timeout: 
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
+
+
+def call_flow(flow, return_state: bool = False, **values):
+    """`flow` called as the command line calls it, with flat option values (`epochs=3`,
+    `question_column="q"`): the hyperparameters under `training`, the task's options under `options`."""
+    from hfbatch.flows.commands import command_task
+    from hfbatch.flows.params import flow_values
+
+    command = {"train": "train", "evaluate": "evaluate", "batch_inference": "infer"}[flow.name]
+    kwargs = flow_values(flow, values, command_task(command, values))
+    return flow(**kwargs, return_state=return_state) if return_state else flow(**kwargs)

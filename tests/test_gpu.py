@@ -5,22 +5,23 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from hfbatch.tasks.training.evaluation import evaluate_model
-from hfbatch.tasks.engine.predictor import get_predictor
 from hfbatch.tasks.batch.runner import run_local
-from hfbatch.tasks.training.ingest import ingest
 from hfbatch.tasks.core.models import pick_device, resolve_model, trained_model
-from hfbatch.tasks.recipes import get_recipe
 from hfbatch.tasks.core.settings import Settings
 from hfbatch.tasks.core.store import Store
+from hfbatch.tasks.recipes import get_recipe
+from hfbatch.tasks.training.evaluation import evaluate_model
+from hfbatch.tasks.training.ingest import ingest
 from hfbatch.tasks.training.tokenization import tokenize
 from hfbatch.tasks.training.train import TrainConfig, train
+
+from tests.helpers import predictor_spec
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 EXPECTED = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp16"
 # the other tests keep hfbatch on the CPU (HFBATCH_DEVICE=cpu, conftest); these ask for CUDA
 CUDA, CPU = Settings(device="cuda"), Settings(device="cpu")
-TC, FE = get_recipe("text-classification"), get_recipe("feature-extraction")
+TC = get_recipe("text-classification")
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,7 @@ def mixed_rows(data_dir) -> list[str]:
 
 @pytest.fixture(scope="module")
 def trained_on_cuda(sst2_split, minilm, tmp_path_factory):
-    store, options = Store(str(tmp_path_factory.mktemp("store"))), TC.train_options()
+    store, options = Store(str(tmp_path_factory.mktemp("store"))), TC.options_class()
     model = resolve_model(minilm, CUDA)
     train_data = ingest(str(sst2_split[0]), store, TC, options, CUDA)
     eval_data = ingest(str(sst2_split[1]), store, TC, options, CUDA, label_names=train_data.label_names)
@@ -48,7 +49,7 @@ def test_training_and_evaluation_run_on_cuda_in_mixed_precision(trained_on_cuda)
     model, trained, eval_data, eval_set, store = trained_on_cuda
     assert pick_device("cuda") == pick_device("auto") == ("cuda", EXPECTED)
     assert (trained.device, trained.precision, trained.global_step) == ("cuda", EXPECTED, 94)
-    result = evaluate_model(model, eval_data, eval_set, store, TC, TC.train_options(), CUDA)
+    result = evaluate_model(model, eval_data, eval_set, store, TC, TC.options_class(), CUDA)
     assert result.metrics["accuracy"] >= 0.80
 
 
@@ -61,11 +62,11 @@ def test_bulk_inference_on_cuda_in_mixed_precision_keeps_the_fp32_pipeline_label
     ref, texts = trained_on_cuda[0], mixed_rows
     pq.write_table(pa.table({"id": list(range(len(texts))), "text": texts}), tmp_path / "rows.parquet")
 
-    predictor = get_predictor(TC.predictor, ref, TC.infer_options(), CUDA)
+    spec = predictor_spec("text-classification", ref, settings=CUDA)
+    predictor = spec.load()
     assert (predictor.device, predictor.precision) == ("cuda", EXPECTED)
     assert next(predictor.model.parameters()).dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[EXPECTED]
-    manifest = run_local("text-classification", ref, str(tmp_path / "rows.parquet"), str(tmp_path / "out"), CUDA,
-                         shard_rows=250)
+    manifest = run_local(spec, str(tmp_path / "rows.parquet"), str(tmp_path / "out"), shard_rows=250)
     out = pq.read_table(tmp_path / "out").sort_by("id")
     assert manifest["rows_out"] == len(texts) and out.column("id").to_pylist() == list(range(len(texts)))
 
@@ -85,7 +86,7 @@ def test_embeddings_on_cuda_in_mixed_precision_stay_close_to_fp32(minilm, mixed_
     from transformers import pipeline
 
     ref = resolve_model(minilm, CUDA)
-    predictor = get_predictor(FE.predictor, ref, FE.infer_options(), CUDA)
+    predictor = predictor_spec("feature-extraction", ref, settings=CUDA).load()
     assert (predictor.device, predictor.precision) == ("cuda", EXPECTED)
     table, _ = predictor.predict({"text": mixed_rows}, predictor.batch_tokens)
     ours = np.array(table.column("embedding").to_pylist())
@@ -102,7 +103,7 @@ def test_device_setting_keeps_a_gpu_hosts_work_on_its_cpu(trained_on_cuda, mixed
 
     assert pick_device("cpu") == ("cpu", "fp32")
     ref, texts = trained_on_cuda[0], mixed_rows[:60]
-    predictor = get_predictor(TC.predictor, ref, TC.infer_options(), CPU)
+    predictor = predictor_spec("text-classification", ref, settings=CPU).load()
     assert (predictor.device, next(predictor.model.parameters()).device.type) == ("cpu", "cpu")
     table, _ = predictor.predict({"text": texts}, predictor.batch_tokens)
     expected = pipeline("text-classification", model=ref.path, tokenizer=ref.path, device="cpu")(

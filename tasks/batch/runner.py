@@ -13,17 +13,21 @@ import time
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from hfbatch.tasks.core.errors import DataError
-from hfbatch.tasks.core.monitoring import figures
-from hfbatch.tasks.recipes import get_recipe
-from hfbatch.tasks.core.refs import ModelRef
-from hfbatch.tasks.core.settings import Settings
-from hfbatch.tasks.engine.allocator import release_freed_memory
-from hfbatch.tasks.batch.output import (check_output_location, finalize, output_store, parquet_bytes, part_name, prepare_output,
-                     quarantine_files)
-from hfbatch.tasks.engine.predictor import get_predictor
+from hfbatch.tasks.batch.output import (
+    check_output_location,
+    finalize,
+    output_store,
+    parquet_bytes,
+    part_name,
+    prepare_output,
+    quarantine_files,
+)
 from hfbatch.tasks.batch.shards import CorruptRows, Shard, describe_input, iter_shard_batches, plan_shards, read_footer
 from hfbatch.tasks.batch.spec import ROW_ID, InferSpec, build_spec
+from hfbatch.tasks.core.errors import DataError
+from hfbatch.tasks.core.inputs import Text
+from hfbatch.tasks.core.monitoring import figures
+from hfbatch.tasks.engine.predictor import PredictorSpec
 
 
 def run_shard(shard: Shard, spec: InferSpec) -> dict:
@@ -38,14 +42,12 @@ def run_shard(shard: Shard, spec: InferSpec) -> dict:
         if out.exists(entry["part"]):
             return entry | {"skipped": True}
     started = time.perf_counter()
-    predictor = get_predictor(get_recipe(spec.task).predictor, spec.model, spec.options, spec.settings,
-                              spec.precision)
+    predictor = spec.predictor.load()
     good, bad = _read_shard(shard, spec, predictor)
-    texts = {name: good.column(f"__in_{name}").to_pylist() for name, _ in spec.inputs}
-    ids = {"row_ids": good.column(ROW_ID).to_pylist()} if predictor.uses_row_ids else {}
-    predictions, tokens = predictor.predict(texts, spec.batch_tokens or predictor.batch_tokens, **ids)
-    if predictor.device == "cpu":
-        release_freed_memory()  # what the shard's batches freed: the next shard starts from the same RSS
+    values = {name: good.column(f"__in_{name}").to_pylist() for name, _ in spec.inputs}
+    ids = good.column(ROW_ID).to_pylist() if predictor.uses_row_ids else None
+    predictions, tokens = predictor.predict(values, spec.batch_tokens, ids)
+    spec.predictor.release()  # what the shard's batches freed: the next shard starts from the same RSS
     n = good.num_rows
     result = good.select([*spec.keep_columns, ROW_ID])
     for column in predictions.column_names:
@@ -62,7 +64,8 @@ def run_shard(shard: Shard, spec: InferSpec) -> dict:
     entry = {"shard": shard.index, "file": shard.name, "start": shard.start, "stop": shard.stop,
              "fingerprint": shard.fingerprint, "model_version": spec.model_version, "part": name,
              "rows": n, "quarantine": quarantine, "quarantined": bad.num_rows, "tokens": tokens,
-             "seconds": round(time.perf_counter() - started, 4), "figures": figures(predictions, texts)}
+             "seconds": round(time.perf_counter() - started, 4),
+             "figures": figures(predictions, {k: v for k, v in values.items() if isinstance(spec.kinds[k], Text)})}
     out.write_json(marker, entry)
     return entry | {"skipped": False}
 
@@ -72,6 +75,7 @@ def _read_shard(shard: Shard, spec: InferSpec, predictor) -> tuple[pa.Table, pa.
     or raise `DataError` naming file, row group and row for the first bad row when `on_bad_row=fail`.
     In quarantine mode a row group that cannot be decoded sets all the shard's rows of it aside."""
     columns = list(dict.fromkeys([*spec.keep_columns, *(c for _, c in spec.inputs)]))
+    kinds = spec.kinds
     good_parts, bad_parts = [], []  # (row group, table)
     quarantine = spec.on_bad_row == "quarantine"
     for rg, first, batch in iter_shard_batches(shard, columns, spec.storage_options(shard.file),
@@ -86,7 +90,7 @@ def _read_shard(shard: Shard, spec: InferSpec, predictor) -> tuple[pa.Table, pa.
         reasons = []
         for i in range(batch.num_rows):
             row = {name: v[i] for name, v in values.items()}
-            reason = _bad_value(row, spec) or predictor.problem(row)
+            reason = _bad_value(row, spec, kinds) or predictor.problem(row)
             if reason and not quarantine:
                 raise DataError(f"bad row in {shard.file!r}, row group {rg}, row {first + i} of that row group: "
                                 f"{reason} (use on_bad_row='quarantine' to set such rows aside)")
@@ -96,9 +100,7 @@ def _read_shard(shard: Shard, spec: InferSpec, predictor) -> tuple[pa.Table, pa.
         ok = pa.array([r is None for r in reasons], pa.bool_())
         inputs = table
         for name, col in spec.inputs:
-            values = batch.column(col)
-            values = values if name in spec.chat_inputs else values.cast(pa.string())
-            inputs = inputs.append_column(f"__in_{name}", values)
+            inputs = inputs.append_column(f"__in_{name}", kinds[name].values(batch.column(col)))
         good_parts.append((rg, inputs.filter(ok)))
         if not pc.all(ok).as_py():
             bad_rows = [first + i for i, r in enumerate(reasons) if r is not None]
@@ -127,38 +129,34 @@ def _bad_rows(shard: Shard, spec: InferSpec, rg: int, rows: list[int], reasons: 
             .append_column("reason", pa.array(reasons, pa.string())))
 
 
-def _bad_value(row: dict, spec: InferSpec) -> str | None:
+def _bad_value(row: dict, spec: InferSpec, kinds: dict) -> str | None:
+    """Why a row's inputs cannot be predicted: a null, or a value its kind refuses (`core.inputs`)."""
     for name, column in spec.inputs:
         value = row[name]
-        if value is None:
-            return f"null {column!r}"
-        if name in spec.chat_inputs:  # a list of messages; the predictor checks them (`problem`)
-            if not value:
-                return f"empty {column!r}"
-            continue
-        if not isinstance(value, str):
-            return f"non-string {column!r} ({type(value).__name__})"
-        if not value.strip():
-            return f"empty {column!r}"
+        reason = f"null {column!r}" if value is None else kinds[name].problem(value, column)
+        if reason:
+            return reason
     return None
 
 
 def _empty_inputs(shard: Shard, spec: InferSpec) -> pa.Table:
     schema = read_footer(shard.file, spec.storage_options(shard.file)).schema.to_arrow_schema()
     fields = [schema.field(c) for c in spec.keep_columns] + [pa.field(ROW_ID, pa.string())]
-    fields += [pa.field(f"__in_{name}", schema.field(column).type if name in spec.chat_inputs else pa.string())
+    kinds = spec.kinds
+    fields += [pa.field(f"__in_{name}", kinds[name].values(pa.array([], schema.field(column).type)).type)
                for name, column in spec.inputs]
     return pa.schema(fields).empty_table()
 
 
-def run_local(task: str, model: ModelRef, input: str, output: str, settings: Settings, shard_rows: int = 10_000,
-              mode: str = "resume", **spec_kwargs) -> dict:
+def run_local(predictor: PredictorSpec, input: str, output: str, shard_rows: int = 10_000, mode: str = "resume",
+              **spec_kwargs) -> dict:
     """The whole run without Prefect, shard after shard in this process (benchmarks, debugging)."""
     started = time.perf_counter()
     check_output_location(input, output)
+    settings = predictor.settings
     corrupt = [] if spec_kwargs.get("on_bad_row") == "quarantine" else None
     files = describe_input(input, settings.storage_options(input), corrupt)
-    spec = build_spec(task, model, output, files, settings, **spec_kwargs)
+    spec = build_spec(predictor, output, files, **spec_kwargs)
     shards = plan_shards(files, shard_rows)
     prepare_output(spec, files, mode)
     quarantine_files(spec, corrupt)

@@ -29,13 +29,14 @@ TOP_PAD = 64 << 20
 FREE_CAP = 256 << 20
 """RSS growth (bytes) since the last trim above which the heap's free memory goes back before a batch."""
 _baseline: list[int] = []  # the RSS after the last trim (or at the first batch)
+_kept: list[bool] = []  # [True] once `keep_freed_memory` changed malloc's thresholds
 
 
 @functools.cache
 def keep_freed_memory() -> bool:
     """Set glibc's malloc to keep freed memory for reuse (once per process: `mallopt` is idempotent,
     so two threads racing here is harmless); True where it did (Linux with glibc), False elsewhere,
-    where nothing changes."""
+    where nothing changes. Called by `cpu.tune_cpu`; until then the functions below do nothing."""
     if not sys.platform.startswith("linux"):
         return False
     try:
@@ -46,13 +47,15 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     settings = ((M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, TRIM_THRESHOLD), (M_TOP_PAD, TOP_PAD))
-    return all(mallopt(option, value) == 1 for option, value in settings)
+    kept = all(mallopt(option, value) == 1 for option, value in settings)
+    _kept[:] = [kept]
+    return kept
 
 
 def release_freed_memory() -> None:
     """Give the memory the heap holds but no object uses back to the kernel (glibc's `malloc_trim`, all
     arenas), where `keep_freed_memory` kept it: after each shard, and by `cap_freed_memory`."""
-    if keep_freed_memory():
+    if _kept == [True]:
         ctypes.CDLL(None).malloc_trim(0)
         _baseline[:] = [_rss()]
 
@@ -67,7 +70,7 @@ def cap_freed_memory(limit: int = FREE_CAP) -> bool:
     by more than `limit` bytes since the last trim, give the heap's free memory back (`malloc_trim`).
     Returns whether it did. The RSS is the measure because what glibc counts as free stays free after a
     trim (only its pages go back): a trim is needed only where memory came back in and was freed again."""
-    if not keep_freed_memory():
+    if _kept != [True]:
         return False
     rss = _rss()
     if not _baseline:

@@ -1,151 +1,136 @@
-"""Bulk text generation: the engine behind translation, summarization, text2text-generation and
-text-generation, and the predictor base those tasks share.
+"""Bulk text generation: the predictor base of translation, summarization, text2text-generation and
+text-generation, and the generation options they share (in bulk inference and, for the seq2seq tasks,
+in training's evaluation).
 
 Each row gets the tokens `model.generate` would give it alone with the same generation config (the
 model's `generation_config.json`, then the run's options): greedy search and beam search exactly, sampling
 from the row's own `torch.Generator`, seeded from the run's seed and the row's id, so that a row's text
 depends on neither the batch, the shard, the thread count nor a rerun.
 
-How it is fast: the rows are sorted by cost (input tokens + tokens they may generate, the longest first)
-and decoded with a key/value cache in lanes, one per CPU stream (`streams.py`, each lane on one thread)
-or one on a GPU. A lane holds as many sequences as its token budget allows, counting the tokens still to
-be generated; a row leaves as soon as it ends and, when a quarter of the budget is free, the next rows
-are prefilled together and join the running batch (continuous batching, `generation_batch.py`), so no
-step is spent on a finished row or on padding to the longest output of a fixed batch. Choosing tokens
-(`generation_search.py`) and decoding the texts are done for the whole batch at once.
+How it is fast (`generation_engine.py`): the rows are sorted by cost (input tokens + tokens they may
+generate, the longest first) and decoded with a key/value cache in lanes, one per CPU stream (`cpu.py`,
+each lane on one thread) or one on a GPU. A lane holds as many sequences as its token budget allows,
+counting the tokens still to be generated; a row leaves as soon as it ends and, when a quarter of the
+budget is free, the next rows are prefilled together and join the running batch (continuous batching,
+`generation_batch.py`), so no step is spent on a finished row or on padding to the longest output of a
+fixed batch. Choosing tokens (`generation_search.py`) and decoding the texts are done for the whole batch
+at once.
 """
 from __future__ import annotations
 
 import copy
 import hashlib
 import logging
-import threading
+from dataclasses import dataclass
 from typing import ClassVar
 
 import pyarrow as pa
-import torch
-from pydantic import BaseModel
+from pydantic import Field
 
 from hfbatch.tasks.core.errors import ConfigError
 from hfbatch.tasks.core.models import load_tokenizer
+from hfbatch.tasks.core.options import Options
 from hfbatch.tasks.core.refs import ModelRef
 from hfbatch.tasks.core.settings import Settings
-from hfbatch.tasks.engine.generation_batch import Row, Stepper, joinable
-from hfbatch.tasks.engine.generation_search import Decoding
+from hfbatch.tasks.engine import cpu
 from hfbatch.tasks.engine.predictor import CUDA_BATCH_TOKENS, Predictor
 
 log = logging.getLogger(__name__)
 
-ADMIT_WHEN_FREE = 0.25
-"""New rows join a lane once this share of its token budget is free, that share of the budget at a time:
-a prefill is a forward pass of its own, worth doing for several rows at once, and lanes that take the
-queue's rows a few at a time end together."""
 CPU_GENERATION_TOKENS = 8192
 """Default token budget of one lane on a CPU (inputs plus the tokens to generate, per sequence)."""
+DEFAULT_MAX_NEW_TOKENS = 128
+"""Longest output of a sequence-to-sequence model when neither the options nor its generation config
+say (run_translation.py's and run_summarization.py's default target length)."""
 
 
-class _Queue:
-    """The rows still to start, the costliest first, shared by the lanes."""
+class GenerationOptions(Options):
+    """What generation takes, in training's evaluation and in bulk inference alike."""
 
-    def __init__(self, rows: list[Row]):
-        self.rows, self.next, self.lock = rows, 0, threading.Lock()
-
-    def exhausted(self) -> bool:
-        return self.next >= len(self.rows)
-
-    def take(self, batch, budget: int, beams: int, group: int | None = None) -> list[Row]:
-        """The next rows that fit beside `batch` in `budget` (sequences x largest cost), at most `group`
-        tokens of them (their costs); at least one row when the lane is empty, even one larger than the
-        budget."""
-        size = batch.size if batch is not None else 0
-        top = max((r.cost for r in batch.rows), default=0) if batch is not None else 0
-        taken: list[Row] = []
-        tokens = 0
-        with self.lock:
-            while self.next < len(self.rows):
-                row = self.rows[self.next]
-                if size and ((size + beams) * max(top, row.cost) > budget
-                             or (group is not None and taken and tokens + beams * row.cost > group)):
-                    break
-                taken.append(row)
-                size, top, self.next = size + beams, max(top, row.cost), self.next + 1
-                tokens += beams * row.cost
-        return taken
+    source_prefix: str = Field("", description="text put before every input, e.g. 'translate German to "
+                               "English: ' for T5")
+    forced_bos_token: str | None = Field(None, description="the target language code token every output starts "
+                                         "with (mBART, NLLB), e.g. de_DE")
+    num_beams: int | None = Field(None, ge=1, description="beams of the beam search (default: the model's "
+                                  "generation config, else 1: greedy)")
 
 
-class GenerationEngine:
-    """Generates for many rows at once with one model and one generation config."""
+class GenerationInferOptions(GenerationOptions):
+    """Bulk generation: length, beams, and sampling (each row from its own generator, seeded by `seed`
+    and the row's id). Unset fields take the model's generation config."""
 
-    def __init__(self, model, config, device: str, continuous: bool | None = None):
-        self.device = device
-        self.decoding = Decoding(model, copy.deepcopy(config), device)
-        self.stepper = Stepper(model, self.decoding, device, continuous)
-
-    @property
-    def sampling(self) -> bool:
-        return self.decoding.sample
-
-    def generate(self, ids: list[list[int]], limits: list[int], budget: int, seeds: list[int] | None = None,
-                 streams=None) -> list[tuple[list[int], str]]:
-        """Each row's new tokens (to and with its end token) and its finish reason (`eos` or `length`).
-
-        `ids` are the encoder inputs (encoder-decoder) or the prompts (decoder-only), `limits` the new
-        tokens each row may generate, `budget` the tokens one lane may hold, `seeds` each row's sampling
-        seed; `streams` (`streams.Streams`) runs one lane per stream, else one lane runs here."""
-        rows = [Row(i, list(x), int(n), len(x) + int(n)) for i, (x, n) in enumerate(zip(ids, limits))]
-        for row, seed in zip(rows, seeds or ()):
-            row.generator = torch.Generator(device=self.device).manual_seed(int(seed))
-        queue = _Queue(sorted(rows, key=lambda r: -r.cost))
-        with torch.inference_mode():
-            if streams is None or streams.count <= 1:
-                lanes = [self._lane(queue, budget)]
-            else:
-                lanes = streams.map(lambda _: self._lane(queue, budget), range(min(streams.count, len(rows))))
-        results: list = [None] * len(rows)
-        for lane in lanes:
-            for index, tokens, reason in lane:
-                results[index] = (tokens, reason)
-        return results
-
-    def _lane(self, queue: _Queue, budget: int) -> list[tuple[int, list[int], str]]:
-        done: list[tuple[int, list[int], str]] = []
-        batch, continuous = None, self.stepper.continuous
-        with torch.inference_mode():
-            while True:
-                if batch is None or (continuous and batch.cost() <= (1 - ADMIT_WHEN_FREE) * budget):
-                    group = queue.take(batch, budget, self.decoding.beams,
-                                       int(ADMIT_WHEN_FREE * budget) if continuous else None)
-                    if group:
-                        new, logits = self.stepper.prefill(group)
-                        continuous = continuous and joinable(new.cache)
-                        self._advance(new, logits, done)
-                        batch = new if batch is None else batch.merge(new)
-                if batch is None or not batch.rows:
-                    if queue.exhausted():
-                        return done
-                    batch = None
-                    continue
-                self._advance(batch, self.stepper.step(batch), done)
-                if continuous:
-                    batch.trim()
-
-    def _advance(self, batch, logits: torch.Tensor, done: list) -> None:
-        """Choose each sequence's next token; hand in the rows that ended and drop them from `batch`."""
-        d = self.decoding
-        if d.beams > 1:
-            source, ended = d.choose_beams(logits, batch)
-        else:
-            source, ended = None, d.choose(logits, batch)
-        ended = ended.tolist()
-        for r, end in enumerate(ended):
-            if end:
-                done.append((batch.rows[r].index, *d.result(batch, r)))
-        batch.keep(source, [r for r, end in enumerate(ended) if not end])
+    max_new_tokens: int | None = Field(None, ge=1, description="longest output in new tokens (default: the "
+                                       "model's generation config, else "
+                                       f"{DEFAULT_MAX_NEW_TOKENS} for sequence-to-sequence models)")
+    do_sample: bool | None = Field(None, description="sample the output instead of searching for the likeliest "
+                                   "(default: the model's generation config)")
+    temperature: float | None = Field(None, gt=0, description="sampling: temperature of the next-token "
+                                      "distribution (default: the model's generation config)")
+    top_p: float | None = Field(None, gt=0, le=1, description="sampling: nucleus filtering, the smallest set of "
+                                "tokens whose probability reaches P (default: the model's generation config)")
+    top_k: int | None = Field(None, ge=0, description="sampling: keep the K likeliest tokens, 0: all (default: "
+                              "the model's generation config)")
+    seed: int = Field(0, description="sampling: seed of the run; a row's sample depends on it and the row's id "
+                                     "only (not on shards, batches or threads)")
 
 
 def row_seed(seed: int, row_id: str) -> int:
     """A row's sampling seed: from the run's seed and the row's id only."""
     return int.from_bytes(hashlib.sha256(f"{seed}:{row_id}".encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+def token_id(tokenizer, token: str) -> int:
+    """The id of a (language code) token; a `ConfigError` if the tokenizer does not know it."""
+    found = tokenizer.convert_tokens_to_ids(token)
+    if found is None or (found == tokenizer.unk_token_id and token != tokenizer.unk_token):
+        raise ConfigError(f"forced_bos_token {token!r} is not a token of the tokenizer of "
+                          f"{tokenizer.name_or_path!r}; it must be one of its language codes (e.g. de_DE, deu_Latn)")
+    return int(found)
+
+
+def with_search(config, tokenizer, num_beams: int | None, forced_bos_token: str | None):
+    """A generation config with these beams and forced first token (where given)."""
+    if num_beams:
+        config.num_beams = num_beams
+        if num_beams == 1:  # beam-only settings (a checkpoint's own) make a greedy config invalid to save
+            config.early_stopping = config.length_penalty = None
+    if forced_bos_token:
+        config.forced_bos_token_id = token_id(tokenizer, forced_bos_token)
+    return config
+
+
+def with_sampling(config, options: Options):
+    """The sampling options (`do_sample`, `temperature`, `top_p`, `top_k`) that are set, into `config`."""
+    for name in ("do_sample", "temperature", "top_p", "top_k"):
+        value = getattr(options, name, None)
+        if value is not None:
+            setattr(config, name, value)
+    return config
+
+
+def seq2seq_generation_config(model, tokenizer, options: GenerationOptions):
+    """A copy of `model`'s generation config with the options applied, and its limit of new tokens.
+    The limit goes where the model's config keeps its own (`max_new_tokens`, else `max_length`, which
+    counts the decoder start token) so that `generate` sees no conflicting pair."""
+    config = with_search(copy.deepcopy(model.generation_config), tokenizer, options.num_beams,
+                         options.forced_bos_token)
+    with_sampling(config, options)
+    limit = (getattr(options, "max_new_tokens", None) or config.max_new_tokens
+             or (config.max_length - 1 if config.max_length else DEFAULT_MAX_NEW_TOKENS))
+    if config.max_new_tokens is not None:
+        config.max_new_tokens = limit
+    else:
+        config.max_length = limit + 1
+    return config, limit
+
+
+@dataclass
+class Prompts:
+    """Each row's input token ids (truncated), its new-token limit and its sampling seed (or None)."""
+
+    ids: list[list[int]]
+    limits: list[int]
+    seeds: list[int] | None
 
 
 class GenerationPredictor(Predictor):
@@ -155,7 +140,8 @@ class GenerationPredictor(Predictor):
     Inputs longer than the model takes are truncated, counted in `truncated_rows` and logged."""
 
     uses_row_ids = True
-    model_class: ClassVar[str] = ""
+    options_class: ClassVar[type[Options]] = GenerationInferOptions
+    auto_class: ClassVar[str] = ""
     strip: ClassVar[bool] = True
     """Strip the decoded text (seq2seq outputs); text-generation keeps what `pipeline` gives."""
 
@@ -164,15 +150,17 @@ class GenerationPredictor(Predictor):
         return pa.schema([("generated_text", pa.string()), ("input_tokens", pa.int32()),
                           ("output_tokens", pa.int32()), ("finish_reason", pa.string())])
 
-    def __init__(self, model: ModelRef, options: BaseModel, settings: Settings, precision: str = "auto"):
+    def __init__(self, model: ModelRef, options: GenerationInferOptions, settings: Settings, precision: str = "auto"):
         super().__init__(model, options, settings, precision)
         if self.precision == "int8":
             raise ConfigError("precision 'int8' is not available for text generation tasks")
         import transformers
 
+        from hfbatch.tasks.engine.generation_engine import GenerationEngine
+
         self.tokenizer = load_tokenizer(model, settings)
-        self.model = self._prepare(getattr(transformers, self.model_class).from_pretrained(model.path,
-                                                                                          **self._load_kwargs()))
+        self.model = self._prepare(getattr(transformers, self.auto_class).from_pretrained(model.path,
+                                                                                         **self._load_kwargs()))
         self.generation_config = self._configure()
         self.engine = GenerationEngine(self.model, self.generation_config, self.device)
         self.truncated_rows = 0
@@ -206,29 +194,29 @@ class GenerationPredictor(Predictor):
             log.warning("%d of %d rows are longer than the %d input tokens %s takes: truncated", n, rows, cap,
                         self.model_ref.source)
 
-    def predict(self, inputs: dict[str, list], batch_tokens: int, row_ids: list[str] | None = None
-                ) -> tuple[pa.Table, int]:
-        """Generated text for the rows, in input order. `row_ids` (the runner's stable ids) seed the
-        sampling; without them a row's id is its position in `inputs`."""
-        n = len(inputs["text"])
-        if not n:
-            return self.schema.empty_table(), 0
+    def preprocess(self, inputs: dict[str, list], row_ids: list[str] | None = None) -> Prompts:
+        """The prompts; `row_ids` (the batch job's stable ids) seed the sampling, else a row's id is its
+        position in `inputs`."""
         ids, limits = self._encode(inputs)
         seeds = None
         if self.engine.sampling:
-            seeds = [row_seed(self.options.seed, r) for r in (row_ids or [str(i) for i in range(n)])]
-        if self.device == "cpu":
-            from hfbatch.tasks.engine.streams import cpu_streams
+            seeds = [row_seed(self.options.seed, r) for r in (row_ids or [str(i) for i in range(len(ids))])]
+        return Prompts(ids, limits, seeds)
 
-            outputs = self.engine.generate(ids, limits, batch_tokens, seeds, cpu_streams())
-        else:
-            with self.lock, self._kernels():  # shards of a thread runner share the model
-                outputs = self.engine.generate(ids, limits, batch_tokens, seeds)
+    def tokens(self, features: Prompts) -> int:
+        return sum(len(x) for x in features.ids)
+
+    def _forward(self, features: Prompts, batch_tokens: int) -> list[tuple[list[int], str]]:
+        streams = cpu.streams() if self.device == "cpu" else None
+        if streams is not None:
+            return self.engine.generate(features.ids, features.limits, batch_tokens, features.seeds, streams)
+        with self.lock, self._kernels():  # shards of a thread runner share the model
+            return self.engine.generate(features.ids, features.limits, batch_tokens, features.seeds)
+
+    def postprocess(self, outputs: list[tuple[list[int], str]], features: Prompts) -> pa.Table:
         texts = self.tokenizer.batch_decode([tokens for tokens, _ in outputs], skip_special_tokens=True)
-        lengths = [len(x) for x in ids]
-        table = pa.table({"generated_text": pa.array([t.strip() if self.strip else t for t in texts], pa.string()),
-                          "input_tokens": pa.array(lengths, pa.int32()),
-                          "output_tokens": pa.array([len(tokens) for tokens, _ in outputs], pa.int32()),
-                          "finish_reason": pa.array([reason for _, reason in outputs], pa.string())},
-                         schema=self.schema)
-        return table, sum(lengths)
+        return pa.table({"generated_text": pa.array([t.strip() if self.strip else t for t in texts], pa.string()),
+                         "input_tokens": pa.array([len(x) for x in features.ids], pa.int32()),
+                         "output_tokens": pa.array([len(tokens) for tokens, _ in outputs], pa.int32()),
+                         "finish_reason": pa.array([reason for _, reason in outputs], pa.string())},
+                        schema=self.schema)

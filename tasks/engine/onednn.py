@@ -8,11 +8,13 @@ weight's panels at every call. oneDNN can reorder a weight once into the blocked
 (there the weight's memory traffic is the limit). Results differ from the sgemm's by rounding only
 (at most 1e-5 in those measurements; outputs checked equal in the tests and benchmarks). Below
 `MIN_ROWS` rows (one sequence's decoding step) sgemm is faster and runs instead. The packed copy
-doubles the memory of the linear weights. `HFBATCH_CPU_KERNELS=aten` turns it off.
+doubles the memory of the linear weights. `HFBATCH_CPU_KERNELS=aten` turns it off. The primitive
+caches it fills are capped by `cpu.tune_cpu`.
+
+`torch.ops.mkldnn._reorder_linear_weight` and `_linear_pointwise` are the ops torch.compile's CPU
+freezing emits; torch has no public API for a prepacked linear layer.
 """
 from __future__ import annotations
-
-import os
 
 import torch
 import torch.nn.functional as F
@@ -20,16 +22,6 @@ from torch import nn
 
 MIN_ROWS = 16
 """Inputs of fewer rows (tokens across the batch) run on torch's own kernel."""
-
-# oneDNN (ONEDNN_PRIMITIVE_CACHE_CAPACITY) and torch's ideep (LRU_CACHE_CAPACITY) each keep up to 1,024
-# compiled primitives, one per input shape, ~0.3 MB each: bulk inference meets a new shape at almost
-# every batch (its rows x padded length), and the process grew by ~600 MB until both were full (MiniLM
-# over 20k reviews: peak 1754 MB, against 1186 MB with torch's kernels). 64 each keeps the shapes of a
-# few batches in a row. Read when the first primitive is made, so set here, before any; a user's
-# setting wins.
-for _cache in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
-    os.environ.setdefault(_cache, "64")
-
 
 def available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")

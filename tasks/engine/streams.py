@@ -14,7 +14,6 @@ none does. Other torch work in the process at the same time runs single-threaded
 """
 from __future__ import annotations
 
-import functools
 import threading
 from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
@@ -68,11 +67,3 @@ class Streams:
                 self._running -= 1
                 if self._running == 0:
                     torch.set_num_threads(self._threads)
-
-
-@functools.cache
-def cpu_streams() -> Streams:
-    """The process's streams for CPU inference: as many as torch had threads at the first call."""
-    import torch
-
-    return Streams(torch.get_num_threads())

@@ -1,73 +1,47 @@
-"""What a task recipe is: everything hfbatch knows about one ML task, in one class.
+"""What a training recipe is: everything hfbatch knows about training and evaluating one ML task.
 
-A recipe declares its options (data columns and task settings, pydantic models whose fields become
-flow parameters and command-line options), how a source table becomes its canonical Arrow columns,
-how those are tokenized and collated, which model and `Trainer` classes train it, how predictions
-become metrics, what its model card says, and the predictor that runs it over Parquet in bulk.
-Training, evaluation, the registry, inference and the CLI look recipes up by task name
-(`tasks.recipes.get_recipe`); a task that only predicts leaves the training part unset.
+A recipe declares its options (data columns and task settings: `options_class`, a `core.options.Options`
+model), how a source table becomes its canonical Arrow columns (`prepare`), how those are tokenized and
+collated, which model and `Trainer` classes train it, how predictions become metrics, and what its model
+card says. Ingest, tokenize, train and evaluate look recipes up by task name (`tasks.recipes.get_recipe`).
+Running a trained model in bulk is its predictor's work (`tasks/predictors/`), not the recipe's.
 """
 from __future__ import annotations
 
-import json
 import logging
-import re
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import BaseModel, ConfigDict
 
-from hfbatch.tasks.core.errors import ConfigError, DataError, ModelError
-from hfbatch.tasks.engine.predictor import Predictor
+from hfbatch.tasks.core.errors import ConfigError, DataError
 from hfbatch.tasks.core.models import load_model
+from hfbatch.tasks.core.options import NoOptions, Options
 from hfbatch.tasks.core.refs import ModelRef
 from hfbatch.tasks.core.settings import Settings
+from hfbatch.tasks.engine.predictor import has_head
 
 log = logging.getLogger(__name__)
 
 
-class Options(BaseModel):
-    """Base of every recipe's options: immutable and hashable (they are part of cache keys), and
-    ignorant of fields that belong to other recipes (flows pass all of them)."""
-
-    model_config = ConfigDict(frozen=True, extra="ignore")
-
-    def columns(self) -> dict[str, str]:
-        """The data columns these options name (fields called `*_column`): what ingest depends on."""
-        return {k: v for k, v in self.model_dump().items() if k.endswith("_column")}
-
-
-class NoOptions(Options):
-    pass
-
-
 class Recipe:
-    """Base class of the recipes; each ML task is one subclass in a module of this package."""
+    """Base class of the recipes; each trainable ML task is one subclass in a module of this package."""
 
     task: ClassVar[str]
     aliases: ClassVar[tuple[str, ...]] = ()
-
-    # bulk inference
-    predictor: ClassVar[type[Predictor]]
-    infer_options: ClassVar[type[Options]] = NoOptions
-
-    # training and evaluation (unset: the task predicts, but hfbatch does not train it)
-    train_options: ClassVar[type[Options] | None] = None
+    options_class: ClassVar[type[Options]] = NoOptions
     model_class: ClassVar[str] = ""
     """The `transformers` auto class that loads the model, e.g. `AutoModelForSequenceClassification`."""
     heads: ClassVar[tuple[str, ...]] = ()
-    """Endings of the architectures (`config.architectures`) that have this task's head, e.g.
-    `ForSequenceClassification`: a checkpoint without one would predict from a random head."""
+    """Endings of the architectures that have this task's head (a base checkpoint gets a new one)."""
     metrics: ClassVar[tuple[str, ...]] = ()
     """The metrics evaluation computes, the first one the champion gate's default."""
     max_length: ClassVar[int] = 128
     """Default token limit of an input when training and evaluating."""
     train_defaults: ClassVar[dict[str, Any]] = {}
     """This task's default hyperparameters (`epochs`, `batch_size`, `learning_rate`, `weight_decay`,
-    `warmup_ratio`), where they differ from `tasks.train.DEFAULTS`."""
+    `warmup_ratio`), where they differ from `tasks.training.train.DEFAULTS`."""
     stratify_by: ClassVar[str | None] = None
     """Column a held-out split is stratified by."""
     group_by_length: ClassVar[bool] = False
@@ -76,22 +50,24 @@ class Recipe:
     would come back out of the data's order."""
 
     @property
-    def trainable(self) -> bool:
-        return self.train_options is not None
-
-    @property
     def default_metric(self) -> str:
         return self.metrics[0]
 
-    def check_trainable(self) -> None:
-        if not self.trainable:
-            raise ConfigError(f"hfbatch predicts with {self.task} models but does not train them")
+    def check_metrics(self, metrics: tuple[str, ...]) -> None:
+        unknown = [m for m in metrics if m not in self.metrics]
+        if unknown:
+            raise ConfigError(f"unknown metric(s) {unknown} for {self.task}; available: {list(self.metrics)}")
 
     # --- ingest -----------------------------------------------------------------------------------
     def prepare(self, dataset, src: str, options: Options, label_names: tuple[str, ...] | None):
         """Validate a loaded source (`datasets.Dataset`) and map it to the recipe's canonical columns.
         Returns `(dataset, label_names)`; raises `DataError` naming the source, column and row."""
         raise NotImplementedError
+
+    def check_training_data(self, dataset, label_names: tuple[str, ...], src: str) -> list[str]:
+        """Refuse training data the task cannot learn from (a `DataError` naming it); return warnings
+        for what it can learn from badly (they go to the log and the model card)."""
+        return []
 
     # --- tokenize, collate, train -------------------------------------------------------------------
     def tokenize(self, dataset, tokenizer, options: Options, max_length: int, split: str):
@@ -107,29 +83,10 @@ class Recipe:
         """`from_pretrained` arguments of the model to fine-tune (a head of the right size)."""
         return {}
 
-    def has_head(self, model: ModelRef) -> bool | None:
-        """Whether the checkpoint has this task's head: by its architectures, else by its model card's
-        `pipeline_tag`; None when neither says."""
-        config = json.loads((Path(model.path) / "config.json").read_text())
-        if config.get("architectures"):
-            return any(a.endswith(self.heads) for a in config["architectures"])
-        card = Path(model.path) / "README.md"
-        tag = re.search(r"^pipeline_tag:\s*(\S+)", card.read_text(errors="replace"), re.MULTILINE) if card.exists() else None
-        return None if tag is None else tag.group(1) in (self.task, *self.aliases)
-
-    def check_checkpoint(self, model: ModelRef) -> None:
-        """Refuse to predict with a checkpoint that lacks this task's head: its head would be freshly
-        initialised, and the answers random."""
-        if self.heads and self.has_head(model) is False:
-            config = json.loads((Path(model.path) / "config.json").read_text())
-            raise ModelError(f"model {model.source!r} ({', '.join(config.get('architectures') or ['no architecture'])}) "
-                             f"has no {self.task} head: it would predict at random. Fine-tune it first "
-                             f"(hfbatch train --task {self.task}) or choose a {self.task} checkpoint")
-
     def model_for_training(self, model: ModelRef, label_names: tuple[str, ...], settings: Settings):
         """The model to fine-tune, from a base checkpoint (a new head, said in the log) or one with this
         task's head."""
-        if self.has_head(model) is False:
+        if self.heads and has_head(model, self.heads, (self.task, *self.aliases)) is False:
             log.info("training a new %s head on %s: the checkpoint has none", self.task, model.source)
         return load_model(model, self.model_class, settings, **self.model_kwargs(label_names))
 
@@ -150,11 +107,6 @@ class Recipe:
         return TrainingArguments(**kwargs)
 
     # --- evaluate -----------------------------------------------------------------------------------
-    def check_metrics(self, metrics: tuple[str, ...]) -> None:
-        unknown = [m for m in metrics if m not in self.metrics]
-        if unknown:
-            raise ConfigError(f"unknown metric(s) {unknown} for {self.task}; available: {list(self.metrics)}")
-
     def postprocess(self, predictions: np.ndarray, features, examples, tokenizer, model_config,
                     label_names: tuple[str, ...], options: Options) -> tuple[list, list]:
         """`(predictions, references)` in the form the task's metrics take them, from a model's raw
@@ -164,27 +116,19 @@ class Recipe:
 
     def compute_metrics(self, predictions: list, references: list, label_names: tuple[str, ...],
                         metrics: tuple[str, ...]) -> tuple[dict, dict]:
-        """`(metrics, details)`: the headline figures named `metrics`, and the task's detail tables."""
+        """`(metrics, details)`: the headline figures named `metrics`, and the task's detail tables
+        (`per_class`, `confusion_matrix`, `per_type`, `samples`, `examples`: `tasks/artifacts.py` shows them)."""
         raise NotImplementedError
 
-    def output_table(self, predictions: np.ndarray, predicted: list, model_config):
+    def output_table(self, predictions: np.ndarray, predicted: list, model_config) -> pa.Table | None:
         """The eval set's predictions in the columns bulk inference writes (`label`, `entities`, `answer`,
         `generated_text`, ...), from the raw `predictions` and their post-processed form: what
-        `tasks.monitoring.figures` records as the version's reference for drift. None: no reference."""
-        return
-
-    def check_training_data(self, dataset, label_names: tuple[str, ...], src: str) -> list[str]:
-        """Refuse training data the task cannot learn from (a `DataError` naming it); return warnings
-        for what it can learn from badly (they go to the log and the model card)."""
-        return []
+        `core.monitoring.figures` records as the version's reference for drift. None: no reference."""
+        return None
 
     def gate_problem(self, metrics: dict, details: dict) -> str | None:
         """Why an evaluated model must not become champion whatever it scores (a degenerate model), or None."""
         return None
-
-    def detail_artifacts(self, details: dict, label_names: tuple[str, ...]) -> dict[str, tuple[str, Any]]:
-        """Prefect artifacts of the details: `{key suffix: ("table" | "markdown", content)}`."""
-        return {}
 
     def card_text(self, label_names: tuple[str, ...]) -> dict:
         """The model card's words: `summary`, `intended_use` and `limitations`."""

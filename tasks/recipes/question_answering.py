@@ -1,8 +1,7 @@
 """Extractive question answering: the answer span of a question in its context. Trained as transformers'
 `run_qa.py` trains it (question/context pairs, long contexts cut into overlapping windows, the answer's
 first and last token as labels), evaluated as `utils_qa.py` and the `squad` metric do it (the best span
-over an example's windows, SQuAD F1 and exact match), and run in bulk with the answers of the removed
-`pipeline("question-answering")`."""
+over an example's windows, SQuAD F1 and exact match) (in bulk: `predictors/question_answering.py`)."""
 from __future__ import annotations
 
 from typing import ClassVar
@@ -13,186 +12,37 @@ import pyarrow.compute as pc
 from pydantic import Field
 
 from hfbatch.tasks.core.errors import ConfigError, DataError
-from hfbatch.tasks.engine.predictor import EncoderPredictor, pad_batch, token_budget_batches
+from hfbatch.tasks.core.options import Options
 from hfbatch.tasks.metrics import compute
-from hfbatch.tasks.core.refs import ModelRef
-from hfbatch.tasks.core.settings import Settings
-from hfbatch.tasks.recipes.base import Options, Recipe, first_bad_row, require_columns
+from hfbatch.tasks.predictors.question_answering import QuestionAnsweringPredictor
+from hfbatch.tasks.recipes.base import Recipe, first_bad_row, require_columns
 from hfbatch.tasks.recipes.qa_spans import answer_positions, best_answers, window_offsets
 
 EXAMPLES_SHOWN = 20
 """Eval examples whose prediction and answers the evaluation details show."""
 
 
-class Columns(Options):
-    question_column: str = Field("question", description="question-answering: column of the question")
-    context_column: str = Field("context", description="question-answering: column of the text holding the answer")
-    answers_column: str = Field("answers", description="question-answering: column of the answers, in SQuAD "
+class QuestionAnsweringColumns(Options):
+    question_column: str = Field("question", description="column of the question")
+    context_column: str = Field("context", description="column of the text holding the answer")
+    answers_column: str = Field("answers", description="column of the answers, in SQuAD "
                                 "layout: {text: [...], answer_start: [...]} (character offsets in the context)")
-    doc_stride: int = Field(128, ge=1, description="question-answering: tokens shared by consecutive windows of "
+    doc_stride: int = Field(128, ge=1, description="tokens shared by consecutive windows of "
                             "a context longer than max_length")
-
-
-class QuestionAnsweringOptions(Options):
-    max_answer_len: int = Field(15, ge=1, description="question-answering: longest answer, in tokens")
-    handle_impossible_answer: bool = Field(False, description="question-answering: allow no answer "
-                                           "(SQuAD 2.0 style models)")
-
-
-class QuestionAnsweringPredictor(EncoderPredictor):
-    """`answer`, `score`, `start`, `end` (character span in the context) of the best answer span, as
-    transformers' `pipeline("question-answering")` returns them (with its defaults: `top_k=1`,
-    `max_seq_len=min(384, model_max_length)`, `doc_stride=min(max_seq_len // 2, 128)`,
-    `max_answer_len=15`, `align_to_words=True`).
-
-    transformers 5 removed that pipeline; this is its algorithm, run in token-budget batches: the
-    question and context are encoded as a pair (context truncated, long contexts cut into overlapping
-    windows), start/end logits outside the context are masked, each window's softmax scores spans up
-    to `max_answer_len` tokens, the best 12 spans per window are aligned to whole words and the scores
-    of equal answers (case-insensitive) are added across windows. The postprocessing follows the
-    pipeline's numpy code step for step (including its tie order), so answers are the pipeline's.
-    """
-
-    inputs = ("question", "context")
-
-    def __init__(self, model: ModelRef, options: QuestionAnsweringOptions, settings: Settings, precision: str = "auto"):
-        super().__init__(model, options, settings, precision)
-        if not getattr(self.tokenizer, "is_fast", False):
-            raise ConfigError(f"question-answering needs a fast tokenizer; {model.source!r} has none")
-        self.question_first = self.tokenizer.padding_side == "right"
-        self.max_seq_len = min(self.tokenizer.model_max_length, 384, self.max_length)
-        self.doc_stride = min(self.max_seq_len // 2, 128)
-
-    def _load(self):
-        from transformers import AutoModelForQuestionAnswering
-
-        return AutoModelForQuestionAnswering.from_pretrained(self.model_ref.path, **self._load_kwargs())
-
-    @classmethod
-    def output_schema(cls, options) -> pa.Schema:
-        return pa.schema([("answer", pa.string()), ("score", pa.float32()), ("start", pa.int32()),
-                          ("end", pa.int32())])
-
-    def problem(self, row: dict[str, str]) -> str | None:
-        # The tokenizer cannot cut a context into windows when the question leaves no room for it.
-        n = len(self.tokenizer(row["question"], add_special_tokens=False)["input_ids"])
-        if n + 3 + self.doc_stride >= self.max_seq_len:
-            return f"question too long: {n} tokens, at most {self.max_seq_len - self.doc_stride - 4} fit"
-        return None
-
-    def predict(self, inputs: dict[str, list[str]], batch_tokens: int) -> tuple[pa.Table, int]:
-        import torch
-
-        questions, contexts = inputs["question"], inputs["context"]
-        if not questions:
-            return self.schema.empty_table(), 0
-        first, second = (questions, contexts) if self.question_first else (contexts, questions)
-        enc = self.tokenizer(first, second, truncation="only_second" if self.question_first else "only_first",
-                             max_length=self.max_seq_len, stride=self.doc_stride, return_token_type_ids=True,
-                             return_overflowing_tokens=True, return_offsets_mapping=True)
-        ids, types = enc["input_ids"], enc.get("token_type_ids")
-        owner = enc["overflow_to_sample_mapping"]
-        use_types = types is not None and "token_type_ids" in self.tokenizer.model_input_names
-        lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-        logits: list = [None] * len(ids)
-        with self.lock, torch.inference_mode(), self._kernels():
-            for rows in token_budget_batches(lengths, batch_tokens):
-                batch = pad_batch(rows, ids, types if use_types else None, lengths, self.pad_id)
-                out = self.model(**{k: torch.from_numpy(v).to(self.device) for k, v in batch.items()})
-                start = out.start_logits.float().cpu().numpy()
-                end = out.end_logits.float().cpu().numpy()
-                for j, r in enumerate(rows):
-                    logits[r] = (start[j, : lengths[r]], end[j, : lengths[r]])
-        answers: list[list[dict]] = [[] for _ in questions]
-        null_score = [1000000.0] * len(questions)
-        context_index = 1 if self.question_first else 0
-        for f, (start, end) in enumerate(logits):
-            i = owner[f]
-            encoding = enc.encodings[f]
-            # p_mask as the pipeline builds it: 1 outside the context, the CLS token kept
-            p_mask = np.array([[s != 1 if self.question_first else 0 for s in encoding.sequence_ids]], dtype=np.int64)
-            p_mask[0, np.nonzero(np.asarray(ids[f]) == self.tokenizer.cls_token_id)[0]] = 0
-            starts, ends, scores, null_score[i] = _select_starts_ends(
-                start[None], end[None], p_mask, np.ones_like(p_mask), null_score[i], 12,  # top_k * 2 + 10
-                self.options.handle_impossible_answer, self.options.max_answer_len)
-            for s, e, score in zip(starts, ends, scores):
-                a, b = _answer_chars(encoding, int(s), int(e), context_index)
-                text = contexts[i][a:b]
-                same = next((x for x in answers[i] if x["answer"].lower() == text.lower()), None)
-                if same:
-                    same["score"] += score.item()
-                else:
-                    answers[i].append({"score": score.item(), "start": a, "end": b, "answer": text})
-        best = []
-        for i, found in enumerate(answers):
-            if self.options.handle_impossible_answer:
-                found.append({"score": null_score[i], "start": 0, "end": 0, "answer": ""})
-            found = sorted(found, key=lambda x: x["score"], reverse=True)
-            best.append(found[0] if found else {"score": 0.0, "start": 0, "end": 0, "answer": ""})
-        table = pa.table({"answer": pa.array([b["answer"] for b in best], pa.string()),
-                          "score": pa.array([b["score"] for b in best], pa.float32()),
-                          "start": pa.array([b["start"] for b in best], pa.int32()),
-                          "end": pa.array([b["end"] for b in best], pa.int32())}, schema=self.schema)
-        return table, int(lengths.sum())
-
-
-def _select_starts_ends(start, end, p_mask, attention_mask, min_null_score, top_k, handle_impossible_answer,
-                        max_answer_len):
-    """transformers 4.x `select_starts_ends` + `decode_spans` (Apache-2.0), on one window's [1, L] logits."""
-    undesired_tokens = np.abs(np.array(p_mask) - 1) & attention_mask
-    undesired_tokens_mask = undesired_tokens == 0.0
-    start = np.where(undesired_tokens_mask, -10000.0, start)
-    end = np.where(undesired_tokens_mask, -10000.0, end)
-    start = np.exp(start - start.max(axis=-1, keepdims=True))
-    start = start / start.sum()
-    end = np.exp(end - end.max(axis=-1, keepdims=True))
-    end = end / end.sum()
-    if handle_impossible_answer:
-        min_null_score = min(min_null_score, (start[0, 0] * end[0, 0]).item())
-    start[0, 0] = end[0, 0] = 0.0
-    outer = np.matmul(np.expand_dims(start, -1), np.expand_dims(end, 1))
-    candidates = np.tril(np.triu(outer), max_answer_len - 1)
-    scores_flat = candidates.flatten()
-    if top_k == 1:
-        idx_sort = [np.argmax(scores_flat)]
-    elif len(scores_flat) < top_k:
-        idx_sort = np.argsort(-scores_flat)
-    else:
-        idx = np.argpartition(-scores_flat, top_k)[0:top_k]
-        idx_sort = idx[np.argsort(-scores_flat[idx])]
-    starts, ends = np.unravel_index(idx_sort, candidates.shape)[1:]
-    # as in the pipeline, `nonzero()` of the 2-D mask also lists row 0, so token 0 (CLS) counts as desired
-    desired_spans = np.isin(starts, undesired_tokens.nonzero()) & np.isin(ends, undesired_tokens.nonzero())
-    starts = starts[desired_spans]
-    ends = ends[desired_spans]
-    scores = candidates[0, starts, ends]
-    return starts, ends, scores, min_null_score
-
-
-def _answer_chars(encoding, s: int, e: int, sequence_index: int) -> tuple[int, int]:
-    """The pipeline's `get_indices(align_to_words=True)`: widen the token span to whole words."""
-    try:
-        start_word, end_word = encoding.token_to_word(s), encoding.token_to_word(e)
-        return (encoding.word_to_chars(start_word, sequence_index=sequence_index)[0],
-                encoding.word_to_chars(end_word, sequence_index=sequence_index)[1])
-    except Exception:
-        return encoding.offsets[s][0], encoding.offsets[e][1]
 
 
 class QuestionAnswering(Recipe):
     task = "question-answering"
-    predictor = QuestionAnsweringPredictor
-    infer_options = QuestionAnsweringOptions
-    train_options = Columns
+    options_class = QuestionAnsweringColumns
     model_class = "AutoModelForQuestionAnswering"
-    heads = ("ForQuestionAnswering",)
+    heads = QuestionAnsweringPredictor.heads
     group_by_length = True  # windows run from a few dozen tokens to max_length
     metrics: ClassVar[tuple[str, ...]] = ("f1", "exact_match")
     max_length = 384
     train_defaults: ClassVar[dict] = {"epochs": 1.0, "batch_size": 16, "learning_rate": 2e-4, "weight_decay": 0.01,
                                       "warmup_ratio": 0.1}
 
-    def prepare(self, dataset, src: str, options: Columns, label_names):
+    def prepare(self, dataset, src: str, options: QuestionAnsweringColumns, label_names):
         """`id`, `question`, `context` and `answers` (SQuAD layout), every answer checked against its
         context; ids are the source's `id` column (as strings, unique), else the row numbers."""
         import datasets
@@ -220,7 +70,7 @@ class QuestionAnswering(Recipe):
                         "answer_start": datasets.List(datasets.Value("int32"))}})
         return datasets.Dataset(out).cast(features), ()
 
-    def tokenize(self, dataset, tokenizer, options: Columns, max_length: int, split: str):
+    def tokenize(self, dataset, tokenizer, options: QuestionAnsweringColumns, max_length: int, split: str):
         """Windows of `max_length` tokens over each question/context pair (the context cut, windows
         sharing `doc_stride` tokens). `train`: the answer's first and last token in each window
         (`start_positions`, `end_positions`; the CLS token's index when the answer is not wholly inside
@@ -254,11 +104,6 @@ class QuestionAnswering(Recipe):
                  for p, r in zip(predictions[:EXAMPLES_SHOWN], references)]
         return {m: float(scores[m]) for m in metrics}, {"examples": shown}
 
-    def detail_artifacts(self, details, label_names):
-        return {"examples": ("table", [{"id": e["id"], "prediction": e["prediction"],
-                                        "answers": " | ".join(dict.fromkeys(e["answers"]))}
-                                       for e in details["examples"]])}
-
     def card_text(self, label_names):
         return {"summary": "An extractive question-answering model",
                 "intended_use": "Finding the answer to an English question as a span of a given context "
@@ -277,7 +122,7 @@ def _check_text(table: pa.Table, src: str, column: str) -> None:
     first_bad_row(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(values)), 0), src, column, "is empty")
 
 
-def _answers(table: pa.Table, src: str, options: Columns) -> pa.Array:
+def _answers(table: pa.Table, src: str, options: QuestionAnsweringColumns) -> pa.Array:
     """The answers column as `struct<text: list<string>, answer_start: list<int32>>`: at least one answer
     a row, each `answer_start` pointing at its text in the context."""
     column, values = options.answers_column, table[options.answers_column]
@@ -308,7 +153,7 @@ def _list_of(kind, *is_item) -> bool:
             and any(test(kind.value_type) for test in is_item))
 
 
-def _windows(batch: dict, rows: list[int], tokenizer, options: Columns, max_length: int):
+def _windows(batch: dict, rows: list[int], tokenizer, options: QuestionAnsweringColumns, max_length: int):
     """The tokenized windows of a batch of examples, and the index of the context in a pair."""
     questions = [q.lstrip() for q in batch["question"]]  # as run_qa: leading spaces only cost room
     # the tokenizer panics (it does not raise) when a question leaves no room for the stride
@@ -326,7 +171,7 @@ def _windows(batch: dict, rows: list[int], tokenizer, options: Columns, max_leng
     return enc, 1 if question_first else 0
 
 
-def _train_windows(batch, rows, tokenizer, options: Columns, max_length: int) -> dict:
+def _train_windows(batch, rows, tokenizer, options: QuestionAnsweringColumns, max_length: int) -> dict:
     enc, context_index = _windows(batch, rows, tokenizer, options, max_length)
     out = {k: enc[k] for k in tokenizer.model_input_names if k in enc}
     out["start_positions"], out["end_positions"] = [], []
@@ -343,7 +188,7 @@ def _train_windows(batch, rows, tokenizer, options: Columns, max_length: int) ->
     return out
 
 
-def _eval_windows(batch, rows, tokenizer, options: Columns, max_length: int) -> dict:
+def _eval_windows(batch, rows, tokenizer, options: QuestionAnsweringColumns, max_length: int) -> dict:
     enc, context_index = _windows(batch, rows, tokenizer, options, max_length)
     out = {k: enc[k] for k in tokenizer.model_input_names if k in enc}
     owners = enc["overflow_to_sample_mapping"]

@@ -1,9 +1,7 @@
 """Text classification: a sequence classifier fine-tuned on (text, label) rows, scored with accuracy,
-precision, recall and F1 (macro and per class) and a confusion matrix, and run in bulk with the scores
-`pipeline("text-classification")` gives."""
+precision, recall and F1 (macro and per class) and a confusion matrix (in bulk: `predictors/text_classification.py`)."""
 from __future__ import annotations
 
-import base64
 from typing import ClassVar
 
 import numpy as np
@@ -12,94 +10,26 @@ import pyarrow.compute as pc
 from pydantic import Field
 
 from hfbatch.tasks.core.errors import DataError
-from hfbatch.tasks.engine.predictor import EncoderPredictor
+from hfbatch.tasks.core.options import Options
 from hfbatch.tasks.metrics import compute
-from hfbatch.tasks.core.plots import confusion_png
-from hfbatch.tasks.recipes.base import Options, Recipe, first_bad_row, require_columns
+from hfbatch.tasks.predictors.text_classification import TextClassificationPredictor, label_table
+from hfbatch.tasks.recipes.base import Recipe, first_bad_row, require_columns
 
-CLOSE_CALL_GAP = 0.2
-"""int8: rows whose two best scores are closer than this are scored again in fp32."""
-
-
-class Columns(Options):
+class TextClassificationColumns(Options):
     text_column: str = Field("text", description="column of the input text")
     label_column: str = Field("label", description="column of the class: names, ids, or a ClassLabel")
 
 
-class TextClassificationPredictor(EncoderPredictor):
-    """`label` and `score` of the top class, as `pipeline("text-classification")` returns them: scores
-    through softmax for single-label models, sigmoid for one label or multi-label ones, raw logits for
-    regression, computed in numpy float32 exactly as the pipeline's postprocess, so that labels are the
-    pipeline's and scores agree to float rounding."""
-
-    first_token_head = True
-    rescores_close_calls = True
-
-    def _load(self):
-        from transformers import AutoModelForSequenceClassification
-
-        return AutoModelForSequenceClassification.from_pretrained(self.model_ref.path, **self._load_kwargs())
-
-    @classmethod
-    def output_schema(cls, options) -> pa.Schema:
-        return pa.schema([("label", pa.string()), ("score", pa.float32())])
-
-    def _forward(self, model, batch: dict) -> np.ndarray:
-        return model(**batch).logits.float().cpu().numpy()
-
-    def _empty_output(self) -> np.ndarray:
-        return np.zeros((0, self.model.config.num_labels), dtype=np.float32)
-
-    def close_calls(self, logits: np.ndarray) -> np.ndarray:
-        """Rows whose two best scores are less than `CLOSE_CALL_GAP` apart: the rows whose label int8's
-        rounding may have changed (how many, and how many labels that saves: `benchmarks/RESULTS.md`)."""
-        if logits.shape[-1] < 2:
-            return np.zeros(0, dtype=np.int64)
-        top2 = np.sort(class_scores(logits, self.model.config), axis=-1)[:, -2:]
-        return np.flatnonzero(top2[:, 1] - top2[:, 0] < CLOSE_CALL_GAP)
-
-    def _table(self, logits: np.ndarray) -> pa.Table:
-        return label_table(logits, self.model.config)
-
-
-def class_scores(logits: np.ndarray, config) -> np.ndarray:
-    """Scores as the pipeline computes them, in numpy float32 as its postprocess does (so that scores match
-    to the last bit): its default `function_to_apply` for this config (softmax, sigmoid or none)."""
-    if config.problem_type == "regression":
-        function = "none"
-    elif config.problem_type == "multi_label_classification" or config.num_labels == 1:
-        function = "sigmoid"
-    elif config.problem_type == "single_label_classification" or config.num_labels > 1:
-        function = "softmax"
-    else:
-        function = getattr(config, "function_to_apply", None) or "none"
-    if function == "sigmoid":
-        return 1.0 / (1.0 + np.exp(-logits))
-    if function == "softmax":
-        shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
-        return shifted / shifted.sum(axis=-1, keepdims=True)
-    return logits
-
-
-def label_table(logits: np.ndarray, config) -> pa.Table:
-    """`label` and `score` of the best class of each row of logits."""
-    scores = class_scores(logits, config)
-    labels = [config.id2label[int(i)] for i in scores.argmax(axis=-1)]
-    return pa.table({"label": pa.array(labels, pa.string()),
-                     "score": pa.array(scores.max(axis=-1) if len(scores) else [], pa.float32())})
-
-
 class TextClassification(Recipe):
     task = "text-classification"
-    aliases = ("sentiment-analysis",)
-    predictor = TextClassificationPredictor
-    train_options = Columns
+    aliases = TextClassificationPredictor.aliases
+    options_class = TextClassificationColumns
     model_class = "AutoModelForSequenceClassification"
-    heads = ("ForSequenceClassification",)
+    heads = TextClassificationPredictor.heads
     metrics: ClassVar[tuple[str, ...]] = ("accuracy", "precision", "recall", "f1")
     stratify_by = "label"
 
-    def prepare(self, dataset, src: str, options: Columns, label_names):
+    def prepare(self, dataset, src: str, options: TextClassificationColumns, label_names):
         """`text` (string) and `label` (a `ClassLabel`): label names from `label_names` (an eval set
         takes its training set's), else the source's `ClassLabel` names, else its sorted distinct values."""
         import datasets
@@ -110,7 +40,7 @@ class TextClassification(Recipe):
         return datasets.Dataset(table.replace_schema_metadata(None)).cast(features), names
 
     @staticmethod
-    def _labelled(table: pa.Table, features, src: str, options: Columns, label_names):
+    def _labelled(table: pa.Table, features, src: str, options: TextClassificationColumns, label_names):
         text_column, label_column = options.text_column, options.label_column
         require_columns(table, src, options)
         text = table[text_column]
@@ -146,7 +76,7 @@ class TextClassification(Recipe):
         out = pa.table({"text": pc.cast(text, pa.string()), "label": pc.cast(ids, pa.int64())})
         return out, tuple(label_names)
 
-    def tokenize(self, dataset, tokenizer, options: Columns, max_length: int, split: str):
+    def tokenize(self, dataset, tokenizer, options: TextClassificationColumns, max_length: int, split: str):
         return dataset.map(lambda batch: tokenizer(batch["text"], truncation=True, max_length=max_length),
                            batched=True, batch_size=1000, remove_columns=["text"], desc="tokenize")
 
@@ -192,18 +122,6 @@ class TextClassification(Recipe):
 
     def output_table(self, predictions, predicted, model_config):
         return label_table(np.asarray(predictions, dtype=np.float32), model_config)
-
-    def detail_artifacts(self, details, label_names):
-        per_class = details["per_class"]
-        table = [{"label": name, **{m: round(v[name], 4) for m, v in per_class.items() if m != "support"},
-                  "support": per_class["support"][name]} for name in label_names]
-        names, matrix = details["confusion_matrix"]["labels"], details["confusion_matrix"]["matrix"]
-        head = "| reference \\ predicted | " + " | ".join(names) + " |\n|" + " --- |" * (len(names) + 1)
-        rows = [f"| **{n}** | " + " | ".join(str(v) for v in row) + " |" for n, row in zip(names, matrix)]
-        png = base64.b64encode(confusion_png(names, matrix)).decode()
-        markdown = (f"# Confusion matrix\n\n![Confusion matrix](data:image/png;base64,{png})\n\n"
-                    + "\n".join([head, *rows]))
-        return {"per-class": ("table", table), "confusion-matrix": ("markdown", markdown)}
 
     def card_text(self, label_names):
         labels = ", ".join(f"`{n}`" for n in label_names)

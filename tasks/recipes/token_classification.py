@@ -1,10 +1,10 @@
 """Token classification (named entities): a token classifier fine-tuned on rows of words and their IOB2
 tags, as transformers' `run_ner.py` does it (each word's tag on its first sub-token), scored with
-seqeval's entity-level precision, recall and F1 (overall and per entity type), and run in bulk through
-`pipeline("token-classification")` (aggregated entities per row)."""
+seqeval's entity-level precision, recall and F1 (overall and per entity type) (in bulk:
+`predictors/token_classification.py`)."""
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -12,9 +12,10 @@ import pyarrow.compute as pc
 from pydantic import Field
 
 from hfbatch.tasks.core.errors import DataError
-from hfbatch.tasks.engine.predictor import PipelinePredictor
+from hfbatch.tasks.core.options import Options
 from hfbatch.tasks.metrics import compute
-from hfbatch.tasks.recipes.base import Options, Recipe, require_columns
+from hfbatch.tasks.predictors.token_classification import TokenClassificationPredictor
+from hfbatch.tasks.recipes.base import Recipe, require_columns
 
 IGNORED = -100
 """The label of sub-tokens the loss and the metrics skip (PyTorch's cross-entropy `ignore_index`)."""
@@ -22,45 +23,19 @@ TAG_PATTERN = r"^(O|[BIES]-.+)$"
 """Tags seqeval reads: `O`, or a prefix (IOB2's B- and I-, or IOBES' E- and S-) and an entity type."""
 
 
-class TokenClassificationOptions(Options):
-    aggregation_strategy: Literal["none", "simple", "first", "average", "max"] = Field(
-        "simple", description="token-classification: how word pieces are merged into entities")
-
-
-class Columns(Options):
-    tokens_column: str = Field("tokens", description="token-classification: column of the words of a row "
+class TokenClassificationColumns(Options):
+    tokens_column: str = Field("tokens", description="column of the words of a row "
                                                      "(a list of strings)")
-    tags_column: str = Field("ner_tags", description="token-classification: column of the words' IOB2 tags "
+    tags_column: str = Field("ner_tags", description="column of the words' IOB2 tags "
                                                      "(a list of names, or of ids with ClassLabel names)")
-
-
-class TokenClassificationPredictor(PipelinePredictor):
-    """`entities`: the pipeline's aggregated entities (group, score, word, character span)."""
-
-    pipeline_task = "token-classification"
-
-    @classmethod
-    def output_schema(cls, options) -> pa.Schema:
-        item = pa.struct([("entity_group", pa.string()), ("score", pa.float32()), ("word", pa.string()),
-                          ("start", pa.int32()), ("end", pa.int32())])
-        return pa.schema([("entities", pa.list_(item))])
-
-    def _pipeline_kwargs(self) -> dict:
-        return {"aggregation_strategy": self.options.aggregation_strategy}
-
-    def _rows(self, results: list) -> dict[str, list]:
-        keys = ("entity_group", "score", "word", "start", "end")
-        return {"entities": [[{k: e.get(k, e.get("entity")) for k in keys} for e in r] for r in results]}
 
 
 class TokenClassification(Recipe):
     task = "token-classification"
-    aliases = ("ner",)
-    predictor = TokenClassificationPredictor
-    infer_options = TokenClassificationOptions
-    train_options = Columns
+    aliases = TokenClassificationPredictor.aliases
+    options_class = TokenClassificationColumns
     model_class = "AutoModelForTokenClassification"
-    heads = ("ForTokenClassification",)
+    heads = TokenClassificationPredictor.heads
     group_by_length = True  # CoNLL-style data mixes one-word lines with long sentences
     metrics: ClassVar[tuple[str, ...]] = ("overall_f1", "overall_precision", "overall_recall", "overall_accuracy")
     train_defaults: ClassVar[dict] = {"epochs": 2.0, "batch_size": 32, "learning_rate": 1e-4, "warmup_ratio": 0.1}
@@ -68,7 +43,7 @@ class TokenClassification(Recipe):
     `benchmarks/ner_quality.py` measures: a small model's learning rate and two passes over the data, which
     leave margin on both the F1 and the time."""
 
-    def prepare(self, dataset, src: str, options: Columns, label_names):
+    def prepare(self, dataset, src: str, options: TokenClassificationColumns, label_names):
         """`tokens` (lists of strings) and `tags` (lists of `ClassLabel` ids). The tag names: `label_names`
         (an eval set takes its training set's), else the source's `ClassLabel` names, else its sorted
         distinct tags with `O` first."""
@@ -82,7 +57,7 @@ class TokenClassification(Recipe):
                                       "tags": datasets.Sequence(datasets.ClassLabel(names=list(names)))})
         return datasets.Dataset(pa.table({"tokens": tokens, "tags": tags})).cast(features), names
 
-    def tokenize(self, dataset, tokenizer, options: Columns, max_length: int, split: str):
+    def tokenize(self, dataset, tokenizer, options: TokenClassificationColumns, max_length: int, split: str):
         """The words as pre-split input, truncated to `max_length`, each word's tag on its first sub-token."""
 
         def encode(batch):
@@ -158,11 +133,6 @@ class TokenClassification(Recipe):
             return "it tags no entity in the eval set (a degenerate model)"
         return None
 
-    def detail_artifacts(self, details, label_names):
-        table = [{"entity type": name, **{m: round(v[m], 4) for m in ("precision", "recall", "f1")},
-                  "number": v["number"]} for name, v in sorted(details["per_type"].items())]
-        return {"per-type": ("table", table)}
-
     def card_text(self, label_names):
         types = sorted({t.split("-", 1)[1] for t in label_names if t != "O"})
         return {"summary": "A token classifier (named-entity tagger)",
@@ -212,7 +182,7 @@ def _word_lists(table: pa.Table, src: str, column: str) -> pa.ListArray:
     return pc.cast(words, pa.list_(pa.string()))
 
 
-def _tag_ids(table: pa.Table, features, src: str, options: Columns, words: pa.ListArray, label_names):
+def _tag_ids(table: pa.Table, features, src: str, options: TokenClassificationColumns, words: pa.ListArray, label_names):
     """The tags as lists of ids into the tag names, and those names."""
     column = options.tags_column
     tags = _list_column(table, src, column, "tags")

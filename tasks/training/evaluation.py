@@ -9,7 +9,8 @@ from hfbatch.tasks.core.fingerprint import digest
 from hfbatch.tasks.metrics import compute_custom, module_fingerprint
 from hfbatch.tasks.core.models import load_tokenizer, pick_device
 from hfbatch.tasks.core.monitoring import figures
-from hfbatch.tasks.recipes import Options, Recipe
+from hfbatch.tasks.core.options import Options
+from hfbatch.tasks.recipes import Recipe
 from hfbatch.tasks.core.refs import DatasetRef, EvalResult, ModelRef
 from hfbatch.tasks.core.settings import Settings
 from hfbatch.tasks.core.store import Store

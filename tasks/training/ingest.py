@@ -8,7 +8,8 @@ import numpy as np
 from hfbatch.tasks.core import sources
 from hfbatch.tasks.core.errors import DataError
 from hfbatch.tasks.core.fingerprint import digest
-from hfbatch.tasks.recipes import Options, Recipe
+from hfbatch.tasks.core.options import Options
+from hfbatch.tasks.recipes import Recipe
 from hfbatch.tasks.core.refs import DatasetRef
 from hfbatch.tasks.core.settings import Settings
 from hfbatch.tasks.core.store import Store
@@ -29,7 +30,6 @@ def ingest(src: str, store: Store, recipe: Recipe, options: Options, settings: S
     `label_names` fixes the label set (an eval set must use its training set's). Idempotent: an already
     committed ingest of the same content and mapping is returned without reading the source.
     """
-    recipe.check_trainable()
     fs_options = settings.storage_options(src)
     source = sources.parse_source(src, fs_options)
     fp = source_fingerprint or sources.fingerprint(source, fs_options)
@@ -44,18 +44,19 @@ def ingest(src: str, store: Store, recipe: Recipe, options: Options, settings: S
     return store.memoize(key, DatasetRef, produce)
 
 
-def check_columns(src: str, recipe: Recipe, options: Options, settings: Settings) -> None:
-    """Before any work: `src` exists and (where that is cheap to see) has the columns `options` name."""
+def plan_source(src: str, options: Options, settings: Settings) -> str:
+    """Before any work: `src` exists and (where that is cheap to see) has the columns `options` name;
+    returns its content fingerprint (file bytes, S3 ETags or hub revision), the ingest task's key, so
+    an unchanged source is never read again."""
     fs_options = settings.storage_options(src)
-    columns = sources.peek_columns(sources.parse_source(src, fs_options), fs_options)
-    if columns is None:
-        return
-    missing = {field: column for field, column in options.columns().items()
-               if column is not None and column not in columns}
+    source = sources.parse_source(src, fs_options)
+    columns = sources.peek_columns(source, fs_options)
+    missing = {field: column for field, column in options.columns().items() if column not in (columns or [column])}
     if missing:
         field, column = next(iter(missing.items()))
         raise DataError(f"data source {src!r} has no column {column!r} (--{field.replace('_', '-')}); "
                         f"its columns are {columns}")
+    return sources.fingerprint(source, fs_options)
 
 
 def _check_stratifiable(ds, column: str, data: DatasetRef, fraction: float) -> None:

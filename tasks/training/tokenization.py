@@ -7,7 +7,8 @@ from pathlib import Path
 from hfbatch.tasks.core.errors import ConfigError
 from hfbatch.tasks.core.fingerprint import digest
 from hfbatch.tasks.core.models import load_tokenizer
-from hfbatch.tasks.recipes import Options, Recipe
+from hfbatch.tasks.core.options import Options
+from hfbatch.tasks.recipes import Recipe
 from hfbatch.tasks.core.refs import DatasetRef, ModelRef
 from hfbatch.tasks.core.settings import Settings
 from hfbatch.tasks.core.store import Store

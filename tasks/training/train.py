@@ -12,7 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from hfbatch.tasks.core.card import write_model_card
 from hfbatch.tasks.core.fingerprint import digest
 from hfbatch.tasks.core.models import load_tokenizer, pick_device
-from hfbatch.tasks.recipes import Options, Recipe, get_recipe
+from hfbatch.tasks.core.options import Options
+from hfbatch.tasks.recipes import Recipe, get_recipe
 from hfbatch.tasks.core.refs import DatasetRef, ModelRef, TrainedModel
 from hfbatch.tasks.core.settings import Settings
 from hfbatch.tasks.core.store import Store
@@ -29,7 +30,7 @@ class TrainConfig(BaseModel):
     """Training hyperparameters (all part of the run's cache key). Those left None take the task's
     defaults (`Recipe.train_defaults`, then `DEFAULTS`): `resolved`."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     epochs: float | None = Field(None, gt=0, description="training epochs, a fraction trains part of one "
                                  "(default: the task's)")

@@ -16,7 +16,7 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from hfbatch.flows import cli
+from hfbatch.flows import commands
 from hfbatch.flows.cli import main
 
 
@@ -83,12 +83,12 @@ CASES = [  # (id, argv, message, stage: "cli" = refused before any flow starts, 
     ("unknown task input", infer("--columns", "question=text"), r"has inputs \['text'\]", "cli"),
     ("unknown task", infer(task="image-segmentation"), "invalid choice: 'image-segmentation'", "cli"),
     ("bad precision", infer("--precision", "int4"), "invalid choice: 'int4'", "cli"),
-    ("zero batch tokens", infer("--batch-tokens", "0"), "batch_tokens: Input should be greater than or equal to 1", "cli"),
-    ("zero shard rows", infer("--shard-rows", "0"), "shard_rows: Input should be greater than or equal to 1", "cli"),
+    ("zero batch tokens", infer("--batch-tokens", "0"), r"--batch-tokens: Input should be greater than or equal to 1 \(got 0\)", "cli"),
+    ("zero shard rows", infer("--shard-rows", "0"), "--shard-rows: Input should be greater than or equal to 1", "cli"),
     ("non-numeric shard rows", infer("--shard-rows", "many"), "invalid int value: 'many'", "cli"),
-    ("zero-shot without labels", infer(task="zero-shot-classification"), "needs candidate_labels", "cli"),
+    ("zero-shot without labels", infer(task="zero-shot-classification"), "--candidate-labels is required", "cli"),
     ("output placeholder", infer(output="{root}/out-{{day}}"), r"only \{date\} and \{model_version\}", "cli"),
-    ("dask address without dask", infer("--dask-address", "tcp://127.0.0.1:8786"), "needs task_runner='dask'", "cli"),
+    ("dask address without dask", infer("--dask-address", "tcp://127.0.0.1:8786"), "needs --task-runner dask", "cli"),
     ("missing model directory", infer(model="{root}/no-such-model"), "does not exist", "cli"),
     ("model without weights", infer(model="{root}/no-weights"), "has no weights", "cli"),
     ("pickle weights", infer(model="{root}/pickled"), "HFBATCH_ALLOW_PICKLE_WEIGHTS=1", "cli"),
@@ -100,8 +100,8 @@ CASES = [  # (id, argv, message, stage: "cli" = refused before any flow starts, 
     ("output not ours", infer(output="{root}/foreign"), "holds files hfbatch did not write", "cli"),
     ("null row", infer(input="{root}/null-row.parquet"), r"null-row\.parquet.*row group 2, row 3 .*null 'text'", "flow"),
     ("missing label column", train("--label-column", "stars"), r"has no column 'stars' \(--label-column\)", "cli"),
-    ("learning rate", train("--learning-rate", "5"), "learning_rate: Input should be less than 1", "cli"),
-    ("eval fraction", train("--eval-fraction", "1.5"), "eval_fraction: Input should be less than 1", "cli"),
+    ("learning rate", train("--learning-rate", "5"), "--learning-rate: Input should be less than 1", "cli"),
+    ("eval fraction", train("--eval-fraction", "1.5"), "--eval-fraction: Input should be less than 1", "cli"),
     ("invalid name", train(name="../etc"), "invalid model name", "cli"),
     ("unknown metric", train("--metric", "bleu"), r"unknown metric\(s\) \['bleu'\]", "cli"),
     ("missing metric module", train("--metric-module", "{root}/nothere.py"), "metric module .* does not exist", "cli"),
@@ -120,7 +120,7 @@ CASES = [  # (id, argv, message, stage: "cli" = refused before any flow starts, 
     ("serve bad train param", ["serve", "--name", "n", "--model", M, "--watch", "{root}", "--input", I, "--output", O,
                                "--train-param", "epochs"], "takes KEY=VALUE", "cli"),
     ("serve unknown train param", ["serve", "--name", "n", "--model", M, "--watch", "{root}", "--input", I,
-                                   "--output", O, "--train-param", "epoch=2"], r"has no parameter\(s\) \['epoch'\]", "cli"),
+                                   "--output", O, "--train-param", "epoch=2"], "no such option: --epoch", "cli"),
 ]
 
 
@@ -132,7 +132,7 @@ def test_bad_input_is_one_clear_message(prefect_harness, world, capfd, monkeypat
     argv = [a.format(model=world["model"], root=root) for a in argv]
     before = {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
     if stage == "cli":  # answered before any flow run (and so before a temporary Prefect server) starts
-        monkeypatch.setattr(cli, "flows", lambda real=cli.flows: {k: _no_run(f) for k, f in real().items()})
+        monkeypatch.setattr(commands, "flows", lambda real=commands.flows: {k: _no_run(f) for k, f in real().items()})
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     # serve needs a Prefect server: none for the case that says so, else one never reached (refused before)

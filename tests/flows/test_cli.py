@@ -23,7 +23,7 @@ def test_invalid_hyperparameter_is_refused_before_any_work(prefect_harness, mini
     code = main(["train", "--dataset", str(tmp_path / "never-read.parquet"), "--model", minilm, "--name", "m",
                  "--learning-rate", "5", "--store", str(store)])
     assert code == 2
-    assert "learning_rate: Input should be less than 1" in capsys.readouterr().err
+    assert "--learning-rate: Input should be less than 1 (got 5.0)" in capsys.readouterr().err
     assert not store.exists()
 
 

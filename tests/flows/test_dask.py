@@ -22,7 +22,7 @@ from hfbatch.flows.cli import main
 from prefect.exceptions import ParameterTypeError
 
 from tests.conftest import free_port
-from tests.helpers import start_process, stop_process
+from tests.helpers import call_flow, start_process, stop_process
 
 BIN = Path(sys.executable).parent
 PARAMS = dict(task="text-classification", shard_rows=40, batch_tokens=2048)
@@ -55,7 +55,7 @@ def _gone(pids, timeout: float = 15.0) -> bool:
 def threads_run(prefect_harness, classifier, reviews, tmp_path_factory) -> tuple[dict, Path]:
     """The thread runner's summary and output: what every Dask run must give."""
     out = tmp_path_factory.mktemp("threads") / "out"
-    return inference.batch_inference(model=classifier, input=str(reviews), output=str(out), **PARAMS), out
+    return call_flow(inference.batch_inference, model=classifier, input=str(reviews), output=str(out), **PARAMS), out
 
 
 @pytest.mark.slow
@@ -78,7 +78,7 @@ def test_dask_local_cluster_gives_the_thread_runners_output(prefect_harness, cla
     monkeypatch.setattr(inference, "shard_runner", spy)
     params = dict(model=classifier, input=str(reviews), **PARAMS)
     threads, threads_out = threads_run
-    dask = inference.batch_inference(output=str(tmp_path / "dask"), task_runner="dask", **params)
+    dask = call_flow(inference.batch_inference, output=str(tmp_path / "dask"), task_runner="dask", **params)
 
     # it really ran on a 2-worker LocalCluster, whose torch threads share the cores, and it is closed
     assert len(seen["pids"]) == 2 and os.getpid() not in seen["pids"].values()
@@ -107,7 +107,7 @@ def test_dask_local_cluster_gives_the_thread_runners_output(prefect_harness, cla
     before = torch.get_num_threads()
     torch.set_num_threads(worker_threads)
     try:
-        inference.batch_inference(output=str(tmp_path / "threads-same"), **params)
+        call_flow(inference.batch_inference, output=str(tmp_path / "threads-same"), **params)
     finally:
         torch.set_num_threads(before)
     assert pq.read_table(tmp_path / "threads-same").equals(b)
@@ -213,9 +213,9 @@ def test_unknown_task_runner_is_a_config_error(prefect_harness, tmp_path, capsys
                  "--input", str(tmp_path / "never-read.parquet"), "--output", str(tmp_path / "out"),
                  "--dask-address", "tcp://127.0.0.1:8786"])
     assert code == 2
-    assert "needs task_runner='dask'" in capsys.readouterr().err
+    assert "needs --task-runner dask" in capsys.readouterr().err
     with pytest.raises(ParameterTypeError, match="task_runner: Input should be 'threads' or 'dask'"):
-        inference.batch_inference(model=str(tmp_path / "m"), task="text-classification",
+        call_flow(inference.batch_inference, model=str(tmp_path / "m"), task="text-classification",
                                   input=str(tmp_path / "never-read.parquet"), output=str(tmp_path / "out"),
                                   task_runner="Dask")
     assert not (tmp_path / "out").exists()

@@ -8,6 +8,8 @@ import pytest
 from hfbatch.flows.training import train_flow
 from hfbatch.tasks.core.errors import ConfigError
 
+from tests.helpers import call_flow
+
 pytestmark = pytest.mark.slow
 
 
@@ -16,7 +18,7 @@ def test_two_processes_train_and_register_one_model(prefect_harness, minilm, dat
     pq.write_table(sst2.slice(0, 600), tmp_path / "train.parquet")
     pq.write_table(sst2.slice(60000, 100), tmp_path / "eval.parquet")
     store = tmp_path / "store"
-    result = train_flow(dataset=str(tmp_path / "train.parquet"), eval_dataset=str(tmp_path / "eval.parquet"),
+    result = call_flow(train_flow, dataset=str(tmp_path / "train.parquet"), eval_dataset=str(tmp_path / "eval.parquet"),
                         model=minilm, name="ddp", max_train_samples=512, batch_size=16, learning_rate=3e-4,
                         max_length=32, save_steps=8, nproc_per_node=2, store=str(store))
 
@@ -37,4 +39,4 @@ def test_two_processes_train_and_register_one_model(prefect_harness, minilm, dat
 def test_the_flow_refuses_to_run_once_per_torchrun_process(prefect_harness, monkeypatch, tmp_path):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match="not under torchrun: --nproc-per-node N"):
-        train_flow(dataset=str(tmp_path / "never-read.parquet"), model=str(tmp_path / "m"), name="ddp")
+        call_flow(train_flow, dataset=str(tmp_path / "never-read.parquet"), model=str(tmp_path / "m"), name="ddp")

@@ -1,16 +1,23 @@
-"""Parameters are defined once: the flows' signatures come from the parameter models, and the command
-line, the Prefect parameter schema, the deployments and the README's command table agree with them."""
+"""Parameters are defined once, in the flows' typed signatures: the command line, the Prefect parameter
+schema, the deployments and the README's command table agree with them, and each task's options are its
+own namespace."""
 import argparse
 import inspect
+import subprocess
+import sys
 import typing
 from pathlib import Path
 
 import pytest
 import yaml
 from hfbatch.flows import cli, reference
-from hfbatch.flows.params import check_parameters
+from hfbatch.flows.commands import flows
+from hfbatch.flows.params import InferOptions, TrainOptions, check_parameters, flow_options, flow_values
 from hfbatch.tasks.core.errors import ConfigError
+from hfbatch.tasks.core.options import param_name
+from hfbatch.tasks.predictors import predictor_classes
 from hfbatch.tasks.recipes import all_recipes
+from hfbatch.tasks.training.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -21,39 +28,47 @@ def _options(command: str) -> dict[str, argparse.Action]:
 
 
 @pytest.mark.parametrize("command", ["train", "evaluate", "infer"])
-def test_every_flow_parameter_is_a_cli_option_with_the_same_default(command):
-    flow = cli.flows()[command]
+def test_flows_have_ordinary_typed_signatures_that_make_the_cli(command):
+    """Every flat parameter of the flow is an option of the same name, type and choices; the models
+    (`training`, `options`) are expanded into their fields' options; the Prefect schema describes each."""
+    flow = flows()[command]
+    assert not hasattr(flow.fn, "__signature__")  # written out, not grafted on
+    hints = typing.get_type_hints(flow.fn, include_extras=True)
     options = _options(command)
-    signature = inspect.signature(flow.fn).parameters
-    assert signature and set(signature) <= set(options)
-    for name, param in signature.items():
+    for name, param in inspect.signature(flow.fn).parameters.items():
+        assert flow.parameters.properties[name].get("description"), name
+        if name in ("training", "options"):
+            assert name not in options
+            continue
         action = options[name]
         assert action.option_strings[0] == f"--{name.replace('_', '-')}"
-        if param.default is inspect.Parameter.empty:
-            assert action.required, name
-        else:
-            assert action.default == param.default and not action.required, name
-        literal = [a for a in typing.get_args(param.annotation) if typing.get_origin(a) is typing.Literal]
-        if typing.get_origin(param.annotation) is typing.Literal or literal:
-            allowed = typing.get_args(param.annotation if not literal else literal[0])
-            assert tuple(action.choices) == allowed, name
-        schema = flow.parameters.properties[name]
-        assert schema.get("description"), f"{name} has no description in the Prefect parameter schema"
+        assert action.required == (param.default is inspect.Parameter.empty), name
+        if not action.required:
+            assert action.shown_default == param.default, name
+        kind, choices = cli._kind(hints[name])
+        assert action.choices == (choices if kind == "choice" else None), name
+    if command == "train":
+        assert set(TrainConfig.model_fields) <= set(options)
 
 
-def test_recipe_options_become_flow_parameters():
-    """A recipe's options reach the flows and the CLI without a word elsewhere: every recipe's fields
-    are parameters of the flows that use them."""
-    train = inspect.signature(cli.flows()["train"].fn).parameters
-    infer = inspect.signature(cli.flows()["infer"].fn).parameters
-    for recipe in all_recipes().values():
-        assert set(recipe.infer_options.model_fields) <= set(infer), recipe.task
-        if recipe.trainable:
-            assert set(recipe.train_options.model_fields) <= set(train), recipe.task
-    assert {"text_column", "label_column"} <= set(train) and {"candidate_labels", "top_k"} <= set(infer)
+def test_each_task_brings_its_options_in_its_own_namespace():
+    """A recipe's or predictor's options reach the flows and the CLI without a word elsewhere; the same
+    name means what each task says (`--top-k`), and an option of another task is refused by name."""
+    for task, recipe in all_recipes().items():
+        if recipe.options_class.model_fields:
+            assert TrainOptions.model_fields[param_name(task)].annotation == recipe.options_class | None
+    for task, cls in predictor_classes().items():
+        if cls.options_class.model_fields:
+            assert InferOptions.model_fields[param_name(task)].annotation == cls.options_class | None
+    top_k = next(o for o in flow_options(flows()["infer"]) if o.dest == "top_k")
+    assert {"fill-mask", "text-generation", "translation"} <= set(top_k.paths)
+    assert "fill-mask: tokens to return per row (default: 5)" in top_k.help and "sampling: keep the K" in top_k.help
     assert _options("infer")["candidate_labels"].option_strings == ["--candidate-labels", "--labels"]
-    train_tasks = _options("train")["task"].choices
-    assert set(train_tasks) == {t for t, r in all_recipes().items() if r.trainable}
+    assert flow_values(flows()["train"], {"dataset": "d", "doc_stride": 64, "epochs": 2.0}, "question-answering") == \
+        {"dataset": "d", "options": {"question_answering": {"doc_stride": 64}}, "training": {"epochs": 2.0}}
+    with pytest.raises(ConfigError, match="--doc-stride is an option of question-answering, not of text-classification"):
+        flow_values(flows()["train"], {"doc_stride": 64}, "text-classification")
+    assert set(_options("train")["task"].choices) == {*all_recipes(), "ner", "sentiment-analysis"}
 
 
 def test_cli_values_reach_the_flow_typed():
@@ -62,10 +77,24 @@ def test_cli_values_reach_the_flow_typed():
                                           "--labels", "a,b"])
     assert (args.columns, args.keep_columns, args.multi_label, args.candidate_labels) == \
         ({"question": "q", "context": "c"}, ("id", "day"), True, ("a", "b"))
-    with pytest.raises(ConfigError, match="learning_rate: Input should be less than 1"):
-        check_parameters(cli.flows()["train"], {"dataset": "d", "model": "m", "name": "n", "learning_rate": 5})
-    with pytest.raises(ConfigError, match="has no parameter"):
-        check_parameters(cli.flows()["infer"], {"model": "m", "input": "i", "output": "o", "no_such": 1})
+    assert not hasattr(args, "text_column")  # not given: the flow's default applies
+    with pytest.raises(ConfigError, match=r"--learning-rate: Input should be less than 1 \(got 5\)"):
+        check_parameters(flows()["train"], {"dataset": "d", "model": "m", "name": "n", "training": {"learning_rate": 5}})
+    with pytest.raises(ConfigError, match="--no-such: no such option"):
+        check_parameters(flows()["infer"], {"model": "m", "input": "i", "output": "o", "no_such": 1})
+
+
+def test_parsing_and_checking_a_command_line_imports_neither_torch_nor_transformers():
+    code = ("import sys; from hfbatch.flows import cli; from hfbatch.flows.commands import flows; "
+            "from hfbatch.flows.params import flow_values, parameter_model; "
+            "a = cli.build_parser().parse_args(['infer', '--model', 'm', '--input', 'i', '--output', 'o', '--top-k', '3',"
+            " '--task', 'fill-mask']); "
+            "v = flow_values(flows()['infer'], {k: x for k, x in vars(a).items() if k not in ('command', 'json', 'debug')},"
+            " 'fill-mask'); parameter_model(flows()['infer']).model_validate(v); "
+            "print([m for m in ('torch', 'transformers', 'datasets', 'evaluate') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
 
 
 def test_deployment_parameters_are_flow_parameters():

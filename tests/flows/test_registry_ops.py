@@ -22,7 +22,7 @@ from hfbatch.tasks.core.registry import Registry
 from hfbatch.tasks.core.settings import Settings
 from hfbatch.tasks.core.store import Store
 
-from tests.helpers import tiny
+from tests.helpers import call_flow, tiny
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +106,7 @@ def test_promote_rollback_aliases_history_and_next_inference(prefect_harness, ti
     # the next batch-inference run takes the new champion by the name alone
     data = tmp_path / "in.parquet"
     pq.write_table(pq.read_table(data_dir / "sst2" / "train.parquet").slice(0, 16), data)
-    result = batch_inference(model=name, task="text-classification", input=str(data),
+    result = call_flow(batch_inference, model=name, task="text-classification", input=str(data),
                              output=str(tmp_path / "out-{model_version}"), store=store.url)
     assert (result["model_version"], result["rows_out"]) == ("2", 16)
 

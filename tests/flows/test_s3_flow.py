@@ -3,7 +3,7 @@ import pytest
 import s3fs
 from hfbatch.flows.training import train_flow
 
-from tests.helpers import task_states
+from tests.helpers import call_flow, task_states
 
 pytestmark = pytest.mark.slow
 
@@ -17,7 +17,7 @@ def test_train_flow_on_s3_store(prefect_harness, s3, sst2_split, minilm, tmp_pat
     params = dict(dataset="s3://hfbatch/data/train.parquet", eval_dataset="s3://hfbatch/data/eval.parquet",
                   model=minilm, name="sst2-s3", max_train_samples=128, batch_size=16, max_length=32,
                   save_steps=4, store="s3://hfbatch/store")
-    state = train_flow(**params, return_state=True)
+    state = call_flow(train_flow, **params, return_state=True)
     result = state.result()
     assert (result["version"], result["promoted"], result["global_step"]) == ("1", True, 8)
     assert result["uri"].startswith("s3://hfbatch/store/models/sst2-s3/1")
@@ -30,7 +30,7 @@ def test_train_flow_on_s3_store(prefect_harness, s3, sst2_split, minilm, tmp_pat
     assert any(k.startswith("hfbatch/store/prefect-results/") for k in keys)
     assert any(k.endswith("/confusion_matrix.json") for k in keys)
 
-    again = train_flow(**params, return_state=True)
+    again = call_flow(train_flow, **params, return_state=True)
     states = task_states(again.state_details.flow_run_id)
     assert all(set(v) == {"Cached"} for v in states.values()), states
     assert again.result() == result

@@ -14,6 +14,8 @@ from hfbatch.tasks.core.registry import Registry
 from hfbatch.tasks.core.settings import Settings
 from hfbatch.tasks.core.store import Store
 
+from tests.helpers import call_flow
+
 
 @pytest.fixture(scope="module")
 def tiny_classifier(minilm, tmp_path_factory) -> str:
@@ -61,7 +63,7 @@ def test_status_shows_champion_trend_and_last_runs(prefect_harness, tiny_classif
     pq.write_table(pq.read_table(data_dir / "sst2" / "train.parquet").slice(0, 24), data)
     runs = []
     for _ in range(2):  # the second run into the same output skips every shard
-        state = batch_inference(model="sst2", task="text-classification", input=str(data),
+        state = call_flow(batch_inference, model="sst2", task="text-classification", input=str(data),
                                 output=str(tmp_path / "out"), store=store.url, shard_rows=10, return_state=True)
         runs.append((str(state.state_details.flow_run_id), state.result()))
     assert runs[0][1]["rows"] == 24 and runs[0][1]["model_version"] == "3"

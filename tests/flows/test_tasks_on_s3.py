@@ -6,7 +6,7 @@ import pytest
 import s3fs
 from hfbatch.flows.inference import batch_inference
 
-from tests.helpers import tiny_qa
+from tests.helpers import call_flow, tiny_qa
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +29,8 @@ def test_task_on_s3_equals_local_and_reruns_nothing(prefect_harness, s3, task, t
     fs.put(str(tmp_path / "input" / "part-0.parquet"), f"hfbatch/{task}/input/part-0.parquet")
     params = dict(model=model, task=task, columns=columns, shard_rows=20)
 
-    remote = batch_inference(input=f"s3://hfbatch/{task}/input/", output=f"s3://hfbatch/{task}/out", **params)
-    batch_inference(input=str(tmp_path / "input"), output=str(tmp_path / "out"), **params)
+    remote = call_flow(batch_inference, input=f"s3://hfbatch/{task}/input/", output=f"s3://hfbatch/{task}/out", **params)
+    call_flow(batch_inference, input=str(tmp_path / "input"), output=str(tmp_path / "out"), **params)
     assert (remote["rows"], remote["rows_out"], remote["shards"], remote["shards_skipped"]) == (60, 60, 3, 0)
 
     a = pq.read_table(f"hfbatch/{task}/out", filesystem=fs).drop_columns(["model"])
@@ -46,5 +46,5 @@ def test_task_on_s3_equals_local_and_reruns_nothing(prefect_harness, s3, task, t
     manifest = fs.cat_file(f"hfbatch/{task}/out/_manifest.json")
     assert b'"rows_out": 60' in manifest and b'"figures"' in manifest
 
-    rerun = batch_inference(input=f"s3://hfbatch/{task}/input/", output=f"s3://hfbatch/{task}/out", **params)
+    rerun = call_flow(batch_inference, input=f"s3://hfbatch/{task}/input/", output=f"s3://hfbatch/{task}/out", **params)
     assert (rerun["rows_out"], rerun["shards_skipped"]) == (60, 3)

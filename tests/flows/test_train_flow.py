@@ -7,7 +7,7 @@ import time
 import pytest
 from hfbatch.flows.training import train_flow
 
-from tests.helpers import artifact_keys, task_states
+from tests.helpers import call_flow, artifact_keys, task_states
 
 pytestmark = pytest.mark.slow
 
@@ -19,7 +19,7 @@ def cold_run(prefect_harness, sst2_split, minilm, tmp_path_factory):
     params = dict(dataset=str(train), eval_dataset=str(evald), model=minilm, name="sst2",
                   max_train_samples=3000, learning_rate=1e-4, max_length=64, save_steps=500, store=store)
     start = time.perf_counter()
-    state = train_flow(**params, return_state=True)
+    state = call_flow(train_flow, **params, return_state=True)
     return params, state, time.perf_counter() - start
 
 
@@ -51,7 +51,7 @@ def test_cold_run_fine_tunes_beyond_chance_and_registers_champion(cold_run, tmp_
 def test_unchanged_rerun_is_all_cache_hits(cold_run):
     params, cold_state, cold_seconds = cold_run
     start = time.perf_counter()
-    state = train_flow(**params, return_state=True)
+    state = call_flow(train_flow, **params, return_state=True)
     warm_seconds = time.perf_counter() - start
     states = task_states(state.state_details.flow_run_id)
     assert all(set(v) == {"Cached"} for v in states.values()), states
@@ -62,7 +62,7 @@ def test_unchanged_rerun_is_all_cache_hits(cold_run):
 
 def test_changed_hyperparameter_reuses_ingest_and_tokenize_and_gate_applies(cold_run):
     params, cold_state, _ = cold_run
-    state = train_flow(**{**params, "max_train_samples": 64, "learning_rate": 1e-5}, return_state=True)
+    state = call_flow(train_flow, **{**params, "max_train_samples": 64, "learning_rate": 1e-5}, return_state=True)
     states = task_states(state.state_details.flow_run_id)
     assert states["ingest"] == ["Cached", "Cached"] and states["tokenize"] == ["Cached", "Cached"]
     assert states["train"] == ["Completed"] and states["register"] == ["Completed"]
@@ -133,10 +133,10 @@ def test_batch_inference_is_compared_with_the_versions_evaluation(cold_run, sst2
     broken = rows.set_column(rows.column_names.index("text"), "text",
                              pa.array(["the service was down, please retry later"] * rows.num_rows))
     pq.write_table(broken, tmp_path / "broken.parquet")
-    same = batch_inference(model="sst2", input=str(tmp_path / "same.parquet"), output=str(tmp_path / "out-same"),
+    same = call_flow(batch_inference, model="sst2", input=str(tmp_path / "same.parquet"), output=str(tmp_path / "out-same"),
                            store=params["store"])
     assert same["drifted"] == [] and same["max_psi"] < 0.2
-    bad = batch_inference(model="sst2", input=str(tmp_path / "broken.parquet"), output=str(tmp_path / "out-bad"),
+    bad = call_flow(batch_inference, model="sst2", input=str(tmp_path / "broken.parquet"), output=str(tmp_path / "out-bad"),
                           store=params["store"])
     assert "label" in bad["drifted"] and bad["max_psi"] > 1.0
 

@@ -223,7 +223,7 @@ def test_dashboard_with_versions_whose_metrics_differ(prefect_harness):
 def test_dashboard_chart_is_drawn_once_per_set_of_versions(prefect_harness, tmp_path, monkeypatch):
     """With the registry's store, a republished dashboard whose versions did not change (an inference run
     adds a run, not a version) reuses the chart it drew; a new version or metric draws a new one."""
-    from hfbatch.tasks import plots
+    from hfbatch.tasks.core import plots
 
     name, store = f"dash-{uuid.uuid4().hex[:8]}", Store(str(tmp_path / "store"))
     index = {"name": name, "champion": "1", "history": [], "versions": [

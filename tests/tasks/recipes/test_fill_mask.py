@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from hfbatch.tasks.predictors import get_predictor_class
 from hfbatch.tasks.recipes import get_recipe
 
 from tests.helpers import resolve_model, run_local
@@ -20,7 +21,7 @@ def test_fill_mask_matches_pipeline_and_quarantines_rows_without_mask(tiny_model
     pq.write_table(pa.table({"text": texts}), path)
     model = tiny_models["fill-mask"]
     manifest = run_local("fill-mask", resolve_model(model), str(path), str(tmp_path / "out"),
-                         on_bad_row="quarantine", options=get_recipe("fill-mask").infer_options(top_k=3))
+                         on_bad_row="quarantine", options=get_predictor_class("fill-mask").options_class(top_k=3))
     assert (manifest["rows_out"], manifest["quarantined"]) == (59, 1)
     quarantine = pq.read_table(tmp_path / "out" / "_quarantine")
     assert quarantine.column("reason").to_pylist() == ["expected exactly one mask token [MASK], found 0"]
@@ -36,7 +37,7 @@ def test_fill_mask_matches_pipeline_and_quarantines_rows_without_mask(tiny_model
     one = tmp_path / "one.parquet"
     pq.write_table(pa.table({"text": texts[:1]}), one)
     run_local("fill-mask", resolve_model(model), str(one), str(tmp_path / "one"),
-              options=get_recipe("fill-mask").infer_options(top_k=3))
+              options=get_predictor_class("fill-mask").options_class(top_k=3))
     single = pq.read_table(tmp_path / "one").column("predictions").to_pylist()[0]
     assert [(x["token"], x["token_str"], x["sequence"]) for x in single] == \
            [(x["token"], x["token_str"], x["sequence"]) for x in pipe(texts[0])]
@@ -53,9 +54,8 @@ def test_top_k_defaults_to_five_and_zero_is_refused(tiny_models, data_dir, tmp_p
     path = tmp_path / "masked.parquet"
     pq.write_table(pa.table({"text": [" ".join(w[:1] + ["[MASK]"] + w[2:]) for w in words]}), path)
     model = resolve_model(tiny_models["fill-mask"])
-    assert get_recipe("fill-mask").infer_options().top_k is None
+    assert get_predictor_class("fill-mask").options_class().top_k == 5
     run_local("fill-mask", model, str(path), str(tmp_path / "out"))
     assert [len(p) for p in pq.read_table(tmp_path / "out").column("predictions").to_pylist()] == [5] * 6
-    with pytest.raises(ConfigError, match="top_k must be at least 1"):
-        run_local("fill-mask", model, str(path), str(tmp_path / "zero"),
-                  options=get_recipe("fill-mask").infer_options(top_k=0))
+    with pytest.raises(ConfigError, match="--top-k: Input should be greater than or equal to 1"):
+        run_local("fill-mask", model, str(path), str(tmp_path / "zero"), top_k=0)

@@ -16,7 +16,7 @@ from hfbatch.tasks.core.errors import ConfigError, DataError
 from hfbatch.tasks.metrics import compute
 from hfbatch.tasks.recipes import get_recipe
 
-from tests.helpers import SETTINGS, tiny_qa
+from tests.helpers import call_flow, SETTINGS, tiny_qa
 
 QA = get_recipe("question-answering")
 LONG_CONTEXTS = [4142, 4180, 4203, 4260, 4265, 4279, 4297, 4301, 4850, 6373]
@@ -35,7 +35,7 @@ def squad_rows(data_dir: Path) -> pa.Table:
 
 
 def prepared(table: pa.Table, **options):
-    return QA.prepare(datasets.Dataset(table), "squad.parquet", QA.train_options(**options), None)[0]
+    return QA.prepare(datasets.Dataset(table), "squad.parquet", QA.options_class(**options), None)[0]
 
 
 def tokenizer(minilm):
@@ -90,7 +90,7 @@ def test_train_windows_of_long_contexts_hold_the_answer_or_point_at_cls(data_dir
     tok = tokenizer(minilm)
     tok.padding_side = padding_side
     examples = prepared(squad(data_dir).take(LONG_CONTEXTS + list(range(40))))
-    options = QA.train_options(doc_stride=32)
+    options = QA.options_class(doc_stride=32)
     features = QA.tokenize(examples, tok, options, 96, "train")
     assert features.column_names == ["input_ids", "token_type_ids", "attention_mask", "start_positions",
                                      "end_positions"]
@@ -123,7 +123,7 @@ def test_train_windows_of_long_contexts_hold_the_answer_or_point_at_cls(data_dir
 def test_eval_windows_overlap_by_doc_stride_and_map_back_to_the_context(data_dir, minilm):
     tok = tokenizer(minilm)
     examples = prepared(squad(data_dir).take([LONG_CONTEXTS[0]]))
-    windows = QA.tokenize(examples, tok, QA.train_options(), 384, "eval")
+    windows = QA.tokenize(examples, tok, QA.options_class(), 384, "eval")
     assert windows.column_names == ["input_ids", "token_type_ids", "attention_mask", "example_id", "offset_mapping"]
     assert len(windows) >= 3 and set(windows["example_id"]) == {examples[0]["id"]}
     question_tokens = len(tok(examples[0]["question"])["input_ids"])  # [CLS] question [SEP]
@@ -145,9 +145,9 @@ def test_eval_windows_overlap_by_doc_stride_and_map_back_to_the_context(data_dir
 def test_a_question_too_long_for_the_stride_is_named(data_dir, minilm):
     examples = prepared(squad(data_dir).slice(0, 5))
     with pytest.raises(DataError, match=r"row 0 \(id '56be4db0acb8001400a502ec'\): the question is 11 tokens long"):
-        QA.tokenize(examples, tokenizer(minilm), QA.train_options(doc_stride=50), 64, "train")
+        QA.tokenize(examples, tokenizer(minilm), QA.options_class(doc_stride=50), 64, "train")
     with pytest.raises(ConfigError, match="doc_stride 60 leaves no room"):
-        QA.tokenize(examples, tokenizer(minilm), QA.train_options(doc_stride=60), 64, "eval")
+        QA.tokenize(examples, tokenizer(minilm), QA.options_class(doc_stride=60), 64, "eval")
 
 
 # --- postprocess and metrics ------------------------------------------------------------------------------
@@ -178,7 +178,7 @@ def test_postprocess_takes_the_best_valid_span_over_all_windows():
     answers = [{"text": ["fox jumps over"], "answer_start": [16]}, {"text": ["brown fox"], "answer_start": [10]},
                {"text": ["quick"], "answer_start": [4]}]
     examples = datasets.Dataset.from_dict({"id": ["a", "b", "c"], "context": [context] * 3, "answers": answers})
-    predictions, references = QA.postprocess((start, end), features, examples, None, None, (), QA.train_options())
+    predictions, references = QA.postprocess((start, end), features, examples, None, None, (), QA.options_class())
     assert predictions == [{"id": "a", "prediction_text": "fox jumps over"},
                            {"id": "b", "prediction_text": "fox jumps over"},
                            {"id": "c", "prediction_text": "empty"}]
@@ -223,7 +223,7 @@ def test_short_training_fits_and_its_metrics_are_the_squad_modules(data_dir, min
 
     path = tmp_path / "normans.parquet"
     pq.write_table(squad(data_dir).slice(1057, 64), path)
-    store, options = Store(str(tmp_path / "store")), QA.train_options(doc_stride=64)
+    store, options = Store(str(tmp_path / "store")), QA.options_class(doc_stride=64)
     base = resolve_model(minilm, SETTINGS)
     examples = ingest(str(path), store, QA, options, SETTINGS)
     features = tokenize(examples, base, store, QA, options, SETTINGS, 192, "eval")
@@ -268,7 +268,7 @@ def test_train_flow_registers_a_version_that_batch_inference_runs(prefect_harnes
 
     train_file, eval_file = _split(data_dir, tmp_path, range(1057, 1169), range(1169, 1199))
     store = str(tmp_path / "store")
-    result = train_flow(task="question-answering", dataset=train_file, eval_dataset=eval_file, model=minilm,
+    result = call_flow(train_flow, task="question-answering", dataset=train_file, eval_dataset=eval_file, model=minilm,
                         name="squad-qa", max_train_samples=32, batch_size=16, max_length=128, doc_stride=48,
                         store=store)
     assert (result["task"], result["version"], result["promoted"], result["champion"]) == \
@@ -282,7 +282,7 @@ def test_train_flow_registers_a_version_that_batch_inference_runs(prefect_harnes
     questions = tmp_path / "questions.parquet"
     pq.write_table(rows.select(["id", "question", "context"]), questions)
     out = tmp_path / "answers"
-    summary = batch_inference(model="squad-qa", input=str(questions), output=str(out), store=store)
+    summary = call_flow(batch_inference, model="squad-qa", input=str(questions), output=str(out), store=store)
     assert (summary["rows"], summary["rows_out"], summary["model_version"]) == (30, 30, "1")
     got = pq.read_table(out)
     assert got.column_names == ["id", "row_id", "answer", "score", "start", "end", "model", "model_version"]

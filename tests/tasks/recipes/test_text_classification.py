@@ -11,7 +11,7 @@ import pytest
 from hfbatch.tasks.core.errors import ConfigError
 from hfbatch.tasks.engine.first_token import FirstTokenLayer
 
-from tests.helpers import predictor, resolve_model, run_local, texts_of
+from tests.helpers import call_flow, predictor, resolve_model, run_local, texts_of
 
 
 def test_text_classification_matches_pipeline(prefect_harness, classifier, mixed, tmp_path):
@@ -19,7 +19,7 @@ def test_text_classification_matches_pipeline(prefect_harness, classifier, mixed
     from transformers import pipeline
 
     out = tmp_path / "out"
-    summary = batch_inference(model=classifier, task="sentiment-analysis", input=str(mixed), output=str(out),
+    summary = call_flow(batch_inference, model=classifier, task="sentiment-analysis", input=str(mixed), output=str(out),
                               shard_rows=100, batch_tokens=2048)
     assert (summary["rows"], summary["rows_out"], summary["quarantined"], summary["shards"]) == (230, 230, 0, 3)
     result = pq.read_table(out)
@@ -42,7 +42,7 @@ def test_text_classification_matches_pipeline(prefect_harness, classifier, mixed
 
     # a rerun recomputes nothing: every shard skipped, parts untouched
     stats = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
-    again = batch_inference(model=classifier, task="text-classification", input=str(mixed), output=str(out),
+    again = call_flow(batch_inference, model=classifier, task="text-classification", input=str(mixed), output=str(out),
                             shard_rows=100)
     assert again["shards_skipped"] == again["shards"] == 3
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")} == stats
@@ -75,9 +75,7 @@ def test_int8_text_classification_scores_close_calls_again_in_fp32(classifier, m
     texts = texts_of(mixed)
     want, _ = exact.predict({"text": texts}, 2048)
     got, _ = fast.predict({"text": texts}, 2048)
-    enc = fast.tokenizer(texts, truncation=True, max_length=fast.max_length)
-    lengths = np.array([len(x) for x in enc["input_ids"]])
-    int8 = fast._outputs(fast.model, enc["input_ids"], enc["token_type_ids"], lengths, 2048)
+    int8 = fast._outputs(fast.model, fast.preprocess({"text": texts}), 2048)
     close = fast.close_calls(int8)
     far = np.setdiff1d(np.arange(len(texts)), close)
     assert 10 < len(close) < len(texts) / 2, len(close)
@@ -85,7 +83,7 @@ def test_int8_text_classification_scores_close_calls_again_in_fp32(classifier, m
     exact_scores, exact_labels = want.column("score").to_numpy(), np.array(want.column("label").to_pylist())
     np.testing.assert_allclose(scores[close], exact_scores[close], atol=1e-6)
     assert (labels[close] == exact_labels[close]).all()
-    int8_table = fast._table(int8)
+    int8_table = fast.postprocess(int8, None)
     np.testing.assert_array_equal(scores[far], int8_table.column("score").to_numpy()[far])
     assert not np.allclose(scores[far], exact_scores[far], atol=1e-4)  # int8 did run for these
     int8_labels = np.array(int8_table.column("label").to_pylist())

@@ -4,7 +4,6 @@ shard sizes and budgets give the same samples, so does a run killed and rerun), 
 messages with bad ones quarantined."""
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import signal
@@ -16,11 +15,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from hfbatch.flows import cli
+from hfbatch.flows.commands import flows as cli_flows
+from hfbatch.flows.params import InferOptions, flow_values
 from hfbatch.tasks.core.errors import ConfigError
+from hfbatch.tasks.core.options import validated
+from hfbatch.tasks.predictors import get_predictor_class
+from hfbatch.tasks.predictors import task_names as predictor_task_names
 from hfbatch.tasks.recipes import get_recipe, task_names
 
 from tests.generation_models import decoder_models
-from tests.helpers import predictor, resolve_model, run_local
+from tests.helpers import call_flow, predictor, resolve_model, run_local
 
 SAMPLING = {"max_new_tokens": 10, "do_sample": True, "temperature": 0.8, "top_p": 0.9, "seed": 3}
 
@@ -45,19 +49,29 @@ def prompts(data_dir, tmp_path_factory):
     return path
 
 
-def test_recipe_options_and_cli():
-    recipe = get_recipe("text-generation")
-    assert "text-generation" in task_names() and not recipe.trainable
-    assert "text2text-generation" in task_names() and not get_recipe("text2text-generation").trainable
-    infer = inspect.signature(cli.flows()["infer"].fn).parameters
-    assert {"messages_column", "do_sample", "temperature", "top_p", "top_k", "seed", "max_new_tokens"} <= set(infer)
-    top_k = get_recipe("fill-mask").infer_options.model_fields["top_k"]
-    assert recipe.infer_options.model_fields["top_k"].description == top_k.description and top_k.default is None
+def test_options_and_cli():
+    """Text generation is inference only; its options are its own namespace of the infer flow's `options`,
+    `--top-k` means what each task says (fill-mask: how many tokens; sampling: which ones), and one line
+    names a bad option."""
+    assert "text-generation" in predictor_task_names() and "text-generation" not in task_names()
+    with pytest.raises(ConfigError, match="predicts with text-generation models but does not train them"):
+        get_recipe("text-generation")
+    options = get_predictor_class("text-generation").options_class
+    assert {"messages_column", "do_sample", "temperature", "top_p", "top_k", "seed", "max_new_tokens"} <= \
+        set(options.model_fields)
+    assert InferOptions.model_fields["text_generation"].annotation == options | None
+    fill_mask = get_predictor_class("fill-mask").options_class.model_fields["top_k"]
+    assert options.model_fields["top_k"].description != fill_mask.description and fill_mask.default == 5
     args = cli.build_parser().parse_args(["infer", "--model", "m", "--input", "i", "--output", "o", "--do-sample",
                                           "--temperature", "0.7", "--top-k", "20", "--messages-column", "chat"])
     assert (args.do_sample, args.temperature, args.top_k, args.messages_column) == (True, 0.7, 20, "chat")
-    with pytest.raises(ConfigError, match="top_k must be at least 1"):
-        get_recipe("fill-mask").predictor.check(get_recipe("fill-mask").infer_options(top_k=0))
+    values = flow_values(cli_flows()["infer"], vars(args), "text-generation")
+    assert values["options"] == {"text_generation": {"do_sample": True, "temperature": 0.7, "top_k": 20,
+                                                     "messages_column": "chat"}}
+    with pytest.raises(ConfigError, match="--top-k: Input should be greater than or equal to 1 \\(got 0\\)"):
+        validated(get_predictor_class("fill-mask").options_class, {"top_k": 0})
+    with pytest.raises(ConfigError, match="--do-sample is an option of summarization, text-generation, text2text-generation, translation, not of fill-mask"):
+        flow_values(cli_flows()["infer"], vars(args), "fill-mask")
 
 
 def test_flow_end_to_end_with_sampling_and_rerun(prefect_harness, decoders, prompts, tmp_path):
@@ -67,8 +81,8 @@ def test_flow_end_to_end_with_sampling_and_rerun(prefect_harness, decoders, prom
 
     out = tmp_path / "out"
     args = {"model": decoders["llama"], "task": "text-generation", "input": str(prompts), "output": str(out),
-            "shard_rows": 20, **SAMPLING}
-    summary = batch_inference(**args)
+            "shard_rows": 20, "options": {"text_generation": SAMPLING}}
+    summary = batch_inference(**args)  # the flow's own typed parameters: the task's options in `options`
     assert (summary["rows"], summary["rows_out"], summary["shards"], summary["shards_skipped"]) == (60, 60, 3, 0)
     table = pq.read_table(out)
     assert table.column_names == ["id", "row_id", "generated_text", "input_tokens", "output_tokens", "finish_reason",
@@ -76,12 +90,12 @@ def test_flow_end_to_end_with_sampling_and_rerun(prefect_harness, decoders, prom
     assert table.column("id").to_pylist() == [f"p{i:03d}" for i in range(60)]
     assert set(table.column("finish_reason").to_pylist()) == {"eos", "length"}
     assert all(0 < n <= 10 for n in table.column("output_tokens").to_pylist())
-    again = batch_inference(**args)
+    again = call_flow(batch_inference, **{k: v for k, v in args.items() if k != "options"}, **SAMPLING)  # as the command line gives them
     assert (again["shards"], again["shards_skipped"]) == (3, 3)
 
     model = resolve_model(decoders["llama"])
     other = run_local("text-generation", model, str(prompts), str(tmp_path / "other"), shard_rows=40,
-                      batch_tokens=300, options=get_recipe("text-generation").infer_options(**SAMPLING))
+                      batch_tokens=300, options=get_predictor_class("text-generation").options_class(**SAMPLING))
     assert other["rows_out"] == 60
     assert pq.read_table(tmp_path / "other").column("generated_text").to_pylist() == \
         table.column("generated_text").to_pylist()
@@ -113,7 +127,7 @@ def test_a_killed_run_rerun_gives_the_same_samples(decoders, prompts, tmp_path):
     assert proc.returncode == 0, stderr[-3000:]
     summary = json.loads(stdout[stdout.index("{"):])
     assert summary["shards"] == 12 and summary["shards_skipped"] >= committed
-    options = get_recipe("text-generation").infer_options(max_new_tokens=10, do_sample=True, seed=5)
+    options = get_predictor_class("text-generation").options_class(max_new_tokens=10, do_sample=True, seed=5)
     run_local("text-generation", resolve_model(decoders["gpt2"]), str(prompts), str(tmp_path / "clean"),
               shard_rows=60, options=options)
     assert pq.read_table(out).sort_by("id").column("generated_text").to_pylist() == \
@@ -130,7 +144,7 @@ def test_chats_from_a_messages_column(decoders, prompts, tmp_path):
     path = tmp_path / "chats.parquet"
     pq.write_table(pa.table({"id": list(range(20)), "messages": chats}), path)
     model = resolve_model(decoders["llama"])
-    options = get_recipe("text-generation").infer_options(max_new_tokens=8, messages_column="messages")
+    options = get_predictor_class("text-generation").options_class(max_new_tokens=8, messages_column="messages")
     manifest = run_local("text-generation", model, str(path), str(tmp_path / "out"), options=options,
                          on_bad_row="quarantine")
     assert (manifest["rows_out"], manifest["quarantined"]) == (18, 2)
@@ -147,4 +161,4 @@ def test_chats_from_a_messages_column(decoders, prompts, tmp_path):
 
     with pytest.raises(DataError, match="not a chat"):
         run_local("text-generation", model, str(prompts), str(tmp_path / "bad"),
-                  options=get_recipe("text-generation").infer_options(max_new_tokens=8, messages_column="text"))
+                  options=get_predictor_class("text-generation").options_class(max_new_tokens=8, messages_column="text"))

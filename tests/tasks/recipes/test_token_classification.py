@@ -14,7 +14,7 @@ import pytest
 from hfbatch.tasks.core.errors import DataError
 from hfbatch.tasks.recipes import get_recipe
 
-from tests.helpers import NER_LABELS, SETTINGS, artifact_keys, resolve_model, run_local, texts_of
+from tests.helpers import call_flow, NER_LABELS, SETTINGS, artifact_keys, resolve_model, run_local, texts_of
 
 NER = get_recipe("token-classification")
 SORTED_TAGS = ("O", "B-LOC", "B-MISC", "B-ORG", "B-PER", "I-LOC", "I-MISC", "I-ORG", "I-PER")
@@ -26,7 +26,7 @@ def conll_rows(data_dir: Path, split: str = "validation", rows: int = 300) -> pa
 
 
 def prepared(table: pa.Table, label_names=None, src: str = "conll.parquet", **options):
-    return NER.prepare(datasets.Dataset(table), src, NER.train_options(**options), label_names)
+    return NER.prepare(datasets.Dataset(table), src, NER.options_class(**options), label_names)
 
 
 def tag_names(ds: datasets.Dataset) -> list[list[str]]:
@@ -63,7 +63,7 @@ def test_prepare_keeps_words_and_tags_by_name(data_dir, tmp_path):
     ids = datasets.Dataset.from_dict({"words": words, "ner": [[NER_LABELS.index(t) for t in row] for row in tags]},
                                      features=features)
     ids.to_parquet(str(tmp_path / "ids.parquet"))
-    store, options = Store(str(tmp_path / "store")), NER.train_options(tokens_column="words", tags_column="ner")
+    store, options = Store(str(tmp_path / "store")), NER.options_class(tokens_column="words", tags_column="ner")
     ref = ingest(str(tmp_path / "ids.parquet"), store, NER, options, SETTINGS)
     assert ref.label_names == tuple(NER_LABELS) and ref.num_rows == len(words)
     stored = store.load_dataset(ref.key)
@@ -76,7 +76,7 @@ def test_tokenize_tags_the_first_subtoken_of_each_word(data_dir, minilm):
     tokenizer = AutoTokenizer.from_pretrained(minilm)
     normalize = tokenizer.backend_tokenizer.normalizer.normalize_str  # lower case, accents stripped
     ds, _ = prepared(conll_rows(data_dir))
-    features = NER.tokenize(ds, tokenizer, NER.train_options(), 128, "train")
+    features = NER.tokenize(ds, tokenizer, NER.options_class(), 128, "train")
     assert {"input_ids", "attention_mask", "labels"} <= set(features.column_names)
     assert "tokens" not in features.column_names and "tags" not in features.column_names
     split_words = 0
@@ -95,7 +95,7 @@ def test_tokenize_tags_the_first_subtoken_of_each_word(data_dir, minilm):
 
     # truncation: the words that still have a first sub-token keep their tags, the rest are cut
     longest = int(np.argmax([len(w) for w in ds["tokens"]]))
-    short = NER.tokenize(ds.select([longest]), tokenizer, NER.train_options(), 16, "train")[0]
+    short = NER.tokenize(ds.select([longest]), tokenizer, NER.options_class(), 16, "train")[0]
     kept = [v for v in short["labels"] if v != -100]
     assert len(short["input_ids"]) == 16 and 0 < len(kept) < len(ds[longest]["tokens"])
     assert kept == ds[longest]["tags"][: len(kept)]
@@ -146,7 +146,7 @@ def test_training_data_without_entities_is_refused_and_a_tagger_of_none_is_not_p
 
     def checked(tag_rows):
         ds, names = prepared(pa.table({"tokens": words, "ner_tags": tag_rows}))
-        return NER.check_training_data(NER.tokenize(ds, tokenizer, NER.train_options(), 128, "train"), names,
+        return NER.check_training_data(NER.tokenize(ds, tokenizer, NER.options_class(), 128, "train"), names,
                                        "conll.parquet")
 
     mentions = sum(t.startswith("B-") for row in tags for t in row)  # IOB2: each entity begins with B-
@@ -182,7 +182,7 @@ def test_short_training_is_scored_by_seqeval(conll_files, minilm, tmp_path):
     from transformers import AutoModelForTokenClassification, AutoTokenizer
 
     train_file, eval_file = conll_files
-    store, options = Store(str(tmp_path / "store")), NER.train_options()
+    store, options = Store(str(tmp_path / "store")), NER.options_class()
     base = resolve_model(minilm)
     data = ingest(str(train_file), store, NER, options, SETTINGS)
     examples = ingest(str(eval_file), store, NER, options, SETTINGS, data.label_names)
@@ -235,7 +235,7 @@ def test_train_flow_registers_a_tagger_that_bulk_inference_runs(prefect_harness,
 
     train_file, eval_file = conll_files
     store = tmp_path / "store"
-    result = train_flow(task="token-classification", dataset=str(train_file), eval_dataset=str(eval_file),
+    result = call_flow(train_flow, task="token-classification", dataset=str(train_file), eval_dataset=str(eval_file),
                         model=minilm, name="conll-ner", epochs=2, batch_size=16, save_steps=1000, store=str(store))
     assert (result["version"], result["promoted"], result["champion"], result["reason"]) == \
            ("1", True, "1", "first version")
@@ -247,7 +247,7 @@ def test_train_flow_registers_a_tagger_that_bulk_inference_runs(prefect_harness,
     assert {"conll-ner-eval-metrics", "conll-ner-eval-per-type", "conll-ner-registration"} <= artifact_keys()
 
     # the registered name alone: the registry says which task runs it
-    summary = batch_inference(model="conll-ner", input=str(conll), output=str(tmp_path / "out"), store=str(store))
+    summary = call_flow(batch_inference, model="conll-ner", input=str(conll), output=str(tmp_path / "out"), store=str(store))
     assert (summary["rows"], summary["rows_out"], summary["model_version"]) == (120, 120, "1")
     entities = pq.read_table(tmp_path / "out").column("entities").to_pylist()
     found = [e for row in entities for e in row]

@@ -6,6 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from hfbatch.tasks.core.errors import ConfigError
+from hfbatch.tasks.predictors import get_predictor_class
 from hfbatch.tasks.recipes import get_recipe
 
 from tests.helpers import predictor, resolve_model, run_local, texts_of
@@ -19,7 +20,7 @@ def test_zero_shot_matches_pipeline(tiny_models, mixed, tmp_path):
     texts = texts_of(mixed)[:40]
     path = tmp_path / "zs.parquet"
     pq.write_table(pa.table({"text": texts}), path)
-    options = get_recipe("zero-shot-classification").infer_options(candidate_labels=labels)
+    options = get_predictor_class("zero-shot-classification").options_class(candidate_labels=labels)
     run_local("zero-shot-classification", resolve_model(model), str(path), str(tmp_path / "out"), options=options)
     got = pq.read_table(tmp_path / "out")
     pipe = pipeline("zero-shot-classification", model=model, tokenizer=model)
@@ -30,5 +31,5 @@ def test_zero_shot_matches_pipeline(tiny_models, mixed, tmp_path):
     assert got.column("label").to_pylist() == [e["labels"][0] for e in expected]
     np.testing.assert_allclose(np.array(got.column("scores").to_pylist()), [e["scores"] for e in expected],
                                atol=1e-4)
-    with pytest.raises(ConfigError, match="candidate_labels"):
+    with pytest.raises(ConfigError, match="--candidate-labels is required"):
         run_local("zero-shot-classification", resolve_model(model), str(path), str(tmp_path / "out2"))

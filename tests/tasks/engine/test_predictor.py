@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from hfbatch.tasks.core.errors import ConfigError
 from hfbatch.tasks.engine.first_token import FirstTokenLayer, first_token_only
-from hfbatch.tasks.engine.predictor import token_budget_batches
+from hfbatch.tasks.engine.batching import token_budget_batches
 
 from tests.helpers import predictor, resolve_model, run_local, texts_of
 
@@ -37,7 +37,7 @@ def test_cpu_batches_run_on_single_threaded_streams(classifier, mixed, monkeypat
     import threading
 
     import torch
-    from hfbatch.tasks.batch import streams
+    from hfbatch.tasks.engine import cpu, streams
 
     before = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -72,10 +72,10 @@ def test_cpu_batches_run_on_single_threaded_streams(classifier, mixed, monkeypat
         texts = texts_of(mixed)
         batches = []
         monkeypatch.setattr(pool, "map", lambda fn, items, map=pool.map: batches.append(len(items)) or map(fn, items))
-        monkeypatch.setattr(streams, "cpu_streams", lambda: pool)
+        monkeypatch.setattr(cpu, "streams", lambda: pool)
         many, tokens = classify.predict({"text": texts}, 2048)
         assert len(batches) == 1 and batches[0] > 10
-        monkeypatch.setattr(streams, "cpu_streams", lambda: streams.Streams(1))
+        monkeypatch.setattr(cpu, "streams", lambda: None)  # untuned: the batches one after another, here
         one, same_tokens = classify.predict({"text": texts}, 2048)
         assert many.column("label").equals(one.column("label")) and tokens == same_tokens
         # one thread or two per matmul: the reduction order, and so the last bit of a score, may differ
@@ -150,7 +150,7 @@ def test_bf16_precision_runs_in_bf16_where_the_cpu_has_bf16_units(minilm, mixed,
     MiniLM stay close to the exact ones; a CPU without them is refused with a clear error (that CPU is
     simulated by making the detection say no: this machine's CPU cannot be swapped)."""
     import torch
-    from hfbatch.tasks.batch import predictor as predictor_module
+    from hfbatch.tasks.engine import predictor as predictor_module
 
     ref = resolve_model(minilm)
     if predictor_module.cpu_has_bf16():

@@ -5,13 +5,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from hfbatch.tasks.batch import onednn
+from hfbatch.tasks.engine import onednn
 from hfbatch.tasks.engine.onednn import MIN_ROWS, PackedForward, pack_linear_layers
-from hfbatch.tasks.engine.predictor import get_predictor
-from hfbatch.tasks.recipes import get_recipe
 from hfbatch.tasks.core.settings import Settings
 
-from tests.helpers import SETTINGS, predictor, resolve_model
+from tests.helpers import SETTINGS, predictor, predictor_spec, resolve_model
 
 pytestmark = pytest.mark.skipif(not onednn.available(), reason="this torch has no oneDNN")
 
@@ -48,8 +46,7 @@ def test_predictors_pack_on_cpu_unless_settings_say_aten(classifier, mixed):
     packed = predictor("text-classification", ref)
     linears = [m for m in packed.model.modules() if type(m) is torch.nn.Linear]
     assert linears and all(isinstance(m.__dict__.get("forward"), PackedForward) for m in linears)
-    recipe = get_recipe("text-classification")
-    plain = get_predictor(recipe.predictor, ref, recipe.infer_options(), Settings(cpu_kernels="aten"))
+    plain = predictor_spec("text-classification", ref, settings=Settings(cpu_kernels="aten")).load()
     assert not any(isinstance(m.__dict__.get("forward"), PackedForward) for m in plain.model.modules())
     texts = pq.read_table(mixed).column("text").to_pylist()[:64]
     a, _ = packed.predict({"text": texts}, 4096)

@@ -1,16 +1,13 @@
 """Translation and summarization: sequence-to-sequence models fine-tuned on (source, target) text pairs
 as transformers' run_translation.py and run_summarization.py do it (an optional source prefix, labels
 through `text_target=`, `Seq2SeqTrainer` evaluating with `generate`), scored with sacreBLEU's BLEU and
-chrF (translation) or ROUGE (summarization), and run in bulk by the generation engine
-(`inference/generation.py`); text2text-generation runs any sequence-to-sequence model in bulk the same
-way (inference only).
+chrF (translation) or ROUGE (summarization) (in bulk: `predictors/seq2seq.py`).
 
 Translation and summarization share one base recipe, `Seq2Seq`, that names no task (recipe discovery
 skips it).
 """
 from __future__ import annotations
 
-import copy
 import logging
 import re
 from typing import ClassVar
@@ -18,148 +15,33 @@ from typing import ClassVar
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from hfbatch.tasks.core.errors import ConfigError, DataError
-from hfbatch.tasks.engine.generation import GenerationPredictor
-from hfbatch.tasks.metrics import compute
 from hfbatch.tasks.core.models import load_model, load_tokenizer, model_kwargs
 from hfbatch.tasks.core.refs import ModelRef
 from hfbatch.tasks.core.settings import Settings
-from hfbatch.tasks.recipes.base import Options, Recipe, first_bad_row, require_columns
-from hfbatch.tasks.recipes.fill_mask import TOP_K_DESCRIPTION
+from hfbatch.tasks.engine.generation import DEFAULT_MAX_NEW_TOKENS, GenerationOptions, token_id, with_search
+from hfbatch.tasks.metrics import compute
+from hfbatch.tasks.predictors.seq2seq import Seq2SeqPredictor
+from hfbatch.tasks.recipes.base import Recipe, first_bad_row, require_columns
 
 log = logging.getLogger(__name__)
 
-DEFAULT_GENERATION_MAX_LENGTH = 128
-"""Longest output when neither the options nor the model's generation config say (run_translation.py's
-and run_summarization.py's default target length)."""
 SAMPLES = 20
 """(prediction, reference) pairs kept in an evaluation's details."""
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
-class GenerationOptions(Options):
-    """What generation takes, in training (evaluation) and in bulk inference alike."""
-
-    source_prefix: str = Field("", description="translation, summarization, text2text-generation, text-generation: "
-                               "text put before every input, e.g. 'translate German to English: ' for T5")
-    forced_bos_token: str | None = Field(None, description="translation, text2text-generation: the target language "
-                                         "code token every output starts with (mBART, NLLB), e.g. de_DE")
-    num_beams: int | None = Field(None, ge=1, description="translation, summarization, text2text-generation, "
-                                  "text-generation: beams of the beam search (default: the model's generation "
-                                  "config, else 1: greedy)")
-
-
 class Seq2SeqOptions(GenerationOptions):
-    source_column: str | None = Field(None, validate_default=True,
-                                      description="translation, summarization: column of the input text "
-                                                  "(required by these tasks)")
-    target_column: str | None = Field(None, validate_default=True,
-                                      description="translation, summarization: column of the reference translation "
-                                                  "or summary (required by these tasks)")
-    generation_max_length: int | None = Field(None, ge=1, description="translation, summarization: longest output "
-                                              f"in tokens, in training and evaluation (default: "
-                                              f"{DEFAULT_GENERATION_MAX_LENGTH})")
-
-    @field_validator("source_column", "target_column")
-    @classmethod
-    def _required(cls, value, info):
-        if value is None:  # a ConfigError is not wrapped by pydantic: it reaches the user as it is
-            raise ConfigError(f"translation and summarization need --{info.field_name.replace('_', '-')} "
-                              f"({info.field_name})")
-        return value
+    source_column: str = Field(description="column of the input text")
+    target_column: str = Field(description="column of the reference translation or summary")
+    generation_max_length: int | None = Field(None, ge=1, description="longest output in tokens, in training and "
+                                              f"evaluation (default: {DEFAULT_MAX_NEW_TOKENS})")
 
     @property
     def target_length(self) -> int:
-        return self.generation_max_length or DEFAULT_GENERATION_MAX_LENGTH
-
-
-class Seq2SeqInferOptions(GenerationOptions):
-    """Bulk generation: length, beams, and sampling (each row from its own generator, seeded by `seed`
-    and the row's id). Unset fields take the model's generation config."""
-
-    max_new_tokens: int | None = Field(None, ge=1, description="translation, summarization, text2text-generation, "
-                                       "text-generation: longest output in new tokens (default: the model's "
-                                       f"generation config; else {DEFAULT_GENERATION_MAX_LENGTH} for the seq2seq "
-                                       "tasks, required by text-generation)")
-    do_sample: bool | None = Field(None, description="translation, summarization, text2text-generation, "
-                                   "text-generation: sample the output instead of searching for the likeliest "
-                                   "(default: the model's generation config)")
-    temperature: float | None = Field(None, gt=0, description="sampling: temperature of the next-token "
-                                      "distribution (default: the model's generation config)")
-    top_p: float | None = Field(None, gt=0, le=1, description="sampling: nucleus filtering, the smallest set of "
-                                "tokens whose probability reaches P (default: the model's generation config)")
-    top_k: int | None = Field(None, ge=0, description=TOP_K_DESCRIPTION)
-    seed: int = Field(0, description="sampling: seed of the run; a row's sample depends on it and the row's id "
-                                     "only (not on shards, batches or threads)")
-
-
-def token_id(tokenizer, token: str) -> int:
-    """The id of a (language code) token; a `ConfigError` if the tokenizer does not know it."""
-    found = tokenizer.convert_tokens_to_ids(token)
-    if found is None or (found == tokenizer.unk_token_id and token != tokenizer.unk_token):
-        raise ConfigError(f"forced_bos_token {token!r} is not a token of the tokenizer of "
-                          f"{tokenizer.name_or_path!r}; it must be one of its language codes (e.g. de_DE, deu_Latn)")
-    return int(found)
-
-
-class Seq2SeqPredictor(GenerationPredictor):
-    """`generated_text` of each row as `model.generate` gives it for that row alone, with the model's
-    generation config plus the options (`source_prefix`, `forced_bos_token`, `num_beams`, `max_new_tokens`,
-    sampling), by the generation engine (`inference/generation.py`); `output_tokens` counts the new tokens
-    up to and with the end token, `finish_reason` is `eos`, or `length` when the output reached
-    `max_new_tokens` (also where the model forces an end token there). Inputs are truncated to what the
-    encoder takes."""
-
-    model_class = "AutoModelForSeq2SeqLM"
-
-    def _configure(self):
-        config, self.max_new_tokens = generation_config(self.model, self.tokenizer, self.options)
-        encoder = self.model.get_encoder().config
-        limits = [self.tokenizer.model_max_length, getattr(encoder, "max_position_embeddings", None)]
-        self.max_length = min([x for x in limits if x and x < 1_000_000] or [1024])
-        """Longest input, in tokens."""
-        return config
-
-    def _encode(self, inputs):
-        ids = self._tokenize([self.options.source_prefix + t for t in inputs["text"]], self.max_length)
-        return ids, [self.max_new_tokens] * len(ids)
-
-
-def generation_config(model, tokenizer, options: GenerationOptions):
-    """A copy of `model`'s generation config with the options applied, and its limit of new tokens.
-    The limit goes where the model's config keeps its own (`max_new_tokens`, else `max_length`, which
-    counts the decoder start token) so that `generate` sees no conflicting pair."""
-    config = _with_options(copy.deepcopy(model.generation_config), tokenizer, options.num_beams,
-                           options.forced_bos_token)
-    sampling(config, options)
-    limit = (getattr(options, "max_new_tokens", None) or config.max_new_tokens
-             or (config.max_length - 1 if config.max_length else DEFAULT_GENERATION_MAX_LENGTH))
-    if config.max_new_tokens is not None:
-        config.max_new_tokens = limit
-    else:
-        config.max_length = limit + 1
-    return config, limit
-
-
-def sampling(config, options) -> None:
-    """The sampling options (`do_sample`, `temperature`, `top_p`, `top_k`) that are set, into `config`."""
-    for name in ("do_sample", "temperature", "top_p", "top_k"):
-        value = getattr(options, name, None)
-        if value is not None:
-            setattr(config, name, value)
-
-
-def _with_options(config, tokenizer, num_beams: int | None, forced_bos_token: str | None):
-    """A generation config with these beams and forced first token (where given)."""
-    if num_beams:
-        config.num_beams = num_beams
-        if num_beams == 1:  # beam-only settings (a checkpoint's own) make a greedy config invalid to save
-            config.early_stopping = config.length_penalty = None
-    if forced_bos_token:
-        config.forced_bos_token_id = token_id(tokenizer, forced_bos_token)
-    return config
+        return self.generation_max_length or DEFAULT_MAX_NEW_TOKENS
 
 
 def _warm_start(model: ModelRef, tokenizer, settings: Settings):
@@ -190,11 +72,9 @@ def _warm_start(model: ModelRef, tokenizer, settings: Settings):
 class Seq2Seq(Recipe):
     """What translation and summarization share; a subclass names the task, its metrics and card."""
 
-    predictor = Seq2SeqPredictor
-    infer_options = Seq2SeqInferOptions
-    train_options = Seq2SeqOptions
+    options_class = Seq2SeqOptions
     model_class = "AutoModelForSeq2SeqLM"
-    heads = ("ForConditionalGeneration", "MarianMTModel", "EncoderDecoderModel")
+    heads = Seq2SeqPredictor.heads
     train_defaults: ClassVar[dict] = {"epochs": 3.0, "batch_size": 16, "learning_rate": 5e-5}
 
     def prepare(self, dataset, src: str, options: Seq2SeqOptions, label_names):
@@ -267,8 +147,8 @@ class Seq2Seq(Recipe):
         from transformers import Seq2SeqTrainer
 
         args, net = kwargs["args"], kwargs["model"]
-        config = _with_options(net.generation_config, kwargs.get("processing_class"), args.generation_num_beams,
-                               getattr(args, "forced_bos_token", None))
+        config = with_search(net.generation_config, kwargs.get("processing_class"), args.generation_num_beams,
+                             getattr(args, "forced_bos_token", None))
         config.max_new_tokens, config.max_length = None, args.generation_max_length
         return Seq2SeqTrainer(**kwargs)
 
@@ -283,9 +163,6 @@ class Seq2Seq(Recipe):
 
     def _metric_form(self, predictions: list[str], references: list[str]) -> tuple[list, list]:
         raise NotImplementedError
-
-    def detail_artifacts(self, details, label_names):
-        return {"samples": ("table", details["samples"])}
 
 
 class Translation(Seq2Seq):
@@ -335,14 +212,3 @@ class Summarization(Seq2Seq):
                                  "with a reference, not faithfulness."),
                                 ("Inputs longer than the training `max_length` are truncated, so later parts of "
                                  "long documents are not summarized."))}
-
-
-class Text2TextGeneration(Recipe):
-    """Whatever a sequence-to-sequence model writes for an input (T5-style task prefixes through
-    `--source-prefix`, e.g. 'summarize: '): bulk inference only, with translation's predictor."""
-
-    task = "text2text-generation"
-    predictor = Seq2SeqPredictor
-    infer_options = Seq2SeqInferOptions
-    model_class = "AutoModelForSeq2SeqLM"
-    heads = Seq2Seq.heads

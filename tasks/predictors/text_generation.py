@@ -1,10 +1,10 @@
-"""Text generation: a decoder-only (causal) language model continues each row's text, or answers each
-row's chat put through the tokenizer's chat template (`--messages-column`), in bulk (inference only).
+"""Text generation in bulk: a decoder-only (causal) language model continues each row's text, or answers
+each row's chat put through the tokenizer's chat template (`--messages-column`).
 
 Each row's `generated_text` is what `pipeline("text-generation", return_full_text=False)` gives for it:
 the prompt tokenized as the pipeline does (the tokenizer's special tokens; a chat with the generation
 prompt, or continuing a final assistant message), the new tokens decoded without special tokens. The
-generation engine (`inference/generation.py`) pads prompts on the left and gives each row the tokens
+generation engine (`engine/generation.py`) pads prompts on the left and gives each row the tokens
 `model.generate` gives it alone. A prompt longer than the model's context leaves room for the output by
 losing its beginning (the end, where the text continues, is kept); such rows are counted.
 """
@@ -12,39 +12,42 @@ from __future__ import annotations
 
 import copy
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from hfbatch.tasks.core.errors import ConfigError
-from hfbatch.tasks.engine.generation import GenerationPredictor
-from hfbatch.tasks.recipes.base import Recipe
-from hfbatch.tasks.recipes.text2text_generation import Seq2SeqInferOptions, _with_options, sampling
+from hfbatch.tasks.core.inputs import CHAT, TEXT
+from hfbatch.tasks.engine.generation import GenerationInferOptions, GenerationPredictor, with_sampling, with_search
 
 
-class TextGenerationOptions(Seq2SeqInferOptions):
-    messages_column: str | None = Field(None, description="text-generation: column of chats (lists of {role, "
-                                        "content} structs) to answer through the tokenizer's chat template, "
-                                        "instead of --text-column")
+class TextGenerationOptions(GenerationInferOptions):
+    messages_column: str | None = Field(None, description="column of chats (lists of {role, content} structs) to "
+                                        "answer through the tokenizer's chat template, instead of --text-column")
+
+    @field_validator("forced_bos_token")
+    @classmethod
+    def _decoder_only(cls, value):
+        if value:
+            raise ValueError("forced_bos_token is for encoder-decoder models (translation, text2text-generation), "
+                             "not text-generation")
+        return value
 
 
 class TextGenerationPredictor(GenerationPredictor):
     """The continuation of each row's text (or its chat's next assistant message), without the prompt."""
 
-    model_class = "AutoModelForCausalLM"
+    task = "text-generation"
+    heads = ("ForCausalLM", "LMHeadModel")
+    options_class = TextGenerationOptions
+    auto_class = "AutoModelForCausalLM"
     strip = False
 
     @classmethod
-    def check(cls, options: TextGenerationOptions) -> None:
-        if options.forced_bos_token:
-            raise ConfigError("forced_bos_token is for encoder-decoder models (translation, text2text-generation), "
-                              "not text-generation")
+    def inputs(cls, options: TextGenerationOptions):
+        return {"text": CHAT if options.messages_column else TEXT}
 
     @classmethod
     def input_columns(cls, options: TextGenerationOptions) -> dict[str, str]:
         return {"text": options.messages_column} if options.messages_column else {}
-
-    @classmethod
-    def chat_inputs(cls, options: TextGenerationOptions) -> tuple[str, ...]:
-        return ("text",) if options.messages_column else ()
 
     def __init__(self, model, options, settings, precision: str = "auto"):
         super().__init__(model, options, settings, precision)
@@ -57,8 +60,8 @@ class TextGenerationPredictor(GenerationPredictor):
         """The model's generation config with the options; the new-token limit (the options', else the
         config's `max_new_tokens`, else its `max_length` less the prompt) and the longest prompt."""
         options, model = self.options, self.model
-        config = _with_options(copy.deepcopy(model.generation_config), self.tokenizer, options.num_beams, None)
-        sampling(config, options)
+        config = with_sampling(with_search(copy.deepcopy(model.generation_config), self.tokenizer,
+                                            options.num_beams, None), options)
         limits = [getattr(model.config, "max_position_embeddings", None), self.tokenizer.model_max_length]
         context = min([x for x in limits if x and x < 1_000_000] or [1_000_000])
         self.max_new_tokens = options.max_new_tokens or config.max_new_tokens
@@ -76,16 +79,6 @@ class TextGenerationPredictor(GenerationPredictor):
             raise ConfigError(f"model {self.model_ref.source!r} sets no output length in its generation config "
                               "(max_new_tokens or max_length): give --max-new-tokens")
         return config
-
-    def problem(self, row: dict) -> str | None:
-        if not self.options.messages_column:
-            return None
-        messages = row["text"]
-        if not isinstance(messages, list) or not all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                for m in messages):
-            return "messages are not a list of {role, content} with string values"
-        return None
 
     def _encode(self, inputs):
         values = inputs["text"]
@@ -118,11 +111,3 @@ class TextGenerationPredictor(GenerationPredictor):
                 ids[i] = list(x)
         self._count_truncated(truncated, len(chats), cap)
         return ids
-
-
-class TextGeneration(Recipe):
-    task = "text-generation"
-    predictor = TextGenerationPredictor
-    infer_options = TextGenerationOptions
-    model_class = "AutoModelForCausalLM"
-    heads = ("ForCausalLM", "LMHeadModel")

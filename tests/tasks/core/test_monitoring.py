@@ -3,7 +3,7 @@ large for a shifted one (real SST-2 lengths)."""
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from hfbatch.tasks import monitoring as m
+from hfbatch.tasks.core import monitoring as m
 
 
 def test_figures_merge_across_shards_like_one_run(data_dir):

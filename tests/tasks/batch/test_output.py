@@ -95,12 +95,8 @@ def test_leftovers_of_an_interrupted_overwrite_are_removed(classifier, data_dir,
 
 INFER = """
 import sys
-from hfbatch.tasks.batch.runner import run_local
-from hfbatch.tasks.core.models import resolve_model
-from hfbatch.tasks.core.settings import Settings
-settings = Settings()
-print(run_local("text-classification", resolve_model(sys.argv[1], settings), sys.argv[2], sys.argv[3], settings,
-                shard_rows=5)["rows_out"])
+from tests.helpers import resolve_model, run_local
+print(run_local("text-classification", resolve_model(sys.argv[1]), sys.argv[2], sys.argv[3], shard_rows=5)["rows_out"])
 """
 
 

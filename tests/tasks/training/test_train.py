@@ -2,7 +2,7 @@
 import json
 
 import pytest
-from hfbatch.flows.params import validated
+from hfbatch.tasks.core.options import validated
 from hfbatch.tasks.core.errors import ConfigError
 from hfbatch.tasks.training.ingest import ingest
 from hfbatch.tasks.core.models import resolve_model
@@ -17,7 +17,7 @@ TC = get_recipe("text-classification")
 
 
 def test_checkpoints_at_save_steps_only_and_rerun_reuses_the_model(sst2_split, minilm, tmp_path):
-    store, settings, options = Store(str(tmp_path / "store")), Settings(), TC.train_options()
+    store, settings, options = Store(str(tmp_path / "store")), Settings(), TC.options_class()
     model = resolve_model(minilm, settings)
     data = tokenize(ingest(str(sst2_split[1]), store, TC, options, settings), model, store, TC, options, settings, 32)
     config = TrainConfig(max_train_samples=80, batch_size=16, save_steps=2)  # 5 steps
@@ -37,7 +37,7 @@ def test_checkpoints_at_save_steps_only_and_rerun_reuses_the_model(sst2_split, m
 
 
 def test_invalid_hyperparameters_are_named():
-    with pytest.raises(ConfigError, match="batch_size: Input should be greater than or equal to 1"):
+    with pytest.raises(ConfigError, match="--batch-size: Input should be greater than or equal to 1 \\(got 0\\)"):
         validated(TrainConfig, {"batch_size": 0})
-    with pytest.raises(ConfigError, match="epochs: Input should be greater than 0"):
+    with pytest.raises(ConfigError, match="--epochs: Input should be greater than 0"):
         validated(TrainConfig, {"epochs": 0})

@@ -13,8 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from hfbatch.tasks.core.errors import ConfigError
-from hfbatch.tasks.batch import generation_batch
-from hfbatch.tasks.engine.generation import GenerationEngine, row_seed
+from hfbatch.tasks.core.inputs import CHAT
+from hfbatch.tasks.engine import generation_batch
+from hfbatch.tasks.engine.generation import row_seed
+from hfbatch.tasks.engine.generation_engine import GenerationEngine
 from hfbatch.tasks.engine.streams import Streams
 
 from tests.generation_models import decoder_models, seq2seq_models
@@ -160,14 +162,14 @@ def test_chats_through_the_template_equal_the_pipeline(models, texts):
     chats = [[{"role": "system", "content": "Translate."}, {"role": "user", "content": t}] for t in texts[:12]]
     chats += [[{"role": "user", "content": t}, {"role": "assistant", "content": "Sure:"}] for t in texts[12:18]]
     used = predictor("text-generation", resolve_model(path), max_new_tokens=10, messages_column="messages")
-    assert used.chat_inputs(used.options) == ("text",) and used.input_columns(used.options) == {"text": "messages"}
+    assert used.inputs(used.options) == {"text": CHAT} and used.input_columns(used.options) == {"text": "messages"}
     with one_thread():
         table, _ = used.predict({"text": chats}, 2000)
         pipe = pipeline("text-generation", model=path, tokenizer=path)
         expected = [pipe(c, max_new_tokens=10, do_sample=False, return_full_text=False)[0]["generated_text"]
                     for c in chats]
     assert table.column("generated_text").to_pylist() == expected
-    assert used.problem({"text": [{"role": "user"}]}) is not None and used.problem({"text": chats[0]}) is None
+    assert CHAT.problem([{"role": "user"}], "messages") is not None and CHAT.problem(chats[0], "messages") is None
 
 
 @pytest.mark.parametrize("name", ["bart", "llama"])
@@ -274,13 +276,14 @@ def test_a_lane_holds_at_most_its_budget(models, texts, monkeypatch):
 
 
 def test_a_decoder_without_an_output_limit_needs_max_new_tokens(models):
-    from hfbatch.tasks.recipes import get_recipe
+    from hfbatch.tasks.core.options import validated
+    from hfbatch.tasks.predictors import get_predictor_class
 
     with pytest.raises(ConfigError, match="--max-new-tokens"):
         predictor("text-generation", resolve_model(models["gpt2"]))
-    recipe = get_recipe("text-generation")
-    with pytest.raises(ConfigError, match="forced_bos_token"):
-        recipe.predictor.check(recipe.infer_options(forced_bos_token="<|bos|>", max_new_tokens=4))
+    with pytest.raises(ConfigError, match="--forced-bos-token: forced_bos_token is for encoder-decoder models"):
+        validated(get_predictor_class("text-generation").options_class,
+                  {"forced_bos_token": "<|bos|>", "max_new_tokens": 4})
 
 
 def test_position_hook_fits_the_decoders_embedding(models):

@@ -14,9 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 from hfbatch.tasks.core.errors import ConfigError, DataError
 from hfbatch.tasks.batch import runner
-from hfbatch.tasks.recipes import get_recipe
+from hfbatch.tasks.engine.predictor import PredictorSpec
+from hfbatch.tasks.predictors import get_predictor_class
 
-from tests.helpers import resolve_model, run_local
+from tests.helpers import call_flow, resolve_model, run_local
 
 
 @pytest.fixture
@@ -97,8 +98,8 @@ def test_schema_errors_before_any_model_load(classifier, mixed, tmp_path, monkey
     def no_load(*args, **kwargs):
         raise AssertionError("a model was loaded before the schema was checked")
 
-    monkeypatch.setattr(runner, "get_predictor", no_load)
-    monkeypatch.setattr(get_recipe("text-classification").predictor, "__init__", no_load)
+    monkeypatch.setattr(PredictorSpec, "load", no_load)
+    monkeypatch.setattr(get_predictor_class("text-classification"), "__init__", no_load)
     model = resolve_model(classifier)
     with pytest.raises(DataError, match=r"no column 'sentence'.*columns: \['idx', 'text'\]"):
         run_local("text-classification", model, str(mixed), str(tmp_path / "a"), text_column="sentence")
@@ -160,7 +161,7 @@ def test_s3_input_and_output(prefect_harness, s3, classifier, mixed):
 
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3.endpoint})
     fs.put(str(mixed), "hfbatch/input/day=1/mixed.parquet")
-    summary = batch_inference(model=classifier, task="text-classification", input="s3://hfbatch/input/",
+    summary = call_flow(batch_inference, model=classifier, task="text-classification", input="s3://hfbatch/input/",
                               output="s3://hfbatch/predictions", shard_rows=100)
     assert (summary["rows"], summary["rows_out"], summary["shards"]) == (230, 230, 3)
     files = sorted(fs.glob("hfbatch/predictions/part-*.parquet"))
@@ -172,7 +173,7 @@ def test_s3_input_and_output(prefect_harness, s3, classifier, mixed):
                       shard_rows=100)
     again = pa.concat_tables([pq.read_table(fs.open(f, "rb")) for f in sorted(fs.glob("hfbatch/again/part-*"))])
     assert local["rows_out"] == 230 and again.column("label").equals(result.column("label"))
-    rerun = batch_inference(model=classifier, task="text-classification", input="s3://hfbatch/input",
+    rerun = call_flow(batch_inference, model=classifier, task="text-classification", input="s3://hfbatch/input",
                             output="s3://hfbatch/predictions", shard_rows=100)
     assert rerun["shards_skipped"] == 3
 
@@ -261,7 +262,7 @@ def test_s3_server_restart_mid_run_is_carried_by_retries(prefect_harness, classi
         fs.put(str(mixed), "hfbatch/input/mixed.parquet")
         restarter = threading.Thread(target=restart_mid_run, args=(client,), daemon=True)
         restarter.start()
-        summary = batch_inference(model=classifier, task="text-classification", input="s3://hfbatch/input",
+        summary = call_flow(batch_inference, model=classifier, task="text-classification", input="s3://hfbatch/input",
                                   output="s3://hfbatch/predictions", shard_rows=10)
         restarter.join(10)
         assert outage.get("restarted") and outage.get("refused") and outage["markers_before"] < 23, f"the restart missed the run: {outage}"

@@ -4,7 +4,7 @@ from collections import Counter
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from hfbatch.tasks import ingest as ingest_mod
+from hfbatch.tasks.training import ingest as ingest_mod
 from hfbatch.tasks.core.errors import DataError
 from hfbatch.tasks.recipes import get_recipe
 from hfbatch.tasks.core.settings import Settings
@@ -16,7 +16,7 @@ TC = get_recipe("text-classification")
 
 def ingest(src: str, store: Store, label_names=None, **columns):
     """Ingest for text classification with these columns."""
-    return ingest_mod.ingest(src, store, TC, TC.train_options(**columns), Settings(), label_names)
+    return ingest_mod.ingest(src, store, TC, TC.options_class(**columns), Settings(), label_names)
 
 
 def holdout(data, store, fraction, seed):

@@ -14,27 +14,29 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-from hfbatch.flows.params import validated
 from hfbatch.tasks.core.errors import ConfigError, DataError
+from hfbatch.tasks.core.options import validated
+from hfbatch.tasks.predictors import get_predictor_class
+from hfbatch.tasks.predictors.seq2seq import Seq2SeqPredictor
 from hfbatch.tasks.training.evaluation import evaluate_model
 from hfbatch.tasks.training.ingest import ingest
 from hfbatch.tasks.core.models import load_tokenizer, local_model, trained_model
 from hfbatch.tasks.recipes import all_recipes, get_recipe, task_names
-from hfbatch.tasks.recipes.text2text_generation import Seq2Seq, Seq2SeqOptions
+from hfbatch.tasks.recipes.seq2seq import Seq2Seq, Seq2SeqOptions
 from hfbatch.tasks.core.settings import Settings
 from hfbatch.tasks.core.store import Store
 from hfbatch.tasks.training.tokenization import tokenize
 from hfbatch.tasks.training.train import TrainConfig, train
 
 from tests.generation_models import seq2seq_builders
-from tests.helpers import predictor, resolve_model, run_local
+from tests.helpers import call_flow, predictor, resolve_model, run_local
 
 TRANSLATION, SUMMARIZATION = get_recipe("translation"), get_recipe("summarization")
 PREFIX = "translate German to English: "
 
 
 def options(recipe=TRANSLATION, **kwargs):
-    return recipe.train_options(**{"source_column": "source", "target_column": "ref_a", **kwargs})
+    return recipe.options_class(**{"source_column": "source", "target_column": "ref_a", **kwargs})
 
 
 @pytest.fixture(scope="module")
@@ -92,19 +94,19 @@ def tiny_seq2seq(minilm, wmt, tmp_path_factory) -> dict[str, str]:
 
 
 def test_both_tasks_share_one_base_and_one_option_model():
-    assert {"translation", "summarization"} <= set(task_names(trainable=True))
+    assert {"translation", "summarization"} <= set(task_names())
     assert isinstance(TRANSLATION, Seq2Seq) and isinstance(SUMMARIZATION, Seq2Seq)
     assert not any(type(r) is Seq2Seq for r in all_recipes().values())  # the base names no task
-    assert TRANSLATION.train_options is SUMMARIZATION.train_options is Seq2SeqOptions
+    assert TRANSLATION.options_class is SUMMARIZATION.options_class is Seq2SeqOptions
     assert TRANSLATION.default_metric == "bleu" and SUMMARIZATION.default_metric == "rougeLsum"
     assert any("MarianMTModel".endswith(h) for h in TRANSLATION.heads)
 
 
 def test_source_and_target_columns_are_required():
-    with pytest.raises(ConfigError, match="--source-column"):
+    with pytest.raises(ConfigError, match="--source-column is required; --text-column: no such option"):
         validated(Seq2SeqOptions, {"target_column": "ref_a", "text_column": "text"})
-    with pytest.raises(ConfigError, match="--target-column"):
-        Seq2SeqOptions(source_column="source")
+    with pytest.raises(ConfigError, match="--target-column is required"):
+        validated(Seq2SeqOptions, {"source_column": "source"})
     assert options().columns() == {"source_column": "source", "target_column": "ref_a"}
 
 
@@ -206,15 +208,16 @@ def _generate_alone(used, text: str, prefix: str = PREFIX) -> dict:
 def test_text2text_generation_runs_a_seq2seq_model_in_bulk(tiny_seq2seq, wmt, tmp_path):
     """text2text-generation (inference only) runs T5 with a task prefix through the runner: each row's
     output is what `model.generate` gives it alone, over shards and batches."""
-    recipe = get_recipe("text2text-generation")
-    assert not recipe.trainable and recipe.predictor is TRANSLATION.predictor
+    with pytest.raises(ConfigError, match="predicts with text2text-generation models but does not train them"):
+        get_recipe("text2text-generation")
+    assert issubclass(get_predictor_class("text2text-generation"), Seq2SeqPredictor)
     rows = wmt.slice(0, 30)
     path = tmp_path / "in.parquet"
     pq.write_table(pa.table({"id": rows.column("id"), "text": rows.column("source")}), path, row_group_size=10)
     model = resolve_model(tiny_seq2seq["t5"])
     settings = {"source_prefix": "summarize: ", "max_new_tokens": 12, "num_beams": 2}
     manifest = run_local("text2text-generation", model, str(path), str(tmp_path / "out"), shard_rows=10,
-                         batch_tokens=300, options=recipe.infer_options(**settings))
+                         batch_tokens=300, **settings)
     assert (manifest["rows_out"], manifest["shards"]) == (30, 3)
     out = pq.read_table(tmp_path / "out")
     assert out.column("id").to_pylist() == rows.column("id").to_pylist()
@@ -290,7 +293,7 @@ def test_encoder_decoder_from_minilm_loss_falls_and_bleu_rises(wmt_short, minilm
     held_out = store.load_dataset(eval_features.key)
 
     set_seed(42)  # the new cross-attention weights train() starts from (the default seed)
-    with caplog.at_level(logging.INFO, logger="hfbatch.tasks.recipes.text2text_generation"):
+    with caplog.at_level(logging.INFO, logger="hfbatch.tasks.recipes.seq2seq"):
         untrained = TRANSLATION.model_for_training(base, (), settings)
     assert "warm-starting an EncoderDecoderModel" in caplog.text
     assert type(untrained).__name__ == "EncoderDecoderModel"
@@ -334,7 +337,7 @@ def test_train_flow_registers_translation_and_batch_inference_uses_it(prefect_ha
     from hfbatch.flows.training import train_flow
 
     store = str(tmp_path / "store")
-    result = train_flow(task="translation", dataset=str(wmt_short[0]), eval_dataset=str(wmt_short[1]),
+    result = call_flow(train_flow, task="translation", dataset=str(wmt_short[0]), eval_dataset=str(wmt_short[1]),
                         model=tiny_seq2seq["marian"], name="de-en", source_column="source", target_column="ref_a",
                         source_prefix=PREFIX, generation_max_length=16, num_beams=2, max_train_samples=64,
                         batch_size=16, max_length=32, store=store)
@@ -350,7 +353,7 @@ def test_train_flow_registers_translation_and_batch_inference_uses_it(prefect_ha
     texts = pq.read_table(wmt_short[1]).slice(0, 25)
     pq.write_table(pa.table({"id": texts.column("id"), "text": texts.column("source")}), tmp_path / "in.parquet",
                    row_group_size=10)
-    summary = batch_inference(model="de-en", input=str(tmp_path / "in.parquet"), output=str(tmp_path / "out"),
+    summary = call_flow(batch_inference, model="de-en", input=str(tmp_path / "in.parquet"), output=str(tmp_path / "out"),
                               store=store, source_prefix=PREFIX, shard_rows=10)
     assert (summary["task"], summary["model_version"], summary["rows_out"]) == ("translation", "1", 25)
     out = pq.read_table(tmp_path / "out")
