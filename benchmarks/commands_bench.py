@@ -132,8 +132,8 @@ def main() -> None:
             pq.write_table(table.slice(60000 + n * args.rows, args.rows), tmp / f"labelled-{n}.parquet")
             return hfbatch("evaluate", "--model", "bench", "--dataset", str(tmp / f"labelled-{n}.parquet"))
         ways = {
-            "plain pipeline script": lambda: ([sys.executable, "-c", PLAIN, str(model_dir), str(tmp / "labelled.parquet"),
-                                               str(tmp / "plain.parquet")], env),
+            "plain pipeline script": lambda: ([sys.executable, "-c", PLAIN, str(model_dir),
+                                               str(tmp / "labelled.parquet"), str(tmp / "plain.parquet")], env),
             "infer, server running": lambda: (infer(), served),
             "evaluate, server running": lambda: (evaluate(), served),
             "status, server running": lambda: (hfbatch("status"), served),
@@ -141,7 +141,7 @@ def main() -> None:
             "evaluate, no server": lambda: (evaluate(), env),
             "status, no server": lambda: (hfbatch("status"), env),
         }
-        for way, make in ways.items():  # warm the page cache and the databases: not timed
+        for make in ways.values():  # warm the page cache and the databases: not timed
             timed(*make())
         for round_ in range(args.repeat):
             for way, make in ways.items():
@@ -156,7 +156,7 @@ def main() -> None:
           f"whole process, and the difference from the plain script's median")
     for way, seconds in runs.items():
         median = statistics.median(seconds)
-        diff = "" if way.startswith("plain") or way.startswith("status") else f"  {median - plain:+6.1f} s"
+        diff = "" if way.startswith(("plain", "status")) else f"  {median - plain:+6.1f} s"
         print(f"  {way:<26} {median:6.1f} s ({min(seconds):5.1f}){diff}")
     if args.keep:
         print(f"kept {tmp}")

@@ -32,15 +32,15 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 IMDB_CHARS = 2000
 """IMDb reviews are cut to this many characters (about 450 tokens): every prompt fits the decoder's
@@ -173,11 +173,11 @@ def bench(kind: str, args, texts: list[str], tmp: Path, peak: float) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-    from hfbatch.tasks.engine.predictor import get_predictor
     from hfbatch.tasks.batch.runner import run_local
     from hfbatch.tasks.core.models import resolve_model
-    from hfbatch.tasks.recipes import get_recipe
     from hfbatch.tasks.core.settings import Settings
+    from hfbatch.tasks.engine.predictor import get_predictor
+    from hfbatch.tasks.recipes import get_recipe
 
     task = TASKS[kind]
     model_dir = build_model(kind, tmp / kind, args.max_new_tokens, args.min_new_tokens or args.max_new_tokens)

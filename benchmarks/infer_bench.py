@@ -70,11 +70,11 @@ def make_classifier(base: str, out: Path) -> str:
 def fine_tune(base: str, data: Path, rows: int, tmp: Path) -> str:
     """MiniLM fine-tuned (1 epoch, max length 64) on the last `rows` SST-2 rows, with hfbatch's own
     training functions; returns the model directory."""
-    from hfbatch.tasks.training.ingest import ingest
     from hfbatch.tasks.core.models import resolve_model
-    from hfbatch.tasks.recipes import get_recipe
     from hfbatch.tasks.core.settings import Settings
     from hfbatch.tasks.core.store import Store
+    from hfbatch.tasks.recipes import get_recipe
+    from hfbatch.tasks.training.ingest import ingest
     from hfbatch.tasks.training.tokenization import tokenize
     from hfbatch.tasks.training.train import TrainConfig, train
 
@@ -207,15 +207,15 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=4, help="interleaved slices of the rows, every way runs on each")
     args = p.parse_args(argv)
 
+    import datasets
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    import datasets
 
-    from hfbatch.tasks.engine.predictor import cpu_has_bf16, get_predictor
     from hfbatch.tasks.batch.runner import run_local
     from hfbatch.tasks.core.models import resolve_model
-    from hfbatch.tasks.recipes import get_recipe
     from hfbatch.tasks.core.settings import Settings
+    from hfbatch.tasks.engine.predictor import cpu_has_bf16, get_predictor
+    from hfbatch.tasks.recipes import get_recipe
 
     settings, recipe = Settings(device=args.device), get_recipe("text-classification")
 

@@ -115,7 +115,7 @@ def describe_model(path: str) -> str:
 
     config = json.loads((Path(path) / "config.json").read_text())
     with safe_open(str(Path(path) / "model.safetensors"), "np") as f:
-        params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+        params = sum(math.prod(f.get_slice(k).get_shape()) for k in f)
     return (f"{path}: {', '.join(config.get('architectures', []))}, {config.get('num_hidden_layers')} layers, "
             f"hidden {config.get('hidden_size')}, max length {config.get('max_position_embeddings')}, "
             f"{params / 1e6:.1f} M parameters")
@@ -191,7 +191,7 @@ def measure(args, input_dir: Path, output_dir: Path, model: str, prefect_home: P
     env.pop("PREFECT_API_URL", None)  # the flow process starts its own temporary server
     cmd = [sys.executable, __file__, "--child", "--model", model, "--input", str(input_dir),
            "--output", str(output_dir), "--shard-rows", str(args.shard_rows)]
-    log = open(output_dir.parent / f"{output_dir.name}.log", "w")
+    log = open(output_dir.parent / f"{output_dir.name}.log", "w")  # noqa: SIM115 - closed once the child ends
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, env=env, cwd=ROOT, text=True)
     peaks: dict[int, dict] = {}
     tree_peak = [0]
@@ -277,8 +277,8 @@ def main(argv=None) -> int:
     try:
         model = args.model or (make_minilm_classifier(work / "minilm") if args.minilm
                                else make_tiny_classifier(work / "tiny-bert"))
-        print(f"model: {describe_model(model)}\nshard rows: {args.shard_rows}; {args.files} files per size, row groups of "
-              f"{args.row_group_rows}; IMDb share {args.imdb_fraction}; work dir {work}", flush=True)
+        print(f"model: {describe_model(model)}\nshard rows: {args.shard_rows}; {args.files} files per size, "
+              f"row groups of {args.row_group_rows}; IMDb share {args.imdb_fraction}; work dir {work}", flush=True)
         results = []
         for n in sizes:
             t = time.perf_counter()

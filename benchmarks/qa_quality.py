@@ -64,8 +64,9 @@ def main() -> None:
 
     import numpy as np
     import pyarrow.parquet as pq
-    from hfbatch.flows.training import train_flow
     from prefect.testing.utilities import prefect_test_harness
+
+    from hfbatch.flows.training import train_flow
 
     squad = pq.read_table(args.data)
     train, held_out, titles = split_by_article(squad, args.eval_fraction, args.seed)

@@ -24,8 +24,14 @@ ROOT = Path(__file__).resolve().parents[1]
 def plain_trainer(train_file: Path, model: str, args, out: Path) -> tuple[float, float]:
     """The Hugging Face way, by hand: load, tokenize, Trainer.train(). Returns (samples/s, mean loss)."""
     from datasets import load_dataset
-    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
-                              TrainingArguments, set_seed)
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainingArguments,
+        set_seed,
+    )
 
     set_seed(args.seed)
     ds = load_dataset("parquet", data_files=str(train_file), split="train")

@@ -91,7 +91,7 @@ def warm_up(command: str, plan) -> threading.Thread | None:
     if command == "infer":
         target = plan.spec.predictor.load if plan.in_process else lambda: _import_architecture(plan.model.path)
     elif command == "evaluate":
-        target = lambda: _import_architecture(plan.model.path, evaluation=True)  # noqa: E731
+        target = lambda: _import_architecture(plan.model.path, evaluation=True)
     else:
         return None
 

@@ -14,20 +14,18 @@ from prefect import task
 from prefect.filesystems import LocalFileSystem, RemoteFileSystem
 from prefect.tasks import exponential_backoff
 
-from hfbatch.tasks import artifacts
-from hfbatch.tasks.training import evaluation
-from hfbatch.tasks import events
-from hfbatch.tasks.training import tokenization
-from hfbatch.tasks.training import ingest as ingest_mod
-from hfbatch.tasks.training import train as train_mod
+from hfbatch.tasks import artifacts, events
 from hfbatch.tasks.core.errors import is_transient
 from hfbatch.tasks.core.fingerprint import digest
 from hfbatch.tasks.core.options import Options
-from hfbatch.tasks.recipes import get_recipe
 from hfbatch.tasks.core.refs import DatasetRef, EvalResult, ModelRef, TrainedModel
 from hfbatch.tasks.core.registry import Registry
 from hfbatch.tasks.core.settings import Settings
 from hfbatch.tasks.core.store import Store
+from hfbatch.tasks.recipes import get_recipe
+from hfbatch.tasks.training import evaluation, tokenization
+from hfbatch.tasks.training import ingest as ingest_mod
+from hfbatch.tasks.training import train as train_mod
 
 
 def result_storage(store: Store):

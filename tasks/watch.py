@@ -6,7 +6,7 @@ reported once, whichever process or machine looks next.
 from __future__ import annotations
 
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +51,7 @@ def changes(store: Store, prefix: str, files: dict[str, str]) -> dict:
 
 def record(store: Store, prefix: str, files: dict[str, str]) -> None:
     store.write_json(state_key(prefix), {"prefix": prefix, "files": files,
-                                         "seen_at": datetime.now(timezone.utc).isoformat()})
+                                         "seen_at": datetime.now(UTC).isoformat()})
 
 
 def event_id(change: dict) -> uuid.UUID:

@@ -9,14 +9,15 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+from prefect import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
 from hfbatch.tasks.batch import runner
 from hfbatch.tasks.core.models import resolve_model as resolve
 from hfbatch.tasks.core.options import validated
 from hfbatch.tasks.core.settings import Settings
 from hfbatch.tasks.engine.predictor import PredictorSpec
 from hfbatch.tasks.predictors import get_predictor_class
-from prefect import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
 SETTINGS = Settings()  # conftest.py keeps hfbatch on the CPU (HFBATCH_DEVICE=cpu)
 NER_LABELS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC"]

@@ -5,6 +5,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+
 from hfbatch.tasks.batch.runner import run_local
 from hfbatch.tasks.core.models import pick_device, resolve_model, trained_model
 from hfbatch.tasks.core.settings import Settings
@@ -14,7 +15,6 @@ from hfbatch.tasks.training.evaluation import evaluate_model
 from hfbatch.tasks.training.ingest import ingest
 from hfbatch.tasks.training.tokenization import tokenize
 from hfbatch.tasks.training.train import TrainConfig, train
-
 from tests.helpers import predictor_spec
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

@@ -23,11 +23,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from hfbatch.tasks.batch.shards import InputFile, Shard, input_fingerprint
+from hfbatch.tasks.batch.spec import InferSpec
 from hfbatch.tasks.core.errors import ConfigError, IntegrityError
 from hfbatch.tasks.core.monitoring import merge
 from hfbatch.tasks.core.store import STAGING, Store
-from hfbatch.tasks.batch.shards import InputFile, Shard, input_fingerprint
-from hfbatch.tasks.batch.spec import InferSpec
 
 
 def output_store(spec: InferSpec) -> Store:

@@ -5,10 +5,10 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from hfbatch.tasks.prefect_tasks import RETRIES
 from hfbatch.tasks.batch.runner import run_shard
 from hfbatch.tasks.batch.shards import Shard
 from hfbatch.tasks.batch.spec import InferSpec
+from hfbatch.tasks.prefect_tasks import RETRIES
 
 
 @task(name="infer-shard", task_run_name="shard-{shard.index}", cache_policy=NO_CACHE, persist_result=False,

@@ -78,9 +78,7 @@ def _transient(exc: BaseException) -> bool:
     if type(exc).__module__.split(".")[0] in ("botocore", "aiobotocore", "aiohttp", "httpx", "urllib3",
                                                  "requests", "huggingface_hub"):
         return _transient_client_error(exc)
-    if isinstance(exc, OSError) and exc.errno in TRANSIENT_ERRNOS:  # s3fs raises OSError(EIO) for a 5xx
-        return True
-    return False
+    return isinstance(exc, OSError) and exc.errno in TRANSIENT_ERRNOS  # s3fs raises OSError(EIO) for a 5xx
 
 
 def _transient_client_error(exc: BaseException) -> bool:

@@ -29,7 +29,8 @@ def shares(values: Iterable) -> dict:
 def histogram(values: Iterable[float], edges: list[float]) -> dict:
     array = np.asarray(list(values), dtype=np.float64)
     array = array[np.isfinite(array)]
-    counts = np.histogram(np.clip(array, edges[0], edges[-1]), bins=edges)[0] if array.size else np.zeros(len(edges) - 1)
+    counts = (np.histogram(np.clip(array, edges[0], edges[-1]), bins=edges)[0] if array.size
+              else np.zeros(len(edges) - 1))
     return {"kind": "histogram", "edges": list(edges), "counts": [int(c) for c in counts]}
 
 

@@ -209,8 +209,9 @@ class Registry:
         found = file_digests(directory)
         bad = sorted(n for n in expected if found.get(n) != expected[n])
         if bad:
-            raise ModelError(f"model {self.name} v{version}: {', '.join(bad)} in {self.store.uri(self.version_key(version))} "
-                             "do not match the sha256 recorded at registration (corrupted or replaced)")
+            raise ModelError(f"model {self.name} v{version}: {', '.join(bad)} in "
+                             f"{self.store.uri(self.version_key(version))} do not match the sha256 recorded at "
+                             "registration (corrupted or replaced)")
         return found
 
     def verify_stored(self, version: str) -> None:

@@ -154,7 +154,7 @@ def peek_columns(source: Source, options: dict[str, Any] | None = None) -> list[
             if builder == "parquet":
                 return pq.ParquetFile(f).schema_arrow.names
             line = f.readline().decode("utf-8", errors="replace").strip()
-    except Exception as e:  # noqa: BLE001 - whatever the format library raises, name the file
+    except Exception as e:
         if isinstance(e, OSError) and not isinstance(e, FileNotFoundError) and e.errno is not None:
             raise  # the file system's own error (a network failure): not the file's fault
         raise DataError(f"corrupt or unreadable {builder} file {first!r}: {e}") from e

@@ -27,8 +27,9 @@ import shutil
 import tempfile
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, TypeVar
 
 import fsspec
 
@@ -54,7 +55,7 @@ class Store:
         self.is_local = "file" in ((self.fs.protocol,) if isinstance(self.fs.protocol, str) else self.fs.protocol)
 
     @classmethod
-    def open(cls, settings: Settings, url: str | None = None) -> "Store":
+    def open(cls, settings: Settings, url: str | None = None) -> Store:
         """The store at `url` (default: the settings' store) with the settings' storage options."""
         url = url or settings.store
         return cls(url, settings.storage_options(url), settings.cache_dir)

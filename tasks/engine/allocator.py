@@ -41,7 +41,7 @@ def keep_freed_memory() -> bool:
         return False
     try:
         libc = ctypes.CDLL(None)  # the C library this process already uses
-        libc.gnu_get_libc_version  # glibc's own symbol: musl's mallopt accepts these and ignores them
+        _ = libc.gnu_get_libc_version  # glibc's own symbol: musl's mallopt accepts these and ignores them
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False

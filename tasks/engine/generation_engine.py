@@ -17,14 +17,10 @@ step is spent on a finished row or on padding to the longest output of a fixed b
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 import threading
-from typing import ClassVar
 
-import pyarrow as pa
 import torch
-from pydantic import BaseModel
 
 from hfbatch.tasks.engine.generation_batch import Row, Stepper, joinable
 from hfbatch.tasks.engine.generation_search import Decoding

@@ -216,7 +216,8 @@ class Decoding:
         just = hits & (torch.arange(keep, device=hits.device) < nb)[None, :]
         penalty = ((n + 1).double() ** self.length_penalty).to(torch.float32)[:, None]
         scores = top_lp / penalty
-        scores = scores + (finished.all(dim=-1, keepdim=True) & (self.early_stopping is True)).to(torch.float32) * -1.0e9
+        all_done = finished.all(dim=-1, keepdim=True) & (self.early_stopping is True)
+        scores = scores + all_done.to(torch.float32) * -1.0e9
         scores = scores + (~heuristic).to(torch.float32) * -1.0e9
         scores = scores + (~just) * -1.0e9
         merged = torch.cat((b.fin_score.view(rows, nb), scores), dim=1)

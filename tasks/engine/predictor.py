@@ -90,8 +90,8 @@ class Predictor:
         """Refuse a checkpoint that lacks this task's head: its head would be freshly initialised, and
         the answers random."""
         if cls.heads and has_head(model, cls.heads, (cls.task, *cls.aliases)) is False:
-            config = json.loads((Path(model.path) / "config.json").read_text())
-            raise ModelError(f"model {model.source!r} ({', '.join(config.get('architectures') or ['no architecture'])}) "
+            architectures = json.loads((Path(model.path) / "config.json").read_text()).get("architectures")
+            raise ModelError(f"model {model.source!r} ({', '.join(architectures or ['no architecture'])}) "
                              f"has no {cls.task} head: it would predict at random. Fine-tune it first "
                              f"(hfbatch train --task {cls.task}) or choose a {cls.task} checkpoint")
 
@@ -192,7 +192,8 @@ def has_head(model: ModelRef, heads: tuple[str, ...], tasks: tuple[str, ...]) ->
     if config.get("architectures"):
         return any(a.endswith(heads) for a in config["architectures"])
     card = Path(model.path) / "README.md"
-    tag = re.search(r"^pipeline_tag:\s*(\S+)", card.read_text(errors="replace"), re.MULTILINE) if card.exists() else None
+    text = card.read_text(errors="replace") if card.exists() else ""
+    tag = re.search(r"^pipeline_tag:\s*(\S+)", text, re.MULTILINE)
     return None if tag is None else tag.group(1) in tasks
 
 

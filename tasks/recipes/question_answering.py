@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
@@ -127,7 +126,8 @@ def _answers(table: pa.Table, src: str, options: QuestionAnsweringColumns) -> pa
     a row, each `answer_start` pointing at its text in the context."""
     column, values = options.answers_column, table[options.answers_column]
     kind = values.type
-    fields = {kind.field(i).name: kind.field(i).type for i in range(kind.num_fields)} if pa.types.is_struct(kind) else {}
+    fields = ({kind.field(i).name: kind.field(i).type for i in range(kind.num_fields)} if pa.types.is_struct(kind)
+              else {})
     if not (_list_of(fields.get("text"), pa.types.is_string, pa.types.is_large_string)
             and _list_of(fields.get("answer_start"), pa.types.is_integer)):
         raise DataError(f"column {column!r} of {src!r} is {kind}; answers must be in SQuAD layout, "

@@ -15,6 +15,7 @@ from hfbatch.tasks.metrics import compute
 from hfbatch.tasks.predictors.text_classification import TextClassificationPredictor, label_table
 from hfbatch.tasks.recipes.base import Recipe, first_bad_row, require_columns
 
+
 class TextClassificationColumns(Options):
     text_column: str = Field("text", description="column of the input text")
     label_column: str = Field("label", description="column of the class: names, ids, or a ClassLabel")

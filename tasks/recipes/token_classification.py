@@ -182,7 +182,8 @@ def _word_lists(table: pa.Table, src: str, column: str) -> pa.ListArray:
     return pc.cast(words, pa.list_(pa.string()))
 
 
-def _tag_ids(table: pa.Table, features, src: str, options: TokenClassificationColumns, words: pa.ListArray, label_names):
+def _tag_ids(table: pa.Table, features, src: str, options: TokenClassificationColumns, words: pa.ListArray,
+             label_names):
     """The tags as lists of ids into the tag names, and those names."""
     column = options.tags_column
     tags = _list_column(table, src, column, "tags")

@@ -1,5 +1,6 @@
 """Training on several processes of one machine (DDP): the `train` task launches `torchrun` over this
-module, and every process runs the same function (`train.fit`, pickled by reference) on the same job, each on its share of every batch (one per
+module, and every process runs the same function (`train.fit`, pickled by reference) on the same job,
+each on its share of every batch (one per
 GPU; on CPU, gloo and a share of the cores). The Prefect flow and its other tasks stay in the launching
 process: only the fine-tuning is distributed. The first process saves the model and commits the
 checkpoints; it reports the run's figures, or the user error that stopped it, back in a file.

@@ -6,14 +6,14 @@ import tempfile
 from pathlib import Path
 
 from hfbatch.tasks.core.fingerprint import digest
-from hfbatch.tasks.metrics import compute_custom, module_fingerprint
 from hfbatch.tasks.core.models import load_tokenizer, pick_device
 from hfbatch.tasks.core.monitoring import figures
 from hfbatch.tasks.core.options import Options
-from hfbatch.tasks.recipes import Recipe
 from hfbatch.tasks.core.refs import DatasetRef, EvalResult, ModelRef
 from hfbatch.tasks.core.settings import Settings
 from hfbatch.tasks.core.store import Store
+from hfbatch.tasks.metrics import compute_custom, module_fingerprint
+from hfbatch.tasks.recipes import Recipe
 
 EVAL_VERSION = 3
 
@@ -44,7 +44,8 @@ def evaluate_model(model: ModelRef, examples: DatasetRef, features: DatasetRef, 
         device, precision = pick_device(settings.device)
         with tempfile.TemporaryDirectory() as scratch:
             args = recipe.training_arguments(
-                options, output_dir=scratch, per_device_eval_batch_size=batch_size, report_to=[], use_cpu=device == "cpu",
+                options, output_dir=scratch, per_device_eval_batch_size=batch_size, report_to=[],
+                use_cpu=device == "cpu",
                 bf16_full_eval=precision == "bf16", fp16_full_eval=precision == "fp16", disable_tqdm=True)
             trainer = recipe.trainer(model=net, args=args, processing_class=tokenizer,
                                      data_collator=recipe.collator(tokenizer, net))
@@ -62,7 +63,8 @@ def evaluate_model(model: ModelRef, examples: DatasetRef, features: DatasetRef, 
         for name, value in details.items():
             (tmp / f"{name}.json").write_text(json.dumps(value, indent=2))
         return EvalResult(store=store.url, key=key, model=model.source, model_fingerprint=model.fingerprint,
-                          dataset_fingerprint=examples.fingerprint, num_rows=examples.num_rows, label_names=examples.label_names,
+                          dataset_fingerprint=examples.fingerprint, num_rows=examples.num_rows,
+                          label_names=examples.label_names,
                           metrics=scores, details=details)
 
     return store.memoize(key, EvalResult, produce)

@@ -9,10 +9,10 @@ from hfbatch.tasks.core import sources
 from hfbatch.tasks.core.errors import DataError
 from hfbatch.tasks.core.fingerprint import digest
 from hfbatch.tasks.core.options import Options
-from hfbatch.tasks.recipes import Recipe
 from hfbatch.tasks.core.refs import DatasetRef
 from hfbatch.tasks.core.settings import Settings
 from hfbatch.tasks.core.store import Store
+from hfbatch.tasks.recipes import Recipe
 
 INGEST_VERSION = 2
 

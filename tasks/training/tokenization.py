@@ -8,10 +8,10 @@ from hfbatch.tasks.core.errors import ConfigError
 from hfbatch.tasks.core.fingerprint import digest
 from hfbatch.tasks.core.models import load_tokenizer
 from hfbatch.tasks.core.options import Options
-from hfbatch.tasks.recipes import Recipe
 from hfbatch.tasks.core.refs import DatasetRef, ModelRef
 from hfbatch.tasks.core.settings import Settings
 from hfbatch.tasks.core.store import Store
+from hfbatch.tasks.recipes import Recipe
 
 TOKENIZE_VERSION = 2
 SPLITS = ("train", "eval")

@@ -13,10 +13,10 @@ from hfbatch.tasks.core.card import write_model_card
 from hfbatch.tasks.core.fingerprint import digest
 from hfbatch.tasks.core.models import load_tokenizer, pick_device
 from hfbatch.tasks.core.options import Options
-from hfbatch.tasks.recipes import Recipe, get_recipe
 from hfbatch.tasks.core.refs import DatasetRef, ModelRef, TrainedModel
 from hfbatch.tasks.core.settings import Settings
 from hfbatch.tasks.core.store import Store
+from hfbatch.tasks.recipes import Recipe, get_recipe
 
 log = logging.getLogger(__name__)
 TRAIN_VERSION = 1
@@ -135,7 +135,8 @@ def fit(data: DatasetRef, model: ModelRef, store: Store, task: str, options: Opt
     tokenizer = load_tokenizer(model, settings)
     net = recipe.model_for_training(model, data.label_names, settings)
     args = recipe.training_arguments(
-        options, output_dir=str(output_dir), num_train_epochs=config.epochs, per_device_train_batch_size=config.batch_size,
+        options, output_dir=str(output_dir), num_train_epochs=config.epochs,
+        per_device_train_batch_size=config.batch_size,
         learning_rate=config.learning_rate, weight_decay=config.weight_decay,
         warmup_steps=config.warmup_ratio,  # transformers 5: warmup_steps below 1 is a fraction of the steps
         seed=config.seed, data_seed=config.seed, save_strategy="steps", save_steps=config.save_steps,

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+
 from hfbatch.tasks.core.registry import Registry
 from hfbatch.tasks.core.store import Store
-
 from tests.flows.test_operations import BIN, ROOT, _api, _wait, prefect_server  # noqa: F401
 from tests.flows.test_registry_ops import _register
 from tests.helpers import start_process, stop_process, tiny
@@ -201,8 +201,9 @@ def test_the_four_alerts_arrive_with_the_run_and_its_link(prefect_server, receiv
 ], ids=["missing block", "no type", "url for another type", "short deadline"])
 def test_alert_settings_are_checked_before_anything_is_deployed(prefect_server, args, env_extra, message,  # noqa: F811
                                                                monkeypatch, capsys):
-    from hfbatch.flows.cli import main
     from prefect.client.orchestration import get_client
+
+    from hfbatch.flows.cli import main
 
     for key, value in env_extra.items():
         monkeypatch.setenv(key, value)

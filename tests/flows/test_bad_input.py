@@ -16,6 +16,7 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
 from hfbatch.flows import commands
 from hfbatch.flows.cli import main
 

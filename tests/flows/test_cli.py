@@ -4,6 +4,7 @@ import json
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
 from hfbatch.flows.cli import main
 
 

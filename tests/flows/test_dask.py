@@ -17,10 +17,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from hfbatch.flows import inference
-from hfbatch.flows.cli import main
 from prefect.exceptions import ParameterTypeError
 
+from hfbatch.flows import inference
+from hfbatch.flows.cli import main
 from tests.conftest import free_port
 from tests.helpers import call_flow, start_process, stop_process
 

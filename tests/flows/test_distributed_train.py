@@ -5,9 +5,9 @@ import json
 
 import pyarrow.parquet as pq
 import pytest
+
 from hfbatch.flows.training import train_flow
 from hfbatch.tasks.core.errors import ConfigError
-
 from tests.helpers import call_flow
 
 pytestmark = pytest.mark.slow

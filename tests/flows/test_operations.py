@@ -153,7 +153,7 @@ def postgres():
     installed (.ci/run installs it)."""
     bindir = postgres_bindir()
     if bindir is None:
-        warnings.warn("PostgreSQL is not installed: the production Prefect server runs on SQLite")
+        warnings.warn("PostgreSQL is not installed: the production Prefect server runs on SQLite", stacklevel=2)
         yield None
         return
     server = PostgresServer(bindir)
@@ -337,7 +337,7 @@ def test_auth_refuses_strangers_and_no_secret_is_written_anywhere(loop):
     if loop["server"]["database"]:  # the database's password stays with the server
         secrets += (loop["server"]["database"].password.encode(),)
     fs = loop["fs"]
-    objects = [f for f in fs.find(loop["root"].removeprefix("s3://"))]
+    objects = list(fs.find(loop["root"].removeprefix("s3://")))
     assert len(objects) > 20  # the store, the data and the predictions
     for path in objects:
         data = fs.cat_file(path)

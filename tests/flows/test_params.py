@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from hfbatch.flows import cli, reference
 from hfbatch.flows.commands import flows
 from hfbatch.flows.params import InferOptions, TrainOptions, check_parameters, flow_options, flow_values

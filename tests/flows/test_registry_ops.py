@@ -11,17 +11,17 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
+
 from hfbatch.flows.cli import main
 from hfbatch.flows.registry import promote_flow
 from hfbatch.flows.status import collect_status, format_status
 from hfbatch.tasks.core.errors import ModelError
-from hfbatch.tasks.events import PROMOTED, operator
 from hfbatch.tasks.core.models import resolve_model
 from hfbatch.tasks.core.refs import EvalResult, TrainedModel
 from hfbatch.tasks.core.registry import Registry
 from hfbatch.tasks.core.settings import Settings
 from hfbatch.tasks.core.store import Store
-
+from hfbatch.tasks.events import PROMOTED, operator
 from tests.helpers import call_flow, tiny
 
 
@@ -79,10 +79,11 @@ def _promoted_events(name: str, count: int, timeout: float = 60) -> list:
 
 def test_promote_rollback_aliases_history_and_next_inference(prefect_harness, tiny_classifier, data_dir, tmp_path,
                                                              capsys):
-    from hfbatch.flows.inference import batch_inference
     from prefect import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowFilter, FlowFilterName
     from prefect.client.schemas.sorting import ArtifactSort
+
+    from hfbatch.flows.inference import batch_inference
 
     name, store = "ops-local", Store(str(tmp_path / "store"))
     gate = [_register(store, name, f"r{i}", acc, champ, tiny_classifier).promoted
@@ -210,7 +211,7 @@ def test_concurrent_promotions_and_registrations_lose_nothing(where, request, tm
     def run(fn, *args) -> None:
         try:
             fn(*args)
-        except BaseException as e:  # noqa: BLE001  (reported below)
+        except BaseException as e:
             errors.append(e)
 
     threads = [threading.Thread(target=run, args=(promote,))]

@@ -1,8 +1,8 @@
 """The train flow with the whole store on S3 (a real S3 HTTP server, moto, on 127.0.0.1)."""
 import pytest
 import s3fs
-from hfbatch.flows.training import train_flow
 
+from hfbatch.flows.training import train_flow
 from tests.helpers import call_flow, task_states
 
 pytestmark = pytest.mark.slow

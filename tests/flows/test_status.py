@@ -7,13 +7,13 @@ import shutil
 
 import pyarrow.parquet as pq
 import pytest
+
 from hfbatch.flows.cli import main
 from hfbatch.flows.status import collect_status, format_status
 from hfbatch.tasks.core.refs import EvalResult, TrainedModel
 from hfbatch.tasks.core.registry import Registry
 from hfbatch.tasks.core.settings import Settings
 from hfbatch.tasks.core.store import Store
-
 from tests.helpers import call_flow
 
 
@@ -50,9 +50,10 @@ def _register(store: Store, model_dir: str, run_key: str, accuracy: float, champ
 
 
 def test_status_shows_champion_trend_and_last_runs(prefect_harness, tiny_classifier, data_dir, tmp_path, capsys):
-    from hfbatch.flows.inference import batch_inference
     from prefect import get_client
     from prefect.states import Completed, Running
+
+    from hfbatch.flows.inference import batch_inference
 
     store = Store(str(tmp_path / "store"))
     assert [_register(store, tiny_classifier, f"r{i}", acc, champ).promoted

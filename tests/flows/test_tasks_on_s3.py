@@ -4,8 +4,8 @@ same rows as a local run, the manifest accounts for every row, and a rerun redoe
 import pyarrow.parquet as pq
 import pytest
 import s3fs
-from hfbatch.flows.inference import batch_inference
 
+from hfbatch.flows.inference import batch_inference
 from tests.helpers import call_flow, tiny_qa
 
 

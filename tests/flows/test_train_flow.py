@@ -5,9 +5,9 @@ import sys
 import time
 
 import pytest
-from hfbatch.flows.training import train_flow
 
-from tests.helpers import call_flow, artifact_keys, task_states
+from hfbatch.flows.training import train_flow
+from tests.helpers import artifact_keys, call_flow, task_states
 
 pytestmark = pytest.mark.slow
 
@@ -114,12 +114,13 @@ def test_batch_inference_is_compared_with_the_versions_evaluation(cold_run, sst2
     `sst2-dashboard` artifact and `hfbatch status` show both runs."""
     import pyarrow as pa
     import pyarrow.parquet as pq
+
     from hfbatch.flows.inference import batch_inference
     from hfbatch.flows.status import collect_status, format_status
-    from hfbatch.tasks.events import DRIFTED
     from hfbatch.tasks.core.registry import Registry
     from hfbatch.tasks.core.settings import Settings
     from hfbatch.tasks.core.store import Store
+    from hfbatch.tasks.events import DRIFTED
 
     params = cold_run[0]
     store = Store.open(Settings(), params["store"])

@@ -7,14 +7,15 @@ import re
 import uuid
 
 import pytest
+from prefect import flow
+
 from hfbatch.tasks.artifacts import card_markdown, publish_dashboard, publish_training_artifacts
 from hfbatch.tasks.core.card import write_model_card
 from hfbatch.tasks.core.plots import loss_curve_png, loss_points
-from hfbatch.tasks.prefect_tasks import register_task
 from hfbatch.tasks.core.refs import EvalResult, TrainedModel
 from hfbatch.tasks.core.registry import Registry
 from hfbatch.tasks.core.store import Store
-from prefect import flow
+from hfbatch.tasks.prefect_tasks import register_task
 
 # `train_log.json` of the 5-step run in test_train.py (logging_steps=2): the Trainer's log_history
 LOG_HISTORY = [

@@ -1,5 +1,6 @@
 import evaluate
 import pytest
+
 from hfbatch.tasks.metrics import metric_path
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pyarrow.parquet as pq
+
 from hfbatch.tasks import watch
 from hfbatch.tasks.core.store import Store
 

@@ -12,11 +12,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
 from hfbatch.tasks.core.errors import ConfigError, DataError
-from hfbatch.tasks.batch import runner
 from hfbatch.tasks.engine.predictor import PredictorSpec
 from hfbatch.tasks.predictors import get_predictor_class
-
 from tests.helpers import call_flow, resolve_model, run_local
 
 
@@ -157,6 +156,7 @@ def test_sigkill_mid_run_then_rerun_is_exactly_once(classifier, data_dir, tmp_pa
 
 def test_s3_input_and_output(prefect_harness, s3, classifier, mixed):
     import s3fs
+
     from hfbatch.flows.inference import batch_inference
 
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3.endpoint})
@@ -189,7 +189,7 @@ class RestartableS3:
         self.port, self.server, self.conns = free_port(), None, []
         self.endpoint = f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> "RestartableS3":
+    def start(self) -> RestartableS3:
         import threading
 
         from moto.server import DomainDispatcherApplication, create_backend_app
@@ -229,6 +229,7 @@ def test_s3_server_restart_mid_run_is_carried_by_retries(prefect_harness, classi
 
     import boto3
     import s3fs
+
     from hfbatch.flows.inference import batch_inference
 
     server = RestartableS3().start()

@@ -6,8 +6,9 @@ import errno
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from hfbatch.tasks.core.errors import ConfigError, DataError
+
 from hfbatch.tasks.batch.shards import describe_input, iter_shard_batches, list_input_files, plan_shards
+from hfbatch.tasks.core.errors import ConfigError, DataError
 
 
 @pytest.fixture
@@ -109,7 +110,6 @@ def test_file_system_errors_pass_unchanged_to_be_retried():
     from hfbatch.tasks.batch.shards import _decoding
 
     error = OSError(errno.EIO, "We encountered an internal error. Please try again.")
-    with pytest.raises(OSError) as info:
-        with _decoding("/nonexistent/never-read.parquet", 0, ["text"]):
-            raise error
+    with pytest.raises(OSError) as info, _decoding("/nonexistent/never-read.parquet", 0, ["text"]):
+        raise error
     assert info.value is error

@@ -3,9 +3,10 @@ import errno
 
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError
+from prefect import flow, task
+
 from hfbatch.tasks.core.errors import DataError, TransientReadError, is_transient
 from hfbatch.tasks.prefect_tasks import RETRIES
-from prefect import flow, task
 
 
 def _client_error(code: str, status: int) -> ClientError:

@@ -1,6 +1,7 @@
 import shutil
 
 import pytest
+
 from hfbatch.tasks.core.errors import ModelError
 from hfbatch.tasks.core.models import resolve_model
 from hfbatch.tasks.core.settings import Settings
@@ -42,6 +43,7 @@ def test_device_setting(monkeypatch):
     running on the CPU; anything else is refused, in HFBATCH_DEVICE as in the parameter."""
     import pydantic
     import torch
+
     from hfbatch.tasks.core.errors import ConfigError
     from hfbatch.tasks.core.models import pick_device
 

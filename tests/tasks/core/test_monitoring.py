@@ -3,6 +3,7 @@ large for a shifted one (real SST-2 lengths)."""
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+
 from hfbatch.tasks.core import monitoring as m
 
 

@@ -1,5 +1,6 @@
 """Registry logic on small hand-made model directories (the files are copied, never loaded)."""
 import pytest
+
 from hfbatch.tasks.core.errors import ModelError
 from hfbatch.tasks.core.refs import EvalResult, TrainedModel
 from hfbatch.tasks.core.registry import Registry

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+
 from hfbatch.tasks.core.settings import Settings
 from hfbatch.tasks.core.store import MARKER, Store
 
@@ -13,10 +14,9 @@ def test_staging_commits_marker_last_and_failed_block_leaves_nothing(tmp_path):
     assert (tmp_path / "store/things/a/data.txt").read_text() == "hello"
     assert store.read_json(f"things/a/{MARKER}") == {"rows": 3}
 
-    with pytest.raises(RuntimeError):
-        with store.staging("things/b") as tmp:
-            (tmp / "half.txt").write_text("half")
-            raise RuntimeError("crash mid-write")
+    with pytest.raises(RuntimeError), store.staging("things/b") as tmp:
+        (tmp / "half.txt").write_text("half")
+        raise RuntimeError("crash mid-write")
     assert not store.exists("things/b") and not store.is_complete("things/b")
     assert list((tmp_path / "store/_staging").iterdir()) == []
 

@@ -12,13 +12,13 @@ import contextlib
 import pyarrow.parquet as pq
 import pytest
 import torch
+
 from hfbatch.tasks.core.errors import ConfigError
 from hfbatch.tasks.core.inputs import CHAT
 from hfbatch.tasks.engine import generation_batch
 from hfbatch.tasks.engine.generation import row_seed
 from hfbatch.tasks.engine.generation_engine import GenerationEngine
 from hfbatch.tasks.engine.streams import Streams
-
 from tests.generation_models import decoder_models, seq2seq_models
 from tests.helpers import predictor, resolve_model
 

@@ -5,10 +5,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+
+from hfbatch.tasks.core.settings import Settings
 from hfbatch.tasks.engine import onednn
 from hfbatch.tasks.engine.onednn import MIN_ROWS, PackedForward, pack_linear_layers
-from hfbatch.tasks.core.settings import Settings
-
 from tests.helpers import SETTINGS, predictor, predictor_spec, resolve_model
 
 pytestmark = pytest.mark.skipif(not onednn.available(), reason="this torch has no oneDNN")

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from hfbatch.tasks.core.errors import ConfigError
-from hfbatch.tasks.engine.first_token import FirstTokenLayer, first_token_only
-from hfbatch.tasks.engine.batching import token_budget_batches
 
+from hfbatch.tasks.core.errors import ConfigError
+from hfbatch.tasks.engine.batching import token_budget_batches
+from hfbatch.tasks.engine.first_token import FirstTokenLayer, first_token_only
 from tests.helpers import predictor, resolve_model, run_local, texts_of
 
 
@@ -37,6 +37,7 @@ def test_cpu_batches_run_on_single_threaded_streams(classifier, mixed, monkeypat
     import threading
 
     import torch
+
     from hfbatch.tasks.engine import cpu, streams
 
     before = torch.get_num_threads()
@@ -150,6 +151,7 @@ def test_bf16_precision_runs_in_bf16_where_the_cpu_has_bf16_units(minilm, mixed,
     MiniLM stay close to the exact ones; a CPU without them is refused with a clear error (that CPU is
     simulated by making the detection say no: this machine's CPU cannot be swapped)."""
     import torch
+
     from hfbatch.tasks.engine import predictor as predictor_module
 
     ref = resolve_model(minilm)

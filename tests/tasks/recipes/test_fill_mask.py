@@ -4,9 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from hfbatch.tasks.predictors import get_predictor_class
-from hfbatch.tasks.recipes import get_recipe
 
+from hfbatch.tasks.predictors import get_predictor_class
 from tests.helpers import resolve_model, run_local
 
 
@@ -47,6 +46,7 @@ def test_top_k_defaults_to_five_and_zero_is_refused(tiny_models, data_dir, tmp_p
     """`top_k` is shared with sampling (unset there means the model's generation config): unset, fill-mask
     returns 5 tokens per row; 0 is refused before any model is loaded."""
     import pytest
+
     from hfbatch.tasks.core.errors import ConfigError
 
     words = [t.split() for t in pq.read_table(data_dir / "sst2" / "train.parquet").slice(0, 6).column("text")

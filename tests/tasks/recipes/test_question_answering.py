@@ -12,11 +12,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
 from hfbatch.tasks.core.errors import ConfigError, DataError
 from hfbatch.tasks.metrics import compute
 from hfbatch.tasks.recipes import get_recipe
-
-from tests.helpers import call_flow, SETTINGS, tiny_qa
+from tests.helpers import SETTINGS, call_flow, tiny_qa
 
 QA = get_recipe("question-answering")
 LONG_CONTEXTS = [4142, 4180, 4203, 4260, 4265, 4279, 4297, 4301, 4850, 6373]
@@ -213,13 +213,14 @@ def test_short_training_fits_and_its_metrics_are_the_squad_modules(data_dir, min
     evaluation's figures are the squad module's on answers found from logits computed here, and far
     above the untrained head's (the training fits its data)."""
     import torch
-    from hfbatch.tasks.training.evaluation import evaluate_model
-    from hfbatch.tasks.training.ingest import ingest
+    from transformers import AutoModelForQuestionAnswering
+
     from hfbatch.tasks.core.models import load_tokenizer, resolve_model, trained_model
     from hfbatch.tasks.core.store import Store
+    from hfbatch.tasks.training.evaluation import evaluate_model
+    from hfbatch.tasks.training.ingest import ingest
     from hfbatch.tasks.training.tokenization import tokenize
     from hfbatch.tasks.training.train import TrainConfig, train
-    from transformers import AutoModelForQuestionAnswering
 
     path = tmp_path / "normans.parquet"
     pq.write_table(squad(data_dir).slice(1057, 64), path)

@@ -14,20 +14,20 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+
 from hfbatch.tasks.core.errors import ConfigError, DataError
-from hfbatch.tasks.core.options import validated
-from hfbatch.tasks.predictors import get_predictor_class
-from hfbatch.tasks.predictors.seq2seq import Seq2SeqPredictor
-from hfbatch.tasks.training.evaluation import evaluate_model
-from hfbatch.tasks.training.ingest import ingest
 from hfbatch.tasks.core.models import load_tokenizer, local_model, trained_model
-from hfbatch.tasks.recipes import all_recipes, get_recipe, task_names
-from hfbatch.tasks.recipes.seq2seq import Seq2Seq, Seq2SeqOptions
+from hfbatch.tasks.core.options import validated
 from hfbatch.tasks.core.settings import Settings
 from hfbatch.tasks.core.store import Store
+from hfbatch.tasks.predictors import get_predictor_class
+from hfbatch.tasks.predictors.seq2seq import Seq2SeqPredictor
+from hfbatch.tasks.recipes import all_recipes, get_recipe, task_names
+from hfbatch.tasks.recipes.seq2seq import Seq2Seq, Seq2SeqOptions
+from hfbatch.tasks.training.evaluation import evaluate_model
+from hfbatch.tasks.training.ingest import ingest
 from hfbatch.tasks.training.tokenization import tokenize
 from hfbatch.tasks.training.train import TrainConfig, train
-
 from tests.generation_models import seq2seq_builders
 from tests.helpers import call_flow, predictor, resolve_model, run_local
 

@@ -8,15 +8,16 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+
 from hfbatch.tasks.core.errors import ConfigError
 from hfbatch.tasks.engine.first_token import FirstTokenLayer
-
 from tests.helpers import call_flow, predictor, resolve_model, run_local, texts_of
 
 
 def test_text_classification_matches_pipeline(prefect_harness, classifier, mixed, tmp_path):
-    from hfbatch.flows.inference import batch_inference
     from transformers import pipeline
+
+    from hfbatch.flows.inference import batch_inference
 
     out = tmp_path / "out"
     summary = call_flow(batch_inference, model=classifier, task="sentiment-analysis", input=str(mixed), output=str(out),

@@ -14,6 +14,7 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
 from hfbatch.flows import cli
 from hfbatch.flows.commands import flows as cli_flows
 from hfbatch.flows.params import InferOptions, flow_values
@@ -22,7 +23,6 @@ from hfbatch.tasks.core.options import validated
 from hfbatch.tasks.predictors import get_predictor_class
 from hfbatch.tasks.predictors import task_names as predictor_task_names
 from hfbatch.tasks.recipes import get_recipe, task_names
-
 from tests.generation_models import decoder_models
 from tests.helpers import call_flow, predictor, resolve_model, run_local
 
@@ -65,13 +65,14 @@ def test_options_and_cli():
     args = cli.build_parser().parse_args(["infer", "--model", "m", "--input", "i", "--output", "o", "--do-sample",
                                           "--temperature", "0.7", "--top-k", "20", "--messages-column", "chat"])
     assert (args.do_sample, args.temperature, args.top_k, args.messages_column) == (True, 0.7, 20, "chat")
-    values = flow_values(cli_flows()["infer"], vars(args), "text-generation")
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "json", "debug")}
+    values = flow_values(cli_flows()["infer"], given, "text-generation")
     assert values["options"] == {"text_generation": {"do_sample": True, "temperature": 0.7, "top_k": 20,
                                                      "messages_column": "chat"}}
     with pytest.raises(ConfigError, match="--top-k: Input should be greater than or equal to 1 \\(got 0\\)"):
         validated(get_predictor_class("fill-mask").options_class, {"top_k": 0})
     with pytest.raises(ConfigError, match="--do-sample is an option of summarization, text-generation, text2text-generation, translation, not of fill-mask"):
-        flow_values(cli_flows()["infer"], vars(args), "fill-mask")
+        flow_values(cli_flows()["infer"], given, "fill-mask")
 
 
 def test_flow_end_to_end_with_sampling_and_rerun(prefect_harness, decoders, prompts, tmp_path):

@@ -11,10 +11,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
 from hfbatch.tasks.core.errors import DataError
 from hfbatch.tasks.recipes import get_recipe
-
-from tests.helpers import call_flow, NER_LABELS, SETTINGS, artifact_keys, resolve_model, run_local, texts_of
+from tests.helpers import NER_LABELS, SETTINGS, artifact_keys, call_flow, resolve_model, run_local, texts_of
 
 NER = get_recipe("token-classification")
 SORTED_TAGS = ("O", "B-LOC", "B-MISC", "B-ORG", "B-PER", "I-LOC", "I-MISC", "I-ORG", "I-PER")
@@ -44,8 +44,8 @@ def conll_files(data_dir, tmp_path_factory) -> tuple[Path, Path]:
 
 
 def test_prepare_keeps_words_and_tags_by_name(data_dir, tmp_path):
-    from hfbatch.tasks.training.ingest import ingest
     from hfbatch.tasks.core.store import Store
+    from hfbatch.tasks.training.ingest import ingest
 
     table = conll_rows(data_dir)
     words, tags = table.column("tokens").to_pylist(), table.column("ner_tags").to_pylist()
@@ -171,15 +171,16 @@ def test_short_training_is_scored_by_seqeval(conll_files, minilm, tmp_path):
     """MiniLM fine-tuned on 400 CoNLL sentences (50 steps); the evaluation's figures are seqeval's on
     predictions made here by hand, word by word."""
     import torch
-    from hfbatch.tasks.training.evaluation import evaluate_model
-    from hfbatch.tasks.training.ingest import ingest
-    from hfbatch.tasks.core.models import trained_model
-    from hfbatch.tasks.core.store import Store
-    from hfbatch.tasks.training.tokenization import tokenize
-    from hfbatch.tasks.training.train import TrainConfig, train
     from seqeval.metrics import accuracy_score, f1_score, precision_score, recall_score
     from seqeval.metrics.sequence_labeling import get_entities
     from transformers import AutoModelForTokenClassification, AutoTokenizer
+
+    from hfbatch.tasks.core.models import trained_model
+    from hfbatch.tasks.core.store import Store
+    from hfbatch.tasks.training.evaluation import evaluate_model
+    from hfbatch.tasks.training.ingest import ingest
+    from hfbatch.tasks.training.tokenization import tokenize
+    from hfbatch.tasks.training.train import TrainConfig, train
 
     train_file, eval_file = conll_files
     store, options = Store(str(tmp_path / "store")), NER.options_class()

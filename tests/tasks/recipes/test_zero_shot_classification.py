@@ -5,10 +5,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
 from hfbatch.tasks.core.errors import ConfigError
 from hfbatch.tasks.predictors import get_predictor_class
-from hfbatch.tasks.recipes import get_recipe
-
 from tests.helpers import predictor, resolve_model, run_local, texts_of
 
 

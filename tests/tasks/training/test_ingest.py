@@ -4,12 +4,13 @@ from collections import Counter
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from hfbatch.tasks.training import ingest as ingest_mod
+
 from hfbatch.tasks.core.errors import DataError
-from hfbatch.tasks.recipes import get_recipe
 from hfbatch.tasks.core.settings import Settings
 from hfbatch.tasks.core.sources import fingerprint, parse_source
 from hfbatch.tasks.core.store import Store
+from hfbatch.tasks.recipes import get_recipe
+from hfbatch.tasks.training import ingest as ingest_mod
 
 TC = get_recipe("text-classification")
 

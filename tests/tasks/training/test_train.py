@@ -2,14 +2,15 @@
 import json
 
 import pytest
-from hfbatch.tasks.core.options import validated
+
 from hfbatch.tasks.core.errors import ConfigError
-from hfbatch.tasks.training.ingest import ingest
 from hfbatch.tasks.core.models import resolve_model
+from hfbatch.tasks.core.options import validated
 from hfbatch.tasks.core.plots import loss_curve_png, loss_points
-from hfbatch.tasks.recipes import get_recipe
 from hfbatch.tasks.core.settings import Settings
 from hfbatch.tasks.core.store import Store
+from hfbatch.tasks.recipes import get_recipe
+from hfbatch.tasks.training.ingest import ingest
 from hfbatch.tasks.training.tokenization import tokenize
 from hfbatch.tasks.training.train import TrainConfig, train
 
