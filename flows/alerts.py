@@ -60,7 +60,8 @@ def notification_block(settings: Settings) -> UUID | None:
     if settings.alert_webhook_url:
         block = CustomWebhookNotificationBlock(name=name, url=settings.alert_webhook_url,
                                                json_data={"subject": "{{subject}}", "body": "{{body}}"})
-        return block.save(name, overwrite=True)
+        saved: UUID = block.save(name, overwrite=True)  # type: ignore[assignment]  # sync here
+        return saved
     with get_client(sync_client=True) as client:
         try:
             document = client.read_block_document_by_name(name, block_type_slug=slug, include_secrets=False)

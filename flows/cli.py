@@ -3,6 +3,7 @@ options made from the flow's parameters (`flows/params.py`): same names, types, 
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import json
 import logging
@@ -89,14 +90,14 @@ def build_parser(flow_options: bool = True) -> argparse.ArgumentParser:
 def add_option(parser: argparse.ArgumentParser, option: Option) -> None:
     """`--name-with-dashes` for a flow parameter (or a field of its `training` or `options` models): its
     type, choices and description, its default in the help. Only options given reach the flow."""
-    extra = option.field.json_schema_extra if isinstance(option.field.json_schema_extra, dict) else {}
+    extra = option.info.json_schema_extra if isinstance(option.info.json_schema_extra, dict) else {}
     kind, inner = _kind(option.annotation)
     kwargs: dict[str, Any] = {"dest": option.dest, "help": option.help}
     if option.required:
         kwargs["required"] = True
     else:
         kwargs["default"] = argparse.SUPPRESS
-        default = option.field.get_default()
+        default = option.info.get_default()
         if not option.per_task and not unset(default):
             kwargs["help"] += f" (default: {default})"
     if kind == "bool":
@@ -106,12 +107,12 @@ def add_option(parser: argparse.ArgumentParser, option: Option) -> None:
     elif kind == "list":
         kwargs.update(type=_comma_list, metavar="A,B,...")
     elif kind == "dict":
-        metavar = extra.get("metavar", "KEY=VALUE,...")
+        metavar = str(extra.get("metavar", "KEY=VALUE,..."))
         kwargs.update(type=_pairs(metavar), metavar=metavar)
     else:
         kwargs["type"] = inner
     action = parser.add_argument(option.flag, *option.aliases, **kwargs)
-    action.shown_default = None if option.per_task or option.required else option.field.get_default()
+    action.shown_default = None if option.per_task or option.required else option.info.get_default()  # type: ignore[attr-defined]
 
 
 def _kind(annotation) -> tuple[str, Any]:
@@ -156,27 +157,31 @@ def _pairs(metavar: str):
 def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 done, 2 an error in the input or configuration (one message; the traceback with
     --debug and in the Prefect run log), 130/143 stopped by SIGINT/SIGTERM (committed work kept).
-    Run as the program (no `argv`), it ends the process: `_end`."""
-    if argv is None:
-        _end(_main(sys.argv[1:]))
-    return _main(argv)
-
-
-def _end(code: int) -> typing.NoReturn:
-    """Run the exit handlers (Prefect's, which send the last logs and events; the temporary server's
-    stop; logging's), flush the output, and leave without the interpreter's teardown of torch,
-    transformers and Prefect, which adds seconds to every command and saves nothing."""
-    import atexit
-
-    # logging's own exit handler was registered before the temporary server started, so atexit would run
-    # it after the server's stop: Prefect's API log handler would then wait seconds for a server that is
-    # gone, and its last logs would be lost. Flush and close the handlers while the server still runs.
+    Run as the program (no `argv`), it ends the process (`_skip_teardown`)."""
+    if argv is not None:
+        return _main(argv)
+    atexit.register(_skip_teardown)  # the first exit handler registered: it runs last
+    code = _main(sys.argv[1:])
+    # logging's exit handler was registered before the temporary server started, so it would run after
+    # the server's stop: Prefect's API log handler would wait seconds for a server that is gone, and the
+    # last logs would be lost. Flush and close the handlers while the server still runs.
     logging.shutdown()
-    atexit._run_exitfuncs()
+    _EXIT_CODE[:] = [code]
+    sys.exit(code)
+
+
+_EXIT_CODE = [0]
+
+
+def _skip_teardown() -> None:
+    """The last exit handler, once every other one has run (Prefect's, which send the last logs and
+    events; the temporary server's stop): leave without the interpreter's finalization, which takes
+    1.5-1.8 s after every command (torch's and oneDNN's native teardown; `benchmarks/RESULTS.md`) and
+    saves nothing."""
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
-    os._exit(code)
+    os._exit(_EXIT_CODE[0])
 
 
 def _main(argv: list[str]) -> int:
@@ -254,19 +259,32 @@ def _stopped_by_signals():
         signal.signal(signal.SIGTERM, previous)
 
 
-class _UserErrorFilter(logging.Filter):
-    """Keeps Prefect's console log free of errors in the user's input: the CLI says them once, without
-    a traceback. They still reach the Prefect run log (the API handler)."""
+class _FailuresHeld(logging.Filter):
+    """Holds back, from Prefect's console log, the records of a failure (errors, and the runs' "Finished in
+    state Failed" lines) until the command ends: those about the error the command reports itself (an
+    `HfbatchError`: one line, no traceback) are dropped then, the others printed. A record that carries
+    such an error (its traceback) is dropped at once. They all reach the Prefect run log (the API handler)."""
 
-    NAMES = tuple(f"{cls.__name__}" for cls in (HfbatchError, *HfbatchError.__subclasses__()))
+    def __init__(self):
+        super().__init__()
+        self.held: list[tuple[logging.Handler, logging.LogRecord]] = []
+        self.handler: logging.Handler | None = None
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info and isinstance(record.exc_info[1], HfbatchError):
             return False
-        if record.levelno >= logging.WARNING or "Failed" in record.getMessage():
-            return not any(f"{name}:" in record.getMessage() or f"{name}(" in record.getMessage()
-                           for name in self.NAMES)
+        if record.levelno >= logging.ERROR or record.getMessage().startswith("Finished in state Failed"):
+            assert self.handler is not None
+            self.held.append((self.handler, record))
+            return False
         return True
+
+    def release(self, error: BaseException | None) -> None:
+        """Print what was held, except the records that are about `error`, a user error the command reports."""
+        told = str(error) if isinstance(error, HfbatchError) else None
+        for handler, record in self.held:
+            if told is None or told not in record.getMessage():
+                handler.handle(record)  # past the filters: this one held it
 
 
 @contextlib.contextmanager
@@ -277,14 +295,22 @@ def _user_errors_quiet(enabled: bool):
     import prefect.logging  # noqa: F401  (sets up Prefect's handlers)
 
     handlers = [h for h in logging.getLogger().handlers if type(h).__name__ == "PrefectConsoleHandler"]
-    quiet = _UserErrorFilter()
+    filters = []
     for handler in handlers:
-        handler.addFilter(quiet)
+        held = _FailuresHeld()
+        held.handler = handler
+        handler.addFilter(held)
+        filters.append(held)
+    error: BaseException | None = None
     try:
         yield
+    except BaseException as e:
+        error = e
+        raise
     finally:
-        for handler in handlers:
-            handler.removeFilter(quiet)
+        for handler, held in zip(handlers, filters):
+            handler.removeFilter(held)
+            held.release(error)
 
 
 def _operate(args) -> dict:
@@ -316,7 +342,7 @@ class _InferProgress:
     def __init__(self, enabled: bool):
         force = os.environ.get("HFBATCH_PROGRESS")
         self.enabled = enabled and (force != "0") and (force == "1" or sys.stderr.isatty())
-        self.bar = None
+        self.bar: Any = None
 
     def __enter__(self) -> _InferProgress:
         return self

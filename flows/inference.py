@@ -6,13 +6,13 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.context import FlowRunContext
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from hfbatch.flows import plans
 from hfbatch.flows.params import InferOptions, InferTask, parameter_model, task_options
@@ -81,7 +81,9 @@ def shard_runner(task_runner: str = "threads", dask_address: str | None = None) 
     """The task runner the shards are submitted to: the flow's own thread pool, or a Dask cluster
     (started here and closed on exit when it is a `LocalCluster`)."""
     if task_runner == "threads":
-        yield FlowRunContext.get().task_runner
+        context = FlowRunContext.get()
+        assert context is not None, "shard_runner runs in a flow run"
+        yield context.task_runner
         return
     with _api_for_workers(), dask_task_runner(dask_address) as runner:
         yield runner
@@ -120,7 +122,7 @@ class InferencePlan:
     """The shards run on this process's threads (not on a Dask cluster)."""
 
 
-def plan_inference(p: BaseModel) -> InferencePlan:
+def plan_inference(p: Any) -> InferencePlan:
     """The checks before any work, and the run's first steps (`p`: the flow's parameters): the input's
     files listed and fingerprinted (footers only), the model resolved, the predictor's inputs matched to
     the input's schema, the shards cut, the output checked. Raises the `HfbatchError` that says what is
@@ -146,7 +148,7 @@ def plan_inference(p: BaseModel) -> InferencePlan:
 
 # Two workers: while one shard computes (the model holds a lock, torch uses every core), the other
 # reads or writes Parquet.
-@flow(name="batch_inference", task_runner=ThreadPoolTaskRunner(max_workers=2))
+@flow(name="batch_inference", task_runner=ThreadPoolTaskRunner(max_workers=2))  # type: ignore[arg-type]
 def batch_inference(
     model: str,
     input: str,
@@ -216,7 +218,8 @@ def batch_inference(
     quarantine_files(spec, corrupt)
     logger.info("%s: %d rows in %d files, %d shards; model %s %s", spec.task, sum(s.num_rows for s in shards),
                 len(files), len(shards), spec.model_name, spec.model_version)
-    progress = create_progress_artifact(0.0, key="batch-inference-progress", description=f"Shards of {spec.output}")
+    progress: Any = create_progress_artifact(0.0, key="batch-inference-progress",
+                                             description=f"Shards of {spec.output}")  # its id (sync here)
     total = sum(s.num_rows for s in shards)
     _notify({"done": 0, "shards": len(shards), "rows_done": 0, "rows": total, "skipped": False})
     entries, rows_done = [], 0
@@ -276,6 +279,7 @@ def shard_result(runner: TaskRunner, future, shard, spec) -> dict:
             get_run_logger().warning("%s; submitting it again (%d/%d)", message, attempt + 1, LOST_SHARD_RESUBMITS)
             _mark_crashed(future.task_run_id, message)
             future = runner.submit(infer_shard_task, {"shard": shard, "spec": spec})
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 def _mark_crashed(task_run_id, message: str, wait_s: float = 5.0) -> None:

@@ -16,9 +16,9 @@ import functools
 import inspect
 import typing
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeAlias
 
-from pydantic import BaseModel, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, create_model
 from pydantic.fields import FieldInfo
 
 from hfbatch.tasks.core.errors import ConfigError
@@ -28,8 +28,12 @@ from hfbatch.tasks.predictors import task_names as infer_task_names
 from hfbatch.tasks.recipes import all_recipes
 from hfbatch.tasks.recipes import task_names as train_task_names
 
-TrainTask = Literal[train_task_names()]  # type: ignore[valid-type]
-InferTask = Literal[infer_task_names()]  # type: ignore[valid-type]
+if TYPE_CHECKING:  # made at import from the recipes and predictors found: plain names to a type checker
+    TrainTask: TypeAlias = str
+    InferTask: TypeAlias = str
+else:
+    TrainTask = Literal[train_task_names()]
+    InferTask = Literal[infer_task_names()]
 MaxLength = Annotated[int, Field(ge=8)] | None
 
 
@@ -40,8 +44,12 @@ def task_options_model(name: str, classes: dict[str, type[Options]]) -> type[Opt
     return create_model(name, __base__=Options, __doc__="Each task's options (a field per task).", **fields)
 
 
-TrainOptions = task_options_model("TrainOptions", {t: r.options_class for t, r in all_recipes().items()})
-InferOptions = task_options_model("InferOptions", {t: c.options_class for t, c in predictor_classes().items()})
+if TYPE_CHECKING:
+    TrainOptions: TypeAlias = Options
+    InferOptions: TypeAlias = Options
+else:
+    TrainOptions = task_options_model("TrainOptions", {t: r.options_class for t, r in all_recipes().items()})
+    InferOptions = task_options_model("InferOptions", {t: c.options_class for t, c in predictor_classes().items()})
 
 
 def task_options(options: Options | None, task: str, classes: dict[str, type[Options]]) -> Options:
@@ -66,7 +74,8 @@ def parameter_model(fn) -> type[BaseModel]:
     fields = {name: (hints[name], Field(... if p.default is inspect.Parameter.empty else p.default,
                                         description=" ".join(docs.get(name, "").split()) or None))
               for name, p in inspect.signature(fn).parameters.items()}
-    return create_model(f"{fn.__name__}_parameters", __config__={"frozen": True, "extra": "forbid"}, **fields)
+    return create_model(f"{fn.__name__}_parameters", __config__=ConfigDict(frozen=True, extra="forbid"),
+                        **fields)  # type: ignore[call-overload]
 
 
 @dataclass
@@ -77,7 +86,7 @@ class Option:
     flag: str
     dest: str
     annotation: Any
-    field: FieldInfo
+    info: FieldInfo
     paths: dict[str | None, tuple[str, ...]] = field(default_factory=dict)
     """Where a value goes: `{None: path}` for a flat parameter or a `training` field, else
     `{task: ("options", task_param, field name)}` for each task that has the field."""
@@ -90,17 +99,17 @@ class Option:
 
     @property
     def required(self) -> bool:
-        return not self.per_task and self.field.is_required()
+        return not self.per_task and self.info.is_required()
 
     @property
     def aliases(self) -> tuple[str, ...]:
-        extra = self.field.json_schema_extra if isinstance(self.field.json_schema_extra, dict) else {}
-        return tuple(extra.get("cli_aliases", ()))
+        extra = self.info.json_schema_extra if isinstance(self.info.json_schema_extra, dict) else {}
+        return tuple(str(a) for a in extra.get("cli_aliases") or ())  # type: ignore[union-attr]
 
     @property
     def help(self) -> str:
         if not self.per_task:
-            return self.field.description or ""
+            return self.info.description or ""
         return "; ".join(f"{', '.join(tasks)}: {text}" for text, tasks in self.helps.items())
 
 
@@ -127,12 +136,18 @@ def flow_options(fn) -> list[Option]:
         elif name == "options":
             for task_param, task_field in kind.model_fields.items():
                 task = task_param.replace("_", "-")
-                for fname, finfo in _model_of(task_field.annotation).model_fields.items():
+                for fname, finfo in _options_model(task_field.annotation).model_fields.items():
                     add(fname, finfo.annotation, finfo, ("options", task_param, fname), task)
         else:
             for fname, finfo in kind.model_fields.items():
                 add(fname, finfo.annotation, finfo, (name, fname), None)
     return list(options.values())
+
+
+def _options_model(annotation) -> type[BaseModel]:
+    found = _model_of(annotation)
+    assert found is not None, annotation
+    return found
 
 
 def _model_of(annotation) -> type[BaseModel] | None:
@@ -158,7 +173,8 @@ def flow_values(fn, given: dict[str, Any], task: str) -> dict[str, Any]:
             continue
         path = option.paths.get(None) or option.paths.get(task)
         if path is None:
-            raise ConfigError(f"{option.flag} is an option of {', '.join(sorted(option.paths))}, not of {task}")
+            tasks = sorted(t for t in option.paths if t is not None)
+            raise ConfigError(f"{option.flag} is an option of {', '.join(tasks)}, not of {task}")
         target = values
         for part in path[:-1]:
             target = target.setdefault(part, {})

@@ -36,4 +36,4 @@ def commands_markdown() -> str:
 
 
 def _help_of(sub: argparse._SubParsersAction, command: str) -> str:
-    return next((a.help for a in sub._choices_actions if a.dest == command), "")
+    return next((a.help or "" for a in sub._choices_actions if a.dest == command), "")

@@ -108,11 +108,11 @@ def run_command(command: str, target: str, reason: str | None, to: str | None, s
     if command == "promote":
         name, version = parse_ref(target)
         plan_promotion(st, name, version)
-        return promote_flow(name=name, version=version, reason=reason, store=store, by=events.operator())
+        return promote_flow(name=name, version=version, reason=reason or "", store=store, by=events.operator())
     if not (reason or "").strip():
         raise ConfigError("--reason must say why: it is recorded in the history")
     plan_rollback(st, target, to)
-    return rollback_flow(name=target, reason=reason, to=to, store=store, by=events.operator())
+    return rollback_flow(name=target, reason=reason or "", to=to, store=store, by=events.operator())
 
 
 def _apply(plan: Plan, action: str, reason: str, by: str | None) -> dict:

@@ -47,7 +47,7 @@ def _unavailable(module: str) -> Iterator[None]:
     if module in sys.modules:
         yield
         return
-    sys.modules[module] = None  # the import system's own "not available" mark
+    sys.modules[module] = None  # type: ignore[assignment]  # the import system's own "not available" mark
     try:
         yield
     finally:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from hfbatch.tasks.core.errors import ConfigError
 from hfbatch.tasks.core.registry import Registry, aliases_of
@@ -61,7 +62,7 @@ def run_status(limit: int = 5) -> list[dict]:
     )
     from prefect.client.schemas.sorting import ArtifactSort, FlowRunSort
 
-    groups = []
+    groups: list[dict[str, Any]] = []
     with get_client(sync_client=True) as client:
         deployments = client.read_deployments()
         for flow in sorted(client.read_flows(), key=lambda f: f.name):
@@ -81,9 +82,9 @@ def run_status(limit: int = 5) -> list[dict]:
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[SUMMARY_KEY]),
                                            flow_run_id=ArtifactFilterFlowRunId(any_=ids)),
             sort=ArtifactSort.CREATED_DESC) if ids else []
-    summaries = {}
+    summaries: dict[str, Any] = {}
     for a in artifacts:  # newest first: a run's latest summary wins
-        table = json.loads(a.data) if isinstance(a.data, str) else a.data
+        table: Any = json.loads(a.data) if isinstance(a.data, str) else a.data
         summaries.setdefault(str(a.flow_run_id), table[0] if table else {})
     for run in (r for g in groups for r in g["runs"]):
         if run["id"] in summaries:

@@ -5,13 +5,13 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
 from prefect import flow, get_run_logger
 from prefect.client.orchestration import get_client
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectAlreadyExists
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from hfbatch.flows import plans
 from hfbatch.flows.params import MaxLength, TrainOptions, TrainTask, parameter_model, task_options
@@ -55,7 +55,7 @@ class TrainingPlan:
         return Store.open(self.settings)
 
 
-def _options(p: BaseModel, recipe: Recipe) -> Options:
+def _options(p: Any, recipe: Recipe) -> Options:
     return task_options(p.options, recipe.task, {t: r.options_class for t, r in all_recipes().items()})
 
 
@@ -66,7 +66,7 @@ def _metric_checked(recipe: Recipe, metrics: tuple[str, ...], metric_module: str
         recipe.check_metrics(metrics)
 
 
-def plan_training(p: BaseModel) -> TrainingPlan:
+def plan_training(p: Any) -> TrainingPlan:
     """The checks before any work, and the training run's first steps (`p`: the flow's parameters): the
     task and its options, the metric, the registry (read and checked), the data sources (their columns
     and content fingerprints), the base model. Raises the `HfbatchError` that says what is wrong."""
@@ -84,7 +84,7 @@ def plan_training(p: BaseModel) -> TrainingPlan:
                         resolve_model(p.model, settings), sources[0], sources[1] if p.eval_dataset else None)
 
 
-def plan_evaluation(p: BaseModel) -> TrainingPlan:
+def plan_evaluation(p: Any) -> TrainingPlan:
     """The checks before any work, and the evaluation run's first steps: the model resolved, its task,
     the metrics, the data source's columns and content fingerprint."""
     settings = Settings().with_overrides(store=p.store, device=p.device)

@@ -3,6 +3,7 @@ training-loss curve (a PNG embedded in markdown) and the model card, as artifact
 from __future__ import annotations
 
 import base64
+from typing import Any
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
@@ -32,11 +33,11 @@ def publish_eval_artifacts(result: EvalResult, key: str) -> None:
             create_markdown_artifact(key=f"{prefix}-{suffix}", markdown=content, description=description)
 
 
-def detail_artifacts(details: dict) -> dict[str, tuple[str, object]]:
+def detail_artifacts(details: dict) -> dict[str, tuple[str, Any]]:
     """`{key suffix: ("table" | "markdown", content)}` of the detail tables an evaluation recorded
     (`Recipe.compute_metrics`): per class and a confusion matrix (classification), per entity type (NER),
     examples (QA), samples (generation)."""
-    out: dict[str, tuple[str, object]] = {}
+    out: dict[str, tuple[str, Any]] = {}
     if "per_class" in details:
         per_class = details["per_class"]
         out["per-class"] = ("table", [

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections.abc import Callable
+from typing import Any
 
 from prefect import task
 from prefect.filesystems import LocalFileSystem, RemoteFileSystem
@@ -19,7 +20,7 @@ from hfbatch.tasks.core.errors import is_transient
 from hfbatch.tasks.core.fingerprint import digest
 from hfbatch.tasks.core.options import Options
 from hfbatch.tasks.core.refs import DatasetRef, EvalResult, ModelRef, TrainedModel
-from hfbatch.tasks.core.registry import Registry
+from hfbatch.tasks.core.registry import Registration, Registry
 from hfbatch.tasks.core.settings import Settings
 from hfbatch.tasks.core.store import Store
 from hfbatch.tasks.recipes import get_recipe
@@ -32,6 +33,7 @@ def result_storage(store: Store):
     """The Prefect result storage inside `store`, saved as a block named after the store (Prefect
     requires result storage to be a saved block so that any worker can read the results back). A
     saved block that is the same is loaded, not saved again (one API call instead of five)."""
+    block: LocalFileSystem | RemoteFileSystem
     if store.is_local:
         block = LocalFileSystem(basepath=store.uri("prefect-results"))
     else:
@@ -63,9 +65,9 @@ def content_key(key_fn: Callable[..., str]):
     return cache_key
 
 
-RETRIES = dict(retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.5,
-               retry_condition_fn=retry_transient)
-CACHED = dict(persist_result=True, cache_expiration=None)
+RETRIES: dict[str, Any] = dict(retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2),
+                               retry_jitter_factor=0.5, retry_condition_fn=retry_transient)
+CACHED: dict[str, Any] = dict(persist_result=True, cache_expiration=None)
 
 
 @task(name="ingest", cache_key_fn=content_key(ingest_mod.ingest_key), **CACHED, **RETRIES)
@@ -113,7 +115,7 @@ def registration_key(trained: TrainedModel, evaluated: EvalResult, store: Store,
 
 @task(name="register", cache_key_fn=content_key(registration_key), **CACHED, **RETRIES)
 def register_task(trained: TrainedModel, evaluated: EvalResult, store: Store, name: str, metric: str,
-                  margin: float, champion_score: float | None):
+                  margin: float, champion_score: float | None) -> Registration:
     recipe = get_recipe(trained.task)
     registry = Registry(store, name)
     reg = registry.register(trained, evaluated, metric, margin, champion_score,
@@ -141,6 +143,8 @@ def monitor_task(result: dict, manifest: dict, model: ModelRef, store: Store, th
 
     from hfbatch.tasks.core.monitoring import run_record
 
+    if not (model.name and model.version):
+        raise ValueError(f"monitor_task records the runs of registered models, not of {model.source!r}")
     registry = Registry(store, model.name)
     context = FlowRunContext.get()
     flow_run = {"id": str(context.flow_run.id), "name": context.flow_run.name} if context and context.flow_run else None

@@ -17,7 +17,6 @@ exactly the predictions.
 from __future__ import annotations
 
 import io
-from functools import reduce
 from pathlib import Path
 
 import pyarrow as pa
@@ -138,6 +137,9 @@ def finalize(spec: InferSpec, files: list[InputFile], shards: list[Shard], entri
                             f"{rows} predicted + {quarantined} quarantined != {shard.num_rows} input rows")
     if problems:
         raise IntegrityError(f"output {spec.output!r} does not account for every input row: " + "; ".join(problems))
+    figures: dict[str, dict] = {}  # what it predicted (monitoring)
+    for e in entries:
+        figures = merge(figures, e.get("figures") or {})
     manifest = {
         "task": spec.task, "model": spec.model_name, "model_source": spec.model.source,
         "model_version": spec.model_version, "model_fingerprint": spec.model.fingerprint,
@@ -148,7 +150,7 @@ def finalize(spec: InferSpec, files: list[InputFile], shards: list[Shard], entri
         "shards_skipped": sum(bool(e.get("skipped")) for e in entries),
         "tokens": sum(e["tokens"] for e in entries), "seconds": round(seconds, 3),
         "corrupt_files": list(corrupt or []),
-        "figures": reduce(merge, (e.get("figures") or {} for e in entries), {}),  # what it predicted (monitoring)
+        "figures": figures,
         "parts": [{k: e[k] for k in ("shard", "file", "start", "stop", "fingerprint", "part", "rows",
                                      "quarantine", "quarantined")} for e in entries],
     }

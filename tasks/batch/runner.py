@@ -76,7 +76,8 @@ def _read_shard(shard: Shard, spec: InferSpec, predictor) -> tuple[pa.Table, pa.
     In quarantine mode a row group that cannot be decoded sets all the shard's rows of it aside."""
     columns = list(dict.fromkeys([*spec.keep_columns, *(c for _, c in spec.inputs)]))
     kinds = spec.kinds
-    good_parts, bad_parts = [], []  # (row group, table)
+    good_parts: list[tuple[int, pa.Table]] = []  # (row group, table)
+    bad_parts: list[tuple[int, pa.Table]] = []
     quarantine = spec.on_bad_row == "quarantine"
     for rg, first, batch in iter_shard_batches(shard, columns, spec.storage_options(shard.file),
                                                skip_corrupt=quarantine):
@@ -154,7 +155,7 @@ def run_local(predictor: PredictorSpec, input: str, output: str, shard_rows: int
     started = time.perf_counter()
     check_output_location(input, output)
     settings = predictor.settings
-    corrupt = [] if spec_kwargs.get("on_bad_row") == "quarantine" else None
+    corrupt: list[dict] | None = [] if spec_kwargs.get("on_bad_row") == "quarantine" else None
     files = describe_input(input, settings.storage_options(input), corrupt)
     spec = build_spec(predictor, output, files, **spec_kwargs)
     shards = plan_shards(files, shard_rows)

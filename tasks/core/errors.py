@@ -62,11 +62,12 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, (HfbatchError, *PROGRAMMING_ERRORS)):
         return False
     seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if _transient(exc):
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if _transient(cause):
             return True
-        exc = exc.__cause__
+        cause = cause.__cause__
     return False
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -26,7 +26,7 @@ def shares(values: Iterable) -> dict:
     return {"kind": "shares", "counts": dict(Counter(str(v) for v in values))}
 
 
-def histogram(values: Iterable[float], edges: list[float]) -> dict:
+def histogram(values: Iterable[float], edges: Sequence[float]) -> dict:
     array = np.asarray(list(values), dtype=np.float64)
     array = array[np.isfinite(array)]
     counts = (np.histogram(np.clip(array, edges[0], edges[-1]), bins=edges)[0] if array.size

@@ -47,7 +47,7 @@ def validated(model: type[M], values: dict[str, Any], where: str = "") -> M:
                           + "; ".join(problem(err) for err in e.errors())) from None
 
 
-def problem(err: dict) -> str:
+def problem(err: Any) -> str:
     """One pydantic error as `--option: message (got value)`."""
     loc = [str(p) for p in err["loc"] if not isinstance(p, int)]
     flag = f"--{loc[-1].replace('_', '-')}" if loc else "options"

@@ -116,7 +116,8 @@ def metric_trend_png(versions: list[dict], title: str, width: float = 6.0, heigh
         ax.plot(xs, ys, marker="o", markersize=4, linewidth=1.5, label=name)
         promoted = [(x, y) for x, y, v in zip(xs, ys, versions) if v.get("promoted") and math.isfinite(y)]
         if promoted:
-            ax.scatter(*zip(*promoted), s=60, facecolors="none", edgecolors="black", linewidths=1)
+            px, py = zip(*promoted)
+            ax.scatter(px, py, s=60, facecolors="none", edgecolors="black", linewidths=1)
     ax.set_xticks(xs, [f"v{v['version']}" for v in versions])
     if not names:
         ax.text(0.5, 0.5, "no versions registered", ha="center", va="center", transform=ax.transAxes, color="grey")

@@ -18,7 +18,7 @@ class Ref:
     """Mixin of the frozen dataclasses below: the JSON form kept in a completion marker."""
 
     def to_meta(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return dataclasses.asdict(self)  # type: ignore[call-overload]  # a dataclass: every subclass is one
 
     @classmethod
     def from_meta(cls: type[R], meta: dict[str, Any]) -> R:

@@ -13,6 +13,7 @@ import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from hfbatch.tasks.core.card import write_model_card
 from hfbatch.tasks.core.errors import ConfigError, ModelError
@@ -115,7 +116,7 @@ class Registry:
             write_model_card(tmp, trained, card_text, evaluation.metrics, self.name, version)
             files = file_digests(tmp)
         seen_champion = self.load()["champion"]
-        result = {}
+        result: dict[str, Any] = {}
 
         def add(index: dict | None) -> dict:
             index = index or {"name": self.name, "champion": None, "versions": [], "history": []}

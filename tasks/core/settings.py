@@ -64,4 +64,5 @@ class Settings(BaseSettings):
 def _block_settings(name: str) -> dict[str, Any]:
     from prefect.filesystems import RemoteFileSystem
 
-    return dict(RemoteFileSystem.load(name).settings)
+    block: Any = RemoteFileSystem.load(name)  # a block (Prefect's sync/async loader types both)
+    return dict(block.settings)

@@ -107,7 +107,7 @@ def load(source: Source, options: dict[str, Any] | None = None, cache_dir: str |
             raise DataError(f"cannot load hub dataset {source.uri!r} (split {source.split!r}): {e}") from e
     builder = BUILDERS[Path(source.files[0]).suffix.lower()]
     with tempfile.TemporaryDirectory(prefix="hfbatch-src-") as tmp:
-        files = []
+        files: list[str] = []
         for f in source.files:
             if "://" in f:
                 local = os.path.join(tmp, f"{len(files):05d}-{os.path.basename(f)}")

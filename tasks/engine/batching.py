@@ -33,7 +33,7 @@ def pad_batch(rows: np.ndarray, ids: list, types: list | None, lengths: np.ndarr
         n = lengths[r]
         span = slice(width - n, width) if left else slice(0, n)
         input_ids[j, span], mask[j, span] = ids[r], 1
-        if token_types is not None:
+        if token_types is not None and types is not None:
             token_types[j, span] = types[r]
     batch = {"input_ids": input_ids, "attention_mask": mask}
     if token_types is not None:

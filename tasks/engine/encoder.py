@@ -6,18 +6,17 @@ one thread (`cpu.py`); results go back in input order (`postprocess`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
 
 from hfbatch.tasks.core.models import load_tokenizer
-from hfbatch.tasks.core.options import Options
 from hfbatch.tasks.core.refs import ModelRef
 from hfbatch.tasks.core.settings import Settings
 from hfbatch.tasks.engine import cpu
 from hfbatch.tasks.engine.batching import pad_batch, token_budget_batches
-from hfbatch.tasks.engine.predictor import Predictor
+from hfbatch.tasks.engine.predictor import OptionsT, Predictor
 
 
 @dataclass
@@ -29,7 +28,7 @@ class Encoded:
     lengths: np.ndarray
 
 
-class EncoderPredictor(Predictor):
+class EncoderPredictor(Predictor[OptionsT]):
     """Tokenize, sort, budget, pad, forward; a subclass says how a batch's model outputs become one row
     of floats per input row (`_batch_outputs`) and those rows a table (`postprocess`)."""
 
@@ -41,7 +40,7 @@ class EncoderPredictor(Predictor):
     """int8: every encoder layer quantized, and the rows whose two best scores are close scored again by
     the fp32 model (`close_calls`), instead of the first layer kept in fp32 for every row."""
 
-    def __init__(self, model: ModelRef, options: Options, settings: Settings, precision: str = "auto"):
+    def __init__(self, model: ModelRef, options: OptionsT, settings: Settings, precision: str = "auto"):
         super().__init__(model, options, settings, precision)
         self.tokenizer = load_tokenizer(model, settings)
         self.model = self._prepare(self._load(), self.first_token_head, self.rescores_close_calls)
@@ -62,10 +61,10 @@ class EncoderPredictor(Predictor):
         return Encoded(ids, enc.get("token_type_ids"), np.fromiter((len(x) for x in ids), dtype=np.int64,
                                                                    count=len(ids)))
 
-    def tokens(self, features: Encoded) -> int:
+    def tokens(self, features: Any) -> int:
         return int(features.lengths.sum())
 
-    def _forward(self, features: Encoded, batch_tokens: int) -> np.ndarray:
+    def _forward(self, features: Any, batch_tokens: int) -> Any:
         outputs = self._outputs(self.model, features, batch_tokens)
         if self.precision == "int8" and self.rescores_close_calls:
             close = self.close_calls(outputs)
@@ -86,7 +85,7 @@ class EncoderPredictor(Predictor):
         """Rows whose int8 outputs are too close to call (`rescores_close_calls` predictors)."""
         return np.zeros(0, dtype=np.int64)
 
-    def postprocess(self, outputs: np.ndarray, features: Encoded) -> pa.Table:
+    def postprocess(self, outputs: Any, features: Any) -> pa.Table:
         raise NotImplementedError
 
     def _outputs(self, model, features: Encoded, batch_tokens: int) -> np.ndarray:
@@ -113,9 +112,7 @@ class EncoderPredictor(Predictor):
         else:
             with self.lock:  # shards of a thread runner share this predictor
                 results = [run(rows) for rows in batches]
-        outputs: np.ndarray | None = None
+        outputs = np.empty((len(ids), *results[0].shape[1:]), dtype=results[0].dtype)
         for rows, out in zip(batches, results):
-            if outputs is None:
-                outputs = np.empty((len(ids),) + out.shape[1:], dtype=out.dtype)
             outputs[rows] = out
         return outputs

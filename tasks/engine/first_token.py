@@ -12,6 +12,8 @@ as it was.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,7 +26,7 @@ class FirstTokenLayer(nn.Module):
 
     def __init__(self, layer: nn.Module):
         super().__init__()
-        self.layer = layer
+        self.layer: Any = layer  # a BertLayer-shaped module (its parts are checked before it is wrapped)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *args, **kwargs):
         attention, first = self.layer.attention, hidden_states[:, :1]
@@ -52,7 +54,7 @@ def encoder_layers(model: nn.Module) -> nn.ModuleList | None:
     return None
 
 
-def _last_layer_list(model: nn.Module) -> nn.ModuleList | None:
+def _last_layer_list(model: Any) -> nn.ModuleList | None:
     """The encoder's layer list when the model is a BERT-style encoder with a sequence-classification
     head (the heads that read the first token), else None."""
     if not type(model).__name__.endswith("ForSequenceClassification") or model.config.is_decoder:
@@ -68,7 +70,7 @@ def _last_layer_list(model: nn.Module) -> nn.ModuleList | None:
     return layers
 
 
-def _has(module: nn.Module, dotted: str) -> bool:
+def _has(module: Any, dotted: str) -> bool:
     for name in dotted.split("."):
         module = getattr(module, name, None)
         if module is None:
@@ -76,7 +78,7 @@ def _has(module: nn.Module, dotted: str) -> bool:
     return True
 
 
-def _probe(model: nn.Module) -> dict[str, torch.Tensor]:
+def _probe(model: Any) -> dict[str, torch.Tensor]:
     """Two rows of different lengths (the shorter one padded), tokens drawn from the vocabulary."""
     generator = torch.Generator().manual_seed(0)
     vocab = min(model.config.vocab_size, 30_000)
@@ -87,7 +89,7 @@ def _probe(model: nn.Module) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
 
 
-def first_token_only(model: nn.Module) -> bool:
+def first_token_only(model: Any) -> bool:
     """Replace the last encoder layer of `model` (fp32, eval mode) by a `FirstTokenLayer` if the model
     is one it applies to and a probe batch keeps its logits; True if it did."""
     layers = _last_layer_list(model)

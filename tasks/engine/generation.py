@@ -22,7 +22,7 @@ import copy
 import hashlib
 import logging
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 import pyarrow as pa
 from pydantic import Field
@@ -124,6 +124,9 @@ def seq2seq_generation_config(model, tokenizer, options: GenerationOptions):
     return config, limit
 
 
+G = TypeVar("G", bound=GenerationInferOptions)
+
+
 @dataclass
 class Prompts:
     """Each row's input token ids (truncated), its new-token limit and its sampling seed (or None)."""
@@ -133,7 +136,7 @@ class Prompts:
     seeds: list[int] | None
 
 
-class GenerationPredictor(Predictor):
+class GenerationPredictor(Predictor[G]):
     """`generated_text`, `input_tokens` (after truncation), `output_tokens` (new tokens, to and with the end
     token) and `finish_reason` (`eos`, or `length` at the limit) of each row, by `GenerationEngine`.
 
@@ -150,7 +153,7 @@ class GenerationPredictor(Predictor):
         return pa.schema([("generated_text", pa.string()), ("input_tokens", pa.int32()),
                           ("output_tokens", pa.int32()), ("finish_reason", pa.string())])
 
-    def __init__(self, model: ModelRef, options: GenerationInferOptions, settings: Settings, precision: str = "auto"):
+    def __init__(self, model: ModelRef, options: G, settings: Settings, precision: str = "auto"):
         super().__init__(model, options, settings, precision)
         if self.precision == "int8":
             raise ConfigError("precision 'int8' is not available for text generation tasks")

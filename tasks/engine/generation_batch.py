@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -41,8 +42,8 @@ class Row:
     cost: int
     """Tokens it may hold in the cache per sequence: its input and its limit."""
     generator: torch.Generator | None = None
-    processors: list | None = None
-    prefix: torch.Tensor | None = None
+    processors: Any = None
+    prefix: Any = None
     """Decoder input before its new tokens (the start token, or the prompt), for per-row processors."""
 
 
@@ -59,11 +60,12 @@ class PositionHook:
     @classmethod
     def install(cls, model) -> PositionHook | None:
         """The hook of `model`'s decoder position embedding (one per module), or None where it does not fit."""
-        embed = getattr(model.get_decoder(), "embed_positions", None)
+        embed: Any = getattr(model.get_decoder(), "embed_positions", None)
         if not isinstance(embed, torch.nn.Embedding):
             return None
-        if isinstance(getattr(embed, "_hfbatch_positions", None), cls):
-            return embed._hfbatch_positions
+        found = getattr(embed, "_hfbatch_positions", None)
+        if isinstance(found, cls):
+            return found
         weight = embed.weight.detach()
         with torch.inference_mode():
             for first in (torch.Size([1, 1]), torch.zeros(1, 1, dtype=torch.long, device=weight.device)):
@@ -78,8 +80,9 @@ class PositionHook:
             for offset in matches:
                 if all(offset + c < weight.shape[0] and torch.equal(weight[offset + c], v)
                        for c, v in zip((3, 7), at[1:])):
-                    embed._hfbatch_positions = cls(embed, offset)
-                    return embed._hfbatch_positions
+                    hook = cls(embed, offset)
+                    setattr(embed, "_hfbatch_positions", hook)  # noqa: B010 - not a torch attribute
+                    return hook
         return None
 
     def _hook(self, module, args, output):
@@ -97,6 +100,11 @@ class GrowingLayer(DynamicLayer):
     transformers' `DynamicLayer` concatenates (copies the whole cache every step); the room grows by a
     quarter when full. Its `keys` and `values` are views of the buffer; a caller that replaces them (a
     merge) has them copied into a new buffer at the next update."""
+
+    _k: Any
+    _v: Any
+    keys: Any
+    values: Any
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
@@ -137,12 +145,12 @@ class GrowingLayer(DynamicLayer):
         else:
             self.keys, self.values = self.keys[:, :, n:], self.values[:, :, n:]
 
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
         if self._k is not None and self._seen[0] is self.keys:
             self._k, self._v = self._k.index_select(0, beam_idx), self._v.index_select(0, beam_idx)
             self._views()
         else:
-            super().reorder_cache(beam_idx)
+            super().reorder_cache(beam_idx)  # type: ignore[arg-type]
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self.reorder_cache(torch.as_tensor(indices, device=self.keys.device).reshape(-1))
@@ -172,7 +180,26 @@ def _pad(t: torch.Tensor, dim: int, size: int, left: bool, value=0) -> torch.Ten
 
 
 class Batch:
-    """Sequences decoded together: `beams` per row, row after row."""
+    """Sequences decoded together: `beams` per row, row after row. Per sequence: its position, last
+    token, tokens generated (`n`, `gen`), limit, prompt and least length, its beam score, and the best
+    finished beam (`fin_*`) with whether the beam search may still better it (`heuristic`)."""
+
+    pos: torch.Tensor
+    last: torch.Tensor
+    n: torch.Tensor
+    limit: torch.Tensor
+    prompt: torch.Tensor
+    min_len: torch.Tensor
+    score: torch.Tensor
+    fin_score: torch.Tensor
+    fin_len: torch.Tensor
+    fin_done: torch.Tensor
+    heuristic: torch.Tensor
+    gen: torch.Tensor
+    fin_gen: torch.Tensor
+    enc: Any
+    enc_mask: Any
+    """The encoder's states and mask (encoder-decoders), else None."""
 
     def __init__(self, rows: list[Row], beams: int, cache, mask: torch.Tensor, fields: dict, pad: int):
         self.rows, self.beams, self.cache, self.mask, self.pad = rows, beams, cache, mask, pad
@@ -300,6 +327,8 @@ class Stepper:
             span = slice(width - len(r.ids), width) if left else slice(0, len(r.ids))
             ids[j, span], mask[j, span] = torch.tensor(r.ids, dtype=torch.long), 1
         ids, mask = ids.to(self.device), mask.to(self.device)
+        pos: Any  # each sequence's next position: one for all (encoder-decoders) or one per sequence
+        prompt: Any
         if self.encoder_decoder:
             enc = self.model.get_encoder()(input_ids=ids, attention_mask=mask, return_dict=True).last_hidden_state
             start = torch.full((k, 1), d.start, dtype=torch.long, device=self.device)

@@ -125,8 +125,8 @@ class GenerationEngine:
             source, ended = d.choose_beams(logits, batch)
         else:
             source, ended = None, d.choose(logits, batch)
-        ended = ended.tolist()
-        for r, end in enumerate(ended):
+        flags = ended.tolist()
+        for r, end in enumerate(flags):
             if end:
                 done.append((batch.rows[r].index, *d.result(batch, r)))
-        batch.keep(source, [r for r, end in enumerate(ended) if not end])
+        batch.keep(source, [r for r, end in enumerate(flags) if not end])

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers.generation import logits_process as lp
@@ -83,7 +83,7 @@ class Decoding:
             torch.tensor(config.begin_suppress_tokens, device=device).reshape(-1)
         self.model, self.device = model, device
         single_bad_words = all(len(w) == 1 for w in (config.bad_words_ids or ()))
-        self.steps: list[tuple[str, object]] = []
+        self.steps: list[tuple[str, Any]] = []
         for p in self._processors(prompt_len=1 if self.encoder_decoder else 2, encoder_ids=torch.ones(1, 1).long()):
             if isinstance(p, REFUSED):
                 raise ConfigError(f"the generation config asks for {type(p).__name__}, which hfbatch does not support")

@@ -51,6 +51,6 @@ def pack_linear_layers(model: nn.Module) -> int:
     for module in model.modules():
         if type(module) is nn.Linear and module.weight.dtype == torch.float32 and module.weight.device.type == "cpu" \
                 and not isinstance(module.__dict__.get("forward"), PackedForward):
-            module.forward = PackedForward(module)
+            module.forward = PackedForward(module)  # type: ignore[method-assign,assignment]
             packed += 1
     return packed

@@ -2,17 +2,16 @@
 with the sharding, streaming and exactly-once machinery around it unchanged."""
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import pyarrow as pa
 
-from hfbatch.tasks.core.options import Options
 from hfbatch.tasks.core.refs import ModelRef
 from hfbatch.tasks.core.settings import Settings
-from hfbatch.tasks.engine.predictor import Predictor
+from hfbatch.tasks.engine.predictor import OptionsT, Predictor
 
 
-class PipelinePredictor(Predictor):
+class PipelinePredictor(Predictor[OptionsT]):
     """Rows sorted by length (`preprocess`), run through `pipeline(pipeline_task)` in small batches
     (`_forward`), its results as columns (`postprocess`, through `_rows`)."""
 
@@ -23,15 +22,15 @@ class PipelinePredictor(Predictor):
     first_token_head: ClassVar[bool] = False
     """A sequence-classification head that reads the first token only (`first_token.py`)."""
 
-    def __init__(self, model: ModelRef, options: Options, settings: Settings, precision: str = "auto"):
+    def __init__(self, model: ModelRef, options: OptionsT, settings: Settings, precision: str = "auto"):
         super().__init__(model, options, settings, precision)
         from transformers import pipeline
 
-        kwargs = {"dtype": self._torch_dtype()} if self.device == "cuda" else {}
-        self.pipe = pipeline(self.pipeline_task, model=model.path, tokenizer=model.path, device=self.device,
+        kwargs: dict = {"dtype": self._torch_dtype()} if self.device == "cuda" else {}
+        self.pipe: Any = pipeline(self.pipeline_task, model=model.path, tokenizer=model.path, device=self.device,
                              model_kwargs={"use_safetensors": not settings.allow_pickle_weights},
                              trust_remote_code=settings.trust_remote_code,
-                             **self._pipeline_kwargs(), **kwargs)
+                             **self._pipeline_kwargs(), **kwargs)  # type: ignore[call-overload]
         self.pipe.model = self._prepare(self.pipe.model, first_token_head=self.first_token_head)
 
     def _pipeline_kwargs(self) -> dict:

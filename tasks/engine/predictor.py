@@ -16,7 +16,7 @@ import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import pyarrow as pa
 
@@ -35,7 +35,10 @@ CUDA_BATCH_TOKENS = 65_536
 """On a GPU a batch costs kernel launches and Python time: larger batches."""
 
 
-class Predictor:
+OptionsT = TypeVar("OptionsT", bound=Options)
+
+
+class Predictor(Generic[OptionsT]):
     """Base class of every task's predictor: `predict` is `postprocess(_forward(preprocess(inputs)))`.
 
     `options` are the task's inference options (`options_class`); `settings.device` the wanted device;
@@ -51,7 +54,7 @@ class Predictor:
     uses_row_ids: ClassVar[bool] = False
     """`preprocess` reads the rows' stable ids (e.g. to seed per-row sampling)."""
 
-    def __init__(self, model: ModelRef, options: Options, settings: Settings, precision: str = "auto"):
+    def __init__(self, model: ModelRef, options: OptionsT, settings: Settings, precision: str = "auto"):
         self.model_ref, self.options, self.settings = model, options, settings
         self.device, self.precision = pick_device(settings.device)
         if precision not in PRECISIONS:
@@ -70,18 +73,18 @@ class Predictor:
 
     # --- what the batch job knows before loading ---------------------------------------------------------
     @classmethod
-    def inputs(cls, options: Options) -> dict[str, InputKind]:
+    def inputs(cls, options: OptionsT) -> dict[str, InputKind]:
         """What a row gives the predictor: `{input name: kind}`; a column of the input name (or, for
         `text`, the run's text column) holds it unless `input_columns` says otherwise."""
         return {"text": TEXT}
 
     @classmethod
-    def input_columns(cls, options: Options) -> dict[str, str]:
+    def input_columns(cls, options: OptionsT) -> dict[str, str]:
         """Inputs whose column one of the task's options names (it wins over the run's text column)."""
         return {}
 
     @classmethod
-    def output_schema(cls, options: Options) -> pa.Schema:
+    def output_schema(cls, options: OptionsT) -> pa.Schema:
         """The prediction columns."""
         raise NotImplementedError
 
@@ -214,7 +217,7 @@ class PredictorSpec:
     """What a batch job is handed to predict with: a predictor class, its model, options, settings and
     precision. Small and picklable (a Dask worker loads the predictor from it)."""
 
-    cls: type[Predictor]
+    cls: type[Predictor[Any]]
     model: ModelRef
     options: Options
     settings: Settings
@@ -230,7 +233,7 @@ class PredictorSpec:
     def output_schema(self) -> pa.Schema:
         return self.cls.output_schema(self.options)
 
-    def load(self) -> Predictor:
+    def load(self) -> Predictor[Any]:
         """The predictor, loaded on first use and then reused by every shard of this process (a worker
         loads each model once), in a process tuned for bulk inference on its CPU (`cpu.tune_cpu`)."""
         device = pick_device(self.settings.device)
@@ -251,5 +254,5 @@ class PredictorSpec:
         release_freed_memory()
 
 
-_CACHE: dict[tuple, Predictor] = {}
+_CACHE: dict[tuple, Predictor[Any]] = {}
 _CACHE_LOCK = threading.Lock()

@@ -52,6 +52,8 @@ def compute_custom(path: str, predictions: list, references: list) -> dict[str, 
     compute_fn = None
     if p.suffix == ".py":
         spec = importlib.util.spec_from_file_location(f"hfbatch_metric_{p.stem}", p)
+        if spec is None or spec.loader is None:
+            raise ConfigError(f"metric module {path!r} cannot be loaded as a Python module")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         compute_fn = getattr(module, "compute", None)

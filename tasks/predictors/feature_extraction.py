@@ -4,10 +4,11 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
+from hfbatch.tasks.core.options import NoOptions
 from hfbatch.tasks.engine.encoder import Encoded, EncoderPredictor
 
 
-class FeatureExtractionPredictor(EncoderPredictor):
+class FeatureExtractionPredictor(EncoderPredictor[NoOptions]):
     """`embedding`: the mean over tokens (padding excluded) of the last hidden state.
 
     `pipeline("feature-extraction")` returns one vector per token; the pooled vector here equals

@@ -12,7 +12,7 @@ class FillMaskOptions(Options):
     top_k: int = Field(5, ge=1, description="tokens to return per row")
 
 
-class FillMaskPredictor(PipelinePredictor):
+class FillMaskPredictor(PipelinePredictor[FillMaskOptions]):
     """`predictions`: the top-k tokens for the (single) mask token, with scores and filled sequences."""
 
     task = "fill-mask"

@@ -24,7 +24,7 @@ class QuestionAnsweringOptions(Options):
                                            "(SQuAD 2.0 style models)")
 
 
-class QuestionAnsweringPredictor(EncoderPredictor):
+class QuestionAnsweringPredictor(EncoderPredictor[QuestionAnsweringOptions]):
     """`answer`, `score`, `start`, `end` (character span in the context) of the best answer span, as
     transformers' `pipeline("question-answering")` returns them (with its defaults: `top_k=1`,
     `max_seq_len=min(384, model_max_length)`, `doc_stride=min(max_seq_len // 2, 128)`,

@@ -3,10 +3,10 @@
 (`engine/generation.py`)."""
 from __future__ import annotations
 
-from hfbatch.tasks.engine.generation import GenerationPredictor, seq2seq_generation_config
+from hfbatch.tasks.engine.generation import GenerationInferOptions, GenerationPredictor, seq2seq_generation_config
 
 
-class Seq2SeqPredictor(GenerationPredictor):
+class Seq2SeqPredictor(GenerationPredictor[GenerationInferOptions]):
     """The model's generation config plus the options (`source_prefix`, `forced_bos_token`, `num_beams`,
     `max_new_tokens`, sampling); `output_tokens` counts the new tokens up to and with the end token,
     `finish_reason` is `eos`, or `length` when the output reached `max_new_tokens` (also where the model

@@ -5,13 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
+from hfbatch.tasks.core.options import NoOptions
 from hfbatch.tasks.engine.encoder import Encoded, EncoderPredictor
 
 CLOSE_CALL_GAP = 0.2
 """int8: rows whose two best scores are closer than this are scored again in fp32."""
 
 
-class TextClassificationPredictor(EncoderPredictor):
+class TextClassificationPredictor(EncoderPredictor[NoOptions]):
     """Scores through softmax for single-label models, sigmoid for one label or multi-label ones, raw
     logits for regression, computed in numpy float32 exactly as the pipeline's postprocess, so that
     labels are the pipeline's and scores agree to float rounding."""

@@ -32,7 +32,7 @@ class TextGenerationOptions(GenerationInferOptions):
         return value
 
 
-class TextGenerationPredictor(GenerationPredictor):
+class TextGenerationPredictor(GenerationPredictor[TextGenerationOptions]):
     """The continuation of each row's text (or its chat's next assistant message), without the prompt."""
 
     task = "text-generation"

@@ -16,7 +16,7 @@ class TokenClassificationOptions(Options):
         "simple", description="how word pieces are merged into entities")
 
 
-class TokenClassificationPredictor(PipelinePredictor):
+class TokenClassificationPredictor(PipelinePredictor[TokenClassificationOptions]):
     """`entities`: the pipeline's aggregated entities (group, score, word, character span)."""
 
     task = "token-classification"

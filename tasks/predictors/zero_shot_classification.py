@@ -15,7 +15,7 @@ class ZeroShotOptions(Options):
     multi_label: bool = Field(False, description="score each label on its own")
 
 
-class ZeroShotPredictor(PipelinePredictor):
+class ZeroShotPredictor(PipelinePredictor[ZeroShotOptions]):
     """`label`/`score` of the best candidate label, and all `labels`/`scores` (best first)."""
 
     task = "zero-shot-classification"

@@ -9,7 +9,7 @@ Running a trained model in bulk is its predictor's work (`tasks/predictors/`), n
 from __future__ import annotations
 
 import logging
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -23,10 +23,12 @@ from hfbatch.tasks.core.settings import Settings
 from hfbatch.tasks.engine.predictor import has_head
 
 log = logging.getLogger(__name__)
+OptionsT = TypeVar("OptionsT", bound=Options)
 
 
-class Recipe:
-    """Base class of the recipes; each trainable ML task is one subclass in a module of this package."""
+class Recipe(Generic[OptionsT]):
+    """Base class of the recipes; each trainable ML task is one subclass in a module of this package,
+    `Recipe[ItsOptions]`."""
 
     task: ClassVar[str]
     aliases: ClassVar[tuple[str, ...]] = ()
@@ -59,7 +61,7 @@ class Recipe:
             raise ConfigError(f"unknown metric(s) {unknown} for {self.task}; available: {list(self.metrics)}")
 
     # --- ingest -----------------------------------------------------------------------------------
-    def prepare(self, dataset, src: str, options: Options, label_names: tuple[str, ...] | None):
+    def prepare(self, dataset, src: str, options: OptionsT, label_names: tuple[str, ...] | None):
         """Validate a loaded source (`datasets.Dataset`) and map it to the recipe's canonical columns.
         Returns `(dataset, label_names)`; raises `DataError` naming the source, column and row."""
         raise NotImplementedError
@@ -70,7 +72,7 @@ class Recipe:
         return []
 
     # --- tokenize, collate, train -------------------------------------------------------------------
-    def tokenize(self, dataset, tokenizer, options: Options, max_length: int, split: str):
+    def tokenize(self, dataset, tokenizer, options: OptionsT, max_length: int, split: str):
         """Model inputs (and labels) of a prepared dataset; `split` is `train` or `eval`."""
         raise NotImplementedError
 
@@ -100,7 +102,7 @@ class Recipe:
 
         return Trainer(**kwargs)
 
-    def training_arguments(self, options: Options, **kwargs):
+    def training_arguments(self, options: OptionsT, **kwargs):
         """The `TrainingArguments` (or subclass) for `kwargs`, plus this task's own from `options`."""
         from transformers import TrainingArguments
 
@@ -108,7 +110,7 @@ class Recipe:
 
     # --- evaluate -----------------------------------------------------------------------------------
     def postprocess(self, predictions: np.ndarray, features, examples, tokenizer, model_config,
-                    label_names: tuple[str, ...], options: Options) -> tuple[list, list]:
+                    label_names: tuple[str, ...], options: OptionsT) -> tuple[list, list]:
         """`(predictions, references)` in the form the task's metrics take them, from a model's raw
         `predictions` (`Trainer.predict`) on the tokenized `features` of the prepared `examples` (label
         ids, tag sequences, answer texts, decoded strings). A `--metric-module` gets these too."""
@@ -135,7 +137,7 @@ class Recipe:
         return {}
 
 
-def require_columns(table: pa.Table, src: str, options: Options) -> None:
+def require_columns(table: pa.Table, src: str, options: OptionsT) -> None:
     """A `DataError` naming the source, the missing column and its option, or for an empty source."""
     if table.num_rows == 0:
         raise DataError(f"data source {src!r} is empty (0 rows)")

@@ -73,6 +73,7 @@ def best_answers(start_logits: np.ndarray, end_logits: np.ndarray, window_exampl
             continue
         scores = np.where(ok, start[s] + end[e], -np.inf).ravel()
         k = int(np.argmax(scores))  # the first maximum in (start rank, end rank) order
-        if best[i] is None or scores[k] > best[i][0]:  # a later window wins only with a higher score
+        found = best[i]
+        if found is None or scores[k] > found[0]:  # a later window wins only with a higher score
             best[i] = (float(scores[k]), int(starts[lo + s.ravel()[k]]), int(ends[lo + e.ravel()[k]]))
     return [contexts[i][b[1]:b[2]] if b is not None else NO_ANSWER for i, b in enumerate(best)]

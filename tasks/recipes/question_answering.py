@@ -30,7 +30,7 @@ class QuestionAnsweringColumns(Options):
                             "a context longer than max_length")
 
 
-class QuestionAnswering(Recipe):
+class QuestionAnswering(Recipe[QuestionAnsweringColumns]):
     task = "question-answering"
     options_class = QuestionAnsweringColumns
     model_class = "AutoModelForQuestionAnswering"

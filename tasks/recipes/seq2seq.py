@@ -60,7 +60,7 @@ def _warm_start(model: ModelRef, tokenizer, settings: Settings):
         raise ConfigError(f"model {model.source!r}: its tokenizer needs CLS/BOS, SEP/EOS and PAD tokens to start "
                           "and end a generated sequence")
     net.config.decoder_start_token_id, net.config.pad_token_id = start, tokenizer.pad_token_id
-    net.config.vocab_size = net.config.decoder.vocab_size
+    net.config.vocab_size = decoder.config.vocab_size
     net.generation_config.decoder_start_token_id, net.generation_config.eos_token_id = start, end
     net.generation_config.pad_token_id = tokenizer.pad_token_id
     log.info("%s is an encoder-only %s checkpoint: warm-starting an EncoderDecoderModel from it (encoder and "
@@ -69,7 +69,7 @@ def _warm_start(model: ModelRef, tokenizer, settings: Settings):
     return net
 
 
-class Seq2Seq(Recipe):
+class Seq2Seq(Recipe[Seq2SeqOptions]):
     """What translation and summarization share; a subclass names the task, its metrics and card."""
 
     options_class = Seq2SeqOptions
@@ -138,7 +138,7 @@ class Seq2Seq(Recipe):
         args = Seq2SeqTrainingArguments(**kwargs, predict_with_generate=True,
                                         generation_max_length=options.target_length,
                                         generation_num_beams=options.num_beams)
-        args.forced_bos_token = options.forced_bos_token  # `trainer` looks it up in the tokenizer
+        args.forced_bos_token = options.forced_bos_token  # type: ignore[attr-defined]  # `trainer` reads it
         return args
 
     def trainer(self, **kwargs):

@@ -21,7 +21,7 @@ class TextClassificationColumns(Options):
     label_column: str = Field("label", description="column of the class: names, ids, or a ClassLabel")
 
 
-class TextClassification(Recipe):
+class TextClassification(Recipe[TextClassificationColumns]):
     task = "text-classification"
     aliases = TextClassificationPredictor.aliases
     options_class = TextClassificationColumns

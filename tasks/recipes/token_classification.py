@@ -30,7 +30,7 @@ class TokenClassificationColumns(Options):
                                                      "(a list of names, or of ids with ClassLabel names)")
 
 
-class TokenClassification(Recipe):
+class TokenClassification(Recipe[TokenClassificationColumns]):
     task = "token-classification"
     aliases = TokenClassificationPredictor.aliases
     options_class = TokenClassificationColumns

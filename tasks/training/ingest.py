@@ -82,7 +82,7 @@ def holdout(data: DatasetRef, store: Store, recipe: Recipe, fraction: float = 0.
     `stratify_by` column where every class is large enough."""
     if not 0 < fraction < 1:
         raise DataError(f"eval fraction must be in (0, 1), got {fraction}")
-    split = {}
+    split: dict = {}
 
     def parts():
         if not split:
@@ -96,7 +96,7 @@ def holdout(data: DatasetRef, store: Store, recipe: Recipe, fraction: float = 0.
                                 "give --eval-dataset") from e
         return split
 
-    refs = []
+    refs: list[DatasetRef] = []
     for part, name in (("train", "train"), ("eval", "test")):
         key = "datasets/" + digest(holdout_key(data, fraction, seed), part)
 
@@ -107,4 +107,4 @@ def holdout(data: DatasetRef, store: Store, recipe: Recipe, fraction: float = 0.
                               label_names=data.label_names, source=f"{data.source}#{part}", task=data.task)
 
         refs.append(store.memoize(key, DatasetRef, produce))
-    return tuple(refs)
+    return refs[0], refs[1]

@@ -6,6 +6,7 @@ import logging
 import math
 import os
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -63,7 +64,7 @@ def run_key(data: DatasetRef, model: ModelRef, task: str, options: Options, conf
 
 def _logging_steps(rows: int, config: TrainConfig) -> int:
     """Log the loss about 20 times per run (at most every 50 steps), so a short run has a curve too."""
-    steps = math.ceil(rows / config.batch_size * config.epochs)
+    steps = math.ceil(rows / (config.batch_size or 1) * (config.epochs or 1.0))  # resolved: both set
     return max(1, min(50, steps // 20))
 
 
@@ -86,8 +87,9 @@ def train(data: DatasetRef, model: ModelRef, store: Store, recipe: Recipe, optio
         log.info("resuming training from %s (step %d)", resume, resumed_from)
 
     def produce(tmp: Path) -> TrainedModel:
-        job = dict(data=data, model=model, store=store, task=recipe.task, options=options, config=config,
-                   settings=settings, ckpt_key=ckpt_key, output_dir=output_dir, resume=resume, model_dir=tmp)
+        job: dict[str, Any] = dict(data=data, model=model, store=store, task=recipe.task, options=options,
+                                   config=config, settings=settings, ckpt_key=ckpt_key, output_dir=output_dir,
+                                   resume=resume, model_dir=tmp)
         if config.nproc_per_node > 1:
             from hfbatch.tasks.training.distributed import run_distributed
 
