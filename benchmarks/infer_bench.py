@@ -97,10 +97,10 @@ def matmul_gflops(n: int = 1024, seconds: float = 2.0) -> tuple[float, float]:
     one single-threaded matmul per thread at once, as hfbatch's CPU streams run batches)."""
     import torch
 
-    from hfbatch.tasks.engine.streams import cpu_streams
+    from hfbatch.tasks.engine.cpu import tune_cpu
 
     a, b = torch.randn(n, n), torch.randn(n, n)
-    streams = cpu_streams()  # hfbatch's own, as many as torch's threads (set before this first call)
+    streams = tune_cpu()  # hfbatch's own streams, as many as torch's threads (set before this first call)
 
     def best(matmuls) -> float:
         matmuls()  # warm-up
@@ -214,10 +214,10 @@ def main(argv=None) -> int:
     from hfbatch.tasks.batch.runner import run_local
     from hfbatch.tasks.core.models import resolve_model
     from hfbatch.tasks.core.settings import Settings
-    from hfbatch.tasks.engine.predictor import cpu_has_bf16, get_predictor
-    from hfbatch.tasks.recipes import get_recipe
+    from hfbatch.tasks.engine.predictor import PredictorSpec, cpu_has_bf16
+    from hfbatch.tasks.predictors import get_predictor_class
 
-    settings, recipe = Settings(device=args.device), get_recipe("text-classification")
+    settings, cls = Settings(device=args.device), get_predictor_class("text-classification")
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -275,8 +275,9 @@ def main(argv=None) -> int:
         def run(k: int) -> tuple[float, list[str]]:
             out_dir = tmp / f"out-{precision}-{k}"
             t = time.perf_counter()
-            manifest = run_local("text-classification", ref, str(tmp / "input" / f"{k}"), str(out_dir), settings,
-                                 shard_rows=10_000, batch_tokens=args.batch_tokens, precision=precision)
+            manifest = run_local(PredictorSpec(cls, ref, cls.options_class(), settings, precision),
+                                 str(tmp / "input" / f"{k}"), str(out_dir), shard_rows=10_000,
+                                 batch_tokens=args.batch_tokens)
             seconds = time.perf_counter() - t
             out = pq.read_table(out_dir)
             assert out.column("idx").to_pylist() == slices[k]
@@ -287,7 +288,7 @@ def main(argv=None) -> int:
     cpu_modes = ("auto", "int8", "bf16") if cpu_has_bf16() else ("auto", "int8")
     for precision in cpu_modes if args.device == "cpu" else ("auto",):
         # loaded once per worker, before the timing
-        predictor = get_predictor(recipe.predictor, ref, recipe.infer_options(), settings, precision)
+        predictor = PredictorSpec(cls, ref, cls.options_class(), settings, precision).load()
         budget = args.batch_tokens or predictor.batch_tokens
         predictor.predict({"text": texts[:32]}, budget)  # warm-up
         if precision == "int8":
@@ -335,7 +336,7 @@ def main(argv=None) -> int:
           f"attention) -> limit {gflops * 1e9 / per_token:.0f} tokens/s")
     print(f"hfbatch: {tokens / hf_s:.0f} tokens/s = {achieved / gflops:.0%} of that limit "
           f"({achieved:.1f} GFLOP/s of whole-model work)")
-    predictor = get_predictor(recipe.predictor, ref, recipe.infer_options(), settings)
+    predictor = PredictorSpec(cls, ref, cls.options_class(), settings).load()
     if getattr(predictor, "first_token_only", False):
         done = linear + attention - first_token_skipped(model, lengths)
         print(f"  it computes the last layer for the first token only ({done / tokens / 1e6:.1f} MFLOP/token): "

@@ -39,6 +39,7 @@ def main() -> None:
 
     from prefect.testing.utilities import prefect_test_harness
 
+    from hfbatch.flows.params import flow_values
     from hfbatch.flows.training import evaluate_flow, train_flow
     from hfbatch.tasks.recipes import get_recipe
     from hfbatch.tasks.training.train import DEFAULTS
@@ -48,9 +49,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, prefect_test_harness(server_startup_timeout=120):
         store = args.store or str(Path(tmp) / "store")
         start = time.perf_counter()
-        result = train_flow(task=recipe.task, dataset=str(data / "train.parquet"),
-                            eval_dataset=str(data / "test.parquet"), model=args.model, name="conll2003-ner",
-                            max_train_samples=args.max_train_samples, store=store)
+        result = train_flow(**flow_values(train_flow, dict(
+            task=recipe.task, dataset=str(data / "train.parquet"), eval_dataset=str(data / "test.parquet"),
+            model=args.model, name="conll2003-ner", max_train_samples=args.max_train_samples, store=store),
+            recipe.task))
         seconds = time.perf_counter() - start
         evaluated = evaluate_flow(model=f"conll2003-ner@{result['version']}", dataset=str(data / "test.parquet"),
                                   store=store)

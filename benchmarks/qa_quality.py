@@ -66,6 +66,7 @@ def main() -> None:
     import pyarrow.parquet as pq
     from prefect.testing.utilities import prefect_test_harness
 
+    from hfbatch.flows.params import flow_values
     from hfbatch.flows.training import train_flow
 
     squad = pq.read_table(args.data)
@@ -83,9 +84,10 @@ def main() -> None:
         pq.write_table(held_out, tmp / "eval.parquet")
         with prefect_test_harness(server_startup_timeout=120):
             start = time.perf_counter()
-            result = train_flow(task="question-answering", dataset=str(tmp / "train.parquet"),
-                                eval_dataset=str(tmp / "eval.parquet"), model=args.model, name="squad-qa",
-                                store=str(tmp / "store"), seed=args.seed, **options)
+            result = train_flow(**flow_values(train_flow, dict(
+                task="question-answering", dataset=str(tmp / "train.parquet"), eval_dataset=str(tmp / "eval.parquet"),
+                model=args.model, name="squad-qa", store=str(tmp / "store"), seed=args.seed, **options),
+                "question-answering"))
             seconds = time.perf_counter() - start
     metrics = result["metrics"]
     print(f"options: {options or '(the defaults)'}")

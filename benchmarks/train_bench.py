@@ -67,6 +67,7 @@ def main() -> None:
     import pyarrow.parquet as pq
     from prefect.testing.utilities import prefect_test_harness
 
+    from hfbatch.flows.params import flow_values
     from hfbatch.flows.training import train_flow
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -78,10 +79,11 @@ def main() -> None:
 
         before = plain_trainer(tmp / "train.parquet", args.model, args, tmp / "plain1")
         with prefect_test_harness(server_startup_timeout=120):
-            params = dict(dataset=str(tmp / "train.parquet"), eval_dataset=str(tmp / "eval.parquet"),
-                          model=args.model, name="bench", max_train_samples=args.samples,
-                          batch_size=args.batch_size, learning_rate=args.learning_rate,
-                          max_length=args.max_length, seed=args.seed, store=str(tmp / "store"))
+            params = flow_values(train_flow, dict(
+                dataset=str(tmp / "train.parquet"), eval_dataset=str(tmp / "eval.parquet"), model=args.model,
+                name="bench", max_train_samples=args.samples, batch_size=args.batch_size,
+                learning_rate=args.learning_rate, max_length=args.max_length, seed=args.seed,
+                store=str(tmp / "store")), "text-classification")
             start = time.perf_counter()
             cold = train_flow(**params)
             cold_s = time.perf_counter() - start

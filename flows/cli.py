@@ -189,10 +189,10 @@ def _main(argv: list[str]) -> int:
     # Without PREFECT_API_URL, a temporary local server (SQLite); its start-up limit (Prefect's default,
     # 20 s, is too short on a busy small machine, where migrating a fresh database takes longer)
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    if command in (*COMMANDS, "status") and not {"-h", "--help"} & set(argv):
-        from hfbatch.flows.startup import begin
+    if command in COMMANDS and not {"-h", "--help"} & set(argv):
+        from hfbatch.flows.server import start_unless_configured
 
-        begin(command, runs_flow=command in COMMANDS)
+        start_unless_configured()  # first: it comes up while this process imports and checks the input
     try:
         args = build_parser(flow_options=command in COMMANDS).parse_args(argv)
     except SystemExit as e:  # usage errors (argparse printed them) and --help
