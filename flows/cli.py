@@ -16,7 +16,7 @@ import typing
 from typing import TYPE_CHECKING, Any
 
 from hfbatch.flows.commands import COMMANDS
-from hfbatch.tasks.core.errors import ConfigError, HfbatchError
+from hfbatch.tasks.core.errors import ConfigError, HfbatchError, outside_failure
 
 if TYPE_CHECKING:
     from hfbatch.flows.params import Option
@@ -155,8 +155,9 @@ def _pairs(metavar: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Exit status: 0 done, 2 an error in the input or configuration (one message; the traceback with
-    --debug and in the Prefect run log), 130/143 stopped by SIGINT/SIGTERM (committed work kept).
+    """Exit status: 0 done, 2 an error in the input or configuration, 3 a service or storage that failed
+    from outside (one message each; the traceback with --debug and in the Prefect run log), 130/143
+    stopped by SIGINT/SIGTERM (committed work kept).
     Run as the program (no `argv`), it ends the process (`_skip_teardown`)."""
     if argv is not None:
         return _main(argv)
@@ -189,10 +190,12 @@ def _main(argv: list[str]) -> int:
     # Without PREFECT_API_URL, a temporary local server (SQLite); its start-up limit (Prefect's default,
     # 20 s, is too short on a busy small machine, where migrating a fresh database takes longer)
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    if command in COMMANDS and not {"-h", "--help"} & set(argv):
-        from hfbatch.flows.server import start_unless_configured
+    from hfbatch.flows import server
+    from hfbatch.tasks.core.settings import Settings
 
-        start_unless_configured()  # first: it comes up while this process imports and checks the input
+    server.client_limits(Settings().api_timeout)
+    if command in COMMANDS and not {"-h", "--help"} & set(argv):
+        server.start_unless_configured()  # first: it comes up while this process imports and checks the input
     try:
         args = build_parser(flow_options=command in COMMANDS).parse_args(argv)
     except SystemExit as e:  # usage errors (argparse printed them) and --help
@@ -203,11 +206,14 @@ def _main(argv: list[str]) -> int:
         with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext(), \
                 _stopped_by_signals(), _user_errors_quiet(not args.debug and args.command != "status"):
             result = _run(args)
-    except HfbatchError as e:
+    except Exception as e:
+        reported = _reported(e)
+        if reported is None:
+            raise  # a bug in hfbatch: its traceback
         if args.debug:
             traceback.print_exc()
-        print(f"hfbatch: error: {e}", file=sys.stderr)
-        return 2
+        print(f"hfbatch: error: {reported}", file=sys.stderr)
+        return reported.exit_code
     except KeyboardInterrupt as e:
         signum = e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT
         print(f"hfbatch: stopped by {signal.Signals(signum).name}; committed work is kept, a rerun finishes "
@@ -220,6 +226,18 @@ def _main(argv: list[str]) -> int:
     return 0
 
 
+def _reported(error: BaseException) -> HfbatchError | None:
+    """The one-line error the command reports for `error`: the user's input or configuration (exit 2), or
+    a failure from outside (`outside_failure`: storage, a service; exit 3); None for a bug."""
+    if isinstance(error, HfbatchError):
+        return error
+    if not isinstance(error, Exception):
+        return None
+    from hfbatch.tasks.core.settings import Settings
+
+    return outside_failure(error, Settings().s3_wait())
+
+
 def _run(args) -> dict:
     if args.command in ("serve", "deploy"):
         return _operate(args)
@@ -229,12 +247,20 @@ def _run(args) -> dict:
         return run_command(args.command, getattr(args, "ref", None) or args.name, args.reason,
                            getattr(args, "to", None), args.store)
     if args.command == "status":
-        from hfbatch.flows.server import configured_api_url
+        from hfbatch.flows.server import check_api, configured_api_url
         from hfbatch.flows.status import collect_status
+        from hfbatch.tasks.core.errors import ServiceError
         from hfbatch.tasks.core.settings import Settings
 
         # without a Prefect API, the registry only: a server started just to read would take seconds
-        return collect_status(Settings(), args.store, args.limit, runs=bool(configured_api_url()))
+        settings, down = Settings(), None
+        if configured_api_url():
+            try:
+                check_api(settings.api_timeout)
+            except ServiceError as e:
+                down = str(e)
+        result = collect_status(settings, args.store, args.limit, runs=bool(configured_api_url()) and not down)
+        return result | ({"runs_unavailable": down} if down else {})
     from hfbatch.flows import commands
 
     given = {k: v for k, v in vars(args).items() if k not in ("command", "json", "debug")}
@@ -271,7 +297,7 @@ class _FailuresHeld(logging.Filter):
         self.handler: logging.Handler | None = None
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], HfbatchError):
+        if record.exc_info and record.exc_info[1] is not None and _reported(record.exc_info[1]) is not None:
             return False
         if record.levelno >= logging.ERROR or record.getMessage().startswith("Finished in state Failed"):
             assert self.handler is not None
@@ -281,7 +307,7 @@ class _FailuresHeld(logging.Filter):
 
     def release(self, error: BaseException | None) -> None:
         """Print what was held, except the records that are about `error`, a user error the command reports."""
-        told = str(error) if isinstance(error, HfbatchError) else None
+        told = str(error) if error is not None and _reported(error) is not None else None
         for handler, record in self.held:
             if told is None or told not in record.getMessage():
                 handler.handle(record)  # past the filters: this one held it

@@ -41,6 +41,9 @@ def run(command: str, given: dict[str, Any], progress=None) -> dict:
     flow = flows()[command]
     values = flow_values(flow, given, command_task(command, given))
     params = validated(parameter_model(flow), values)
+    from hfbatch.tasks.core.settings import Settings
+
+    server.check_api(Settings().api_timeout)  # a configured API that is down: said before any work
     plan = plans.prepare(command, params, planner(command))  # before a flow run (and a server) starts
     warm_up(command, plan)
     server.ready()

@@ -222,16 +222,26 @@ def batch_inference(
                                              description=f"Shards of {spec.output}")  # its id (sync here)
     total = sum(s.num_rows for s in shards)
     _notify({"done": 0, "shards": len(shards), "rows_done": 0, "rows": total, "skipped": False})
-    entries, rows_done = [], 0
+    done: dict[int, dict] = {}
+    rows_done, pending = 0, shards
     with shard_runner(task_runner, dask_address) as runner:
-        # what `infer_shard_task.submit(shard, spec)` does, on the chosen runner
-        futures = [runner.submit(infer_shard_task, {"shard": shard, "spec": spec}) for shard in shards]
-        for shard, future in zip(shards, futures):
-            entries.append(shard_result(runner, future, shard, spec))
-            rows_done += shard.num_rows
-            update_progress_artifact(progress, 100.0 * len(entries) / len(futures))
-            _notify({"done": len(entries), "shards": len(shards), "rows_done": rows_done, "rows": total,
-                     "skipped": bool(entries[-1].get("skipped"))})
+        # first every shard no other run is computing, then (waiting for them) those another run was
+        for wait in (False, True):
+            # what `infer_shard_task.submit(shard, spec, wait)` does, on the chosen runner
+            submitted = pending
+            futures = [runner.submit(infer_shard_task, {"shard": s, "spec": spec, "wait": wait}) for s in submitted]
+            pending = []
+            for shard, future in zip(submitted, futures):
+                entry = shard_result(runner, future, shard, spec, wait)
+                if entry is None:
+                    pending.append(shard)
+                    continue
+                done[shard.index] = entry
+                rows_done += shard.num_rows
+                update_progress_artifact(progress, 100.0 * len(done) / len(shards))
+                _notify({"done": len(done), "shards": len(shards), "rows_done": rows_done, "rows": total,
+                         "skipped": bool(entry.get("skipped"))})
+    entries = [done[s.index] for s in shards]
     manifest = finalize(spec, files, shards, entries, time.perf_counter() - started, corrupt)
     computed = sum(e["rows"] + e["quarantined"] for e in entries if not e.get("skipped"))
     rows_per_s = computed / manifest["seconds"] if manifest["seconds"] else 0.0
@@ -262,7 +272,7 @@ InferParams = parameter_model(batch_inference)
 LOST_SHARD_RESUBMITS = 3
 
 
-def shard_result(runner: TaskRunner, future, shard, spec) -> dict:
+def shard_result(runner: TaskRunner, future, shard, spec, wait: bool = True) -> dict | None:
     """The shard's manifest entry. A shard lost with the Dask workers that ran it is submitted again, up
     to `LOST_SHARD_RESUBMITS` times: Dask reassigns a dead worker's tasks by itself until one has seen
     `distributed.scheduler.allowed-failures` workers die, then gives up with `KilledWorker`. The task's
@@ -278,7 +288,7 @@ def shard_result(runner: TaskRunner, future, shard, spec) -> dict:
             message = f"shard {shard.index} lost with its Dask worker ({type(e).__name__}: {e})"
             get_run_logger().warning("%s; submitting it again (%d/%d)", message, attempt + 1, LOST_SHARD_RESUBMITS)
             _mark_crashed(future.task_run_id, message)
-            future = runner.submit(infer_shard_task, {"shard": shard, "spec": spec})
+            future = runner.submit(infer_shard_task, {"shard": shard, "spec": spec, "wait": wait})
     raise AssertionError("unreachable: the last attempt returns or raises")
 
 

@@ -11,17 +11,19 @@ Prefect is imported. It is stopped when the command exits, and on Linux also whe
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import tomllib
 import urllib.request
 from pathlib import Path
 
-from hfbatch.tasks.core.errors import ConfigError
+from hfbatch.tasks.core.errors import ServiceError
 
 _temporary: TemporaryServer | None = None
 
@@ -57,6 +59,32 @@ def ready() -> None:
         _temporary.wait()
 
 
+def check_api(timeout: float) -> None:
+    """A configured Prefect API (not the temporary server) answers its health check within `timeout`
+    seconds; else a `ServiceError` naming its URL and the wait, before any work starts."""
+    url = configured_api_url()
+    if not url or url == temporary_api_url():
+        return
+    started = time.monotonic()
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=timeout) as response:
+            if response.status == 200:
+                return
+            problem = f"HTTP {response.status}"
+    except OSError as e:  # refused, timed out, unknown host, an HTTP error status
+        problem = str(getattr(e, "reason", None) or e)
+    raise ServiceError(f"the Prefect API {url} did not answer its health check ({problem}; waited "
+                       f"{time.monotonic() - started:.1f} s of HFBATCH_API_TIMEOUT={timeout:g} s): start that "
+                       "server, or unset PREFECT_API_URL to run on a temporary local one")
+
+
+def client_limits(timeout: float) -> None:
+    """Bound each Prefect API request to `timeout` seconds and 2 retries (Prefect's defaults: 60 s and 5),
+    unless the user set them; before Prefect reads its settings."""
+    os.environ.setdefault("PREFECT_API_REQUEST_TIMEOUT", f"{timeout:g}")
+    os.environ.setdefault("PREFECT_CLIENT_MAX_RETRIES", "2")
+
+
 def start_unless_configured() -> TemporaryServer | None:
     """Start the temporary server and point this process at it, unless an API is configured (or Prefect,
     already imported here, has settled on its own)."""
@@ -83,22 +111,25 @@ class TemporaryServer:
         # writes for the SQLite database, and a locked database printed a traceback); a user's setting wins
         env = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", **os.environ, "PREFECT_UI_ENABLED": "0",
                "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+        # its output goes to a file of its own, shown if it fails to start: a server stopped while its
+        # services run prints their cancellation (tracebacks) on the way out, noise on a command's stderr
+        self.log = tempfile.NamedTemporaryFile(prefix="hfbatch-server-", suffix=".log", delete=False)  # noqa: SIM115
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app", "--host",
              "127.0.0.1", "--port", str(self.port), "--log-level", "error", "--lifespan", "on"],
-            env=env, stdin=subprocess.DEVNULL, stdout=sys.stderr.fileno(),  # stdout may be --json's
+            env=env, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
             preexec_fn=_die_with_parent if sys.platform == "linux" else None)
         atexit.register(self.stop)
 
     def wait(self, timeout: float | None = None) -> None:
-        """Return once the server answers its health check; a `ConfigError` if it exits or takes longer
+        """Return once the server answers its health check; a `ServiceError` if it exits or takes longer
         than `timeout` (default: PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, else 120 s)."""
         timeout = timeout or float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", 120))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise ConfigError(f"the temporary Prefect server exited with status {self.proc.returncode} (its "
-                                  "output is above); or set PREFECT_API_URL to a running server")
+                raise ServiceError(f"the temporary Prefect server exited with status {self.proc.returncode}: "
+                                   f"{self.output()[-800:]!r}; or set PREFECT_API_URL to a running server")
             try:
                 with urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as response:
                     if response.status == 200:
@@ -106,8 +137,15 @@ class TemporaryServer:
             except OSError:
                 pass
             time.sleep(0.05)
-        raise ConfigError(f"the temporary Prefect server did not answer within {timeout:.0f} s; raise "
+        raise ServiceError(f"the temporary Prefect server did not answer within {timeout:.0f} s; raise "
                           "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS or set PREFECT_API_URL to a running server")
+
+    def output(self) -> str:
+        """What the server printed (its log file)."""
+        try:
+            return Path(self.log.name).read_text(errors="replace").strip()
+        except OSError:
+            return ""
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -117,6 +155,9 @@ class TemporaryServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self.log.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.log.name)
 
 
 def _die_with_parent() -> None:

@@ -126,7 +126,9 @@ def format_status(status: dict) -> str:
     if status["models"]:
         lines.append("  (* champion, + promoted earlier)")
     lines.append("")
-    if status["flows"] is None:
+    if status.get("runs_unavailable"):
+        lines.append(f"run history: unavailable ({status['runs_unavailable']})")
+    elif status["flows"] is None:
         lines.append("run history: needs a Prefect server (set PREFECT_API_URL, e.g. http://127.0.0.1:4200/api)")
     elif not status["flows"]:
         lines.append("no flow runs in the Prefect API")

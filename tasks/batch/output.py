@@ -7,6 +7,7 @@ Layout (an fsspec directory URL)::
     _quarantine/part-....parquet             rows that could not be predicted, with the reason
     _quarantine/_files.parquet               input files that could not be read at all
     _markers/<marker key>.json               completion marker of a shard (its manifest entry)
+    _claims/<marker key>.json                a shard some run is computing (`claims.py`)
     _config.json                             task, columns and model the output belongs to
     _manifest.json                           parts, row counts, input fingerprint, model version
     _staging/                                files being written (local outputs only)

@@ -13,6 +13,7 @@ from hfbatch.tasks.prefect_tasks import RETRIES
 
 @task(name="infer-shard", task_run_name="shard-{shard.index}", cache_policy=NO_CACHE, persist_result=False,
       **RETRIES)
-def infer_shard_task(shard: Shard, spec: InferSpec) -> dict:
-    """Predict and commit one shard; returns its small manifest entry."""
-    return run_shard(shard, spec)
+def infer_shard_task(shard: Shard, spec: InferSpec, wait: bool = True) -> dict | None:
+    """Predict and commit one shard; returns its small manifest entry (None: another run is computing
+    it and `wait` is off)."""
+    return run_shard(shard, spec, wait)

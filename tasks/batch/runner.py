@@ -13,6 +13,7 @@ import time
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from hfbatch.tasks.batch.claims import Claims
 from hfbatch.tasks.batch.output import (
     check_output_location,
     finalize,
@@ -29,18 +30,42 @@ from hfbatch.tasks.core.inputs import Text
 from hfbatch.tasks.core.monitoring import figures
 from hfbatch.tasks.engine.predictor import PredictorSpec
 
+CLAIM_POLL_S = 1.0
 
-def run_shard(shard: Shard, spec: InferSpec) -> dict:
+
+def run_shard(shard: Shard, spec: InferSpec, wait: bool = True) -> dict | None:
     """Predict one shard and commit it (quarantine, part, marker), or return its marker if committed.
 
+    A shard another live run has claimed (`claims`) is not computed twice: with `wait`, this waits for
+    its marker (taking the shard over if that run dies); without, it returns None (try again later).
     Returns the shard's manifest entry: a small dict, never the predictions themselves.
     """
     out = output_store(spec)
-    marker = f"_markers/{spec.marker_key(shard)}.json"
+    key = spec.marker_key(shard)
+    claims = Claims(out)
+    while (entry := _committed(out, key)) is None and not claims.acquire(key):
+        if not wait:
+            return None
+        time.sleep(CLAIM_POLL_S)
+    if entry is not None:
+        return entry | {"skipped": True}
+    with claims.holding(key):
+        entry = _committed(out, key)  # finished by another run between the check and the claim
+        return entry | {"skipped": True} if entry is not None else _compute(shard, spec, out, key)
+
+
+def _committed(out, key: str) -> dict | None:
+    """The shard's manifest entry if its marker and part are committed."""
+    marker = f"_markers/{key}.json"
     if out.exists(marker):
         entry = out.read_json(marker)
         if out.exists(entry["part"]):
-            return entry | {"skipped": True}
+            return entry
+    return None
+
+
+def _compute(shard: Shard, spec: InferSpec, out, key: str) -> dict:
+    marker = f"_markers/{key}.json"
     started = time.perf_counter()
     predictor = spec.predictor.load()
     good, bad = _read_shard(shard, spec, predictor)
@@ -149,6 +174,17 @@ def _empty_inputs(shard: Shard, spec: InferSpec) -> pa.Table:
     return pa.schema(fields).empty_table()
 
 
+def run_all(shards: list[Shard], run) -> list[dict]:
+    """Each shard's entry, in shard order, from `run(shard, wait)`: first every shard no other run has
+    claimed (`wait=False`), then, waiting for them, those another run was computing."""
+    entries: dict[int, dict] = {}
+    for wait in (False, True):
+        for shard in shards:
+            if shard.index not in entries and (entry := run(shard, wait)) is not None:
+                entries[shard.index] = entry
+    return [entries[s.index] for s in shards]
+
+
 def run_local(predictor: PredictorSpec, input: str, output: str, shard_rows: int = 10_000, mode: str = "resume",
               **spec_kwargs) -> dict:
     """The whole run without Prefect, shard after shard in this process (benchmarks, debugging)."""
@@ -161,5 +197,5 @@ def run_local(predictor: PredictorSpec, input: str, output: str, shard_rows: int
     shards = plan_shards(files, shard_rows)
     prepare_output(spec, files, mode)
     quarantine_files(spec, corrupt)
-    entries = [run_shard(shard, spec) for shard in shards]
+    entries = run_all(shards, lambda shard, wait: run_shard(shard, spec, wait))
     return finalize(spec, files, shards, entries, time.perf_counter() - started, corrupt)

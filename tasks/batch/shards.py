@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +18,8 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from hfbatch.tasks.core.errors import ConfigError, DataError, TransientReadError
-from hfbatch.tasks.core.fingerprint import digest, file_fingerprint
+from hfbatch.tasks.core.errors import ConfigError, DataError, InputChangedError, TransientReadError, is_outage
+from hfbatch.tasks.core.fingerprint import digest, file_fingerprint, file_version
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
 
@@ -34,6 +34,8 @@ class InputFile:
     num_rows: int
     row_groups: tuple[int, ...]
     """Rows per row group, from the footer."""
+    version: str = field(default="", compare=False)
+    """The file's version when it was fingerprinted (`file_version`): size, mtime and inode, or ETag."""
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,8 @@ class Shard:
     rg_stop: int
     start: int
     stop: int
+    file_version: str = field(default="", compare=False)
+    """The version of `file` the plan fingerprinted: a shard reads that version or fails."""
 
     @property
     def num_rows(self) -> int:
@@ -87,6 +91,8 @@ def list_input_files(uri: str, options: dict[str, Any] | None = None) -> list[tu
         else:
             raise DataError(f"input {uri!r} does not exist")
     except (OSError, PermissionError) as e:
+        if is_outage(e):
+            raise
         raise DataError(f"cannot list input {uri!r}: {e}") from e
     files = []
     for path in sorted(paths):
@@ -126,7 +132,11 @@ def describe_input(uri: str, options: dict[str, Any] | None = None, corrupt: lis
             corrupt.append({"file": name, "reason": str(e)})
             continue
         groups = tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
-        out.append(InputFile(url, name, file_fingerprint(*open_fs(url, options), url), meta.num_rows, groups))
+        fs, path = open_fs(url, options)
+        version = file_version(fs, path, url)
+        fingerprint = file_fingerprint(fs, path, url)
+        check_version(url, version, file_version(fs, path, url))  # not rewritten while it was hashed
+        out.append(InputFile(url, name, fingerprint, meta.num_rows, groups, version))
     if not out:
         raise DataError(f"input {uri!r} holds no readable Parquet file: {[c['reason'] for c in corrupt or []]}")
     return out
@@ -141,7 +151,7 @@ def plan_shards(files: list[InputFile], shard_rows: int) -> list[Shard]:
 
     def add(f: InputFile, rg_start: int, rg_stop: int, start: int, stop: int) -> None:
         if stop > start:
-            shards.append(Shard(len(shards), f.url, f.name, f.fingerprint, rg_start, rg_stop, start, stop))
+            shards.append(Shard(len(shards), f.url, f.name, f.fingerprint, rg_start, rg_stop, start, stop, f.version))
 
     for f in files:
         offset, group_start, group_rg = 0, 0, 0
@@ -159,6 +169,15 @@ def plan_shards(files: list[InputFile], shard_rows: int) -> list[Shard]:
             offset += n
         add(f, group_rg, len(f.row_groups), group_start, offset)
     return shards
+
+
+def check_version(url: str, planned: str, found: str) -> None:
+    """Raise `InputChangedError` naming `url` if the file is no longer the version that was planned."""
+    if planned and found != planned:
+        raise InputChangedError(f"input file {url!r} changed after this run planned it (it was rewritten while "
+                                "the run was under way): its results would mix two versions; nothing of it is "
+                                "marked complete. Rerun once the input is stable (mode 'overwrite' replaces the "
+                                "results of the old content)")
 
 
 def input_fingerprint(files: list[InputFile]) -> str:
@@ -181,8 +200,19 @@ def iter_shard_batches(shard: Shard, columns: list[str], options: dict[str, Any]
 
     A row group whose data cannot be decoded raises `DataError` naming file and row group; with
     `skip_corrupt` it yields `(row_group, first row, CorruptRows)` for the shard's rows of it instead,
-    after any batches of it read before the damage (the caller drops those)."""
+    after any batches of it read before the damage (the caller drops those).
+
+    The file must be the version the plan fingerprinted, before the first batch and after the last
+    (`InputChangedError` otherwise): a shard never yields rows of a file rewritten under the run."""
     fs, path = open_fs(shard.file, options)
+    check_version(shard.file, shard.file_version, file_version(fs, path, shard.file))
+    yield from _shard_batches(shard, fs, path, columns, options, batch_rows, skip_corrupt)
+    check_version(shard.file, shard.file_version, file_version(fs, path, shard.file))
+
+
+def _shard_batches(shard: Shard, fs: fsspec.AbstractFileSystem, path: str, columns: list[str],
+                   options: dict[str, Any] | None, batch_rows: int, skip_corrupt: bool
+                   ) -> Iterator[tuple[int, int, pa.RecordBatch | CorruptRows]]:
     with fs.open(path, "rb") as fh:
         pf = pq.ParquetFile(fh)
         offset = sum(pf.metadata.row_group(i).num_rows for i in range(shard.rg_start))

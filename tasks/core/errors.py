@@ -22,9 +22,16 @@ TRANSIENT_DASK = {"KilledWorker", "CommClosedError"}
 class HfbatchError(Exception):
     """Base class: a problem with the user's input or configuration, not a transient failure."""
 
+    exit_code = 2
+
 
 class DataError(HfbatchError):
     """A data source is missing, unreadable, empty, or lacks a column or label; the message names it."""
+
+
+class InputChangedError(DataError):
+    """An input was rewritten after the run planned it: what a step would read is not what was
+    fingerprinted, so it stops rather than mix two versions of the data."""
 
 
 class ModelError(HfbatchError):
@@ -41,6 +48,13 @@ class ConfigError(HfbatchError):
 
 class IntegrityError(HfbatchError):
     """A finished run's output does not account for every input row exactly once."""
+
+
+class ServiceError(HfbatchError):
+    """A service or storage from outside failed (an endpoint that does not answer, a Prefect API that is
+    down, a full disk), after the retries it was worth: exit status 3; committed work is kept."""
+
+    exit_code = 3
 
 
 class TransientError(Exception):
@@ -95,3 +109,73 @@ def _transient_client_error(exc: BaseException) -> bool:
         return code in TRANSIENT_CODES or status in TRANSIENT_STATUS
     status = getattr(response, "status_code", None) or getattr(exc, "status", None)
     return status in TRANSIENT_STATUS
+
+
+NETWORK_FAILURES = ("EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectTimeout",
+                    "ReadTimeout", "ConnectError", "ClientConnectorError", "ServerTimeoutError",
+                    "ConnectionRefusedError", "TimeoutError", "timeout", "ProxyConnectionError")
+SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+
+
+def outside_failure(exc: BaseException, s3_wait: str = "") -> HfbatchError | None:
+    """The one-line error a failure from outside hfbatch stands for, or None for anything else (a bug,
+    reported with its traceback). Follows the causes of `exc` (a library's wrapper of a network error):
+    an endpoint that did not connect or answer (`ServiceError`, exit 3; `s3_wait` says how long it was
+    waited for), a full disk (exit 3), a missing or forbidden file, damaged weights, missing or refused
+    credentials (exit 2). The message names the URL or file the failure names."""
+    seen = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        found = _outside(cause, s3_wait)
+        if found is not None:
+            return found
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
+def is_outage(exc: BaseException) -> bool:
+    """Whether `exc` is a service or storage failing from outside (`ServiceError`): wrappers that turn a
+    library's error into a `DataError` naming the input let these pass, to be reported as what they are."""
+    return isinstance(outside_failure(exc), ServiceError)
+
+
+def _outside(exc: BaseException, s3_wait: str) -> HfbatchError | None:
+    name, module = type(exc).__name__, type(exc).__module__.split(".")[0]
+    if isinstance(exc, HfbatchError):
+        return exc
+    if isinstance(exc, OSError) and exc.errno in SPACE_ERRNOS:
+        where = f" writing {exc.filename}" if exc.filename else ""
+        return ServiceError(f"no space left on the device{where}: free some and rerun (committed work is kept, "
+                            "a rerun continues from it)")
+    if name in NETWORK_FAILURES or (module in ("botocore", "aiobotocore", "aiohttp") and "Connect" in name):
+        url = _url_of(exc)
+        s3 = module in ("botocore", "aiobotocore", "aiohttp", "s3fs")
+        waited = f" after {s3_wait}" if s3 and s3_wait else ""
+        return ServiceError(f"{url or 'an endpoint'} did not answer ({name}: {exc}){waited}")
+    if name in ("NoCredentialsError", "PartialCredentialsError"):
+        return ConfigError(f"no usable credentials for S3 ({exc}): set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+                           "or HFBATCH_STORAGE_BLOCK")
+    if isinstance(exc, PermissionError):
+        return ConfigError(f"permission denied: {exc.filename or exc}")
+    if isinstance(exc, FileNotFoundError) and exc.filename:
+        return DataError(f"{exc.filename} does not exist (removed while hfbatch was using it?)")
+    if name == "SafetensorError":
+        return ModelError(f"damaged model weights (a safetensors file that does not read back: {exc})")
+    return None
+
+
+def _url_of(exc: BaseException) -> str | None:
+    """The endpoint a network error names: httpx's request, botocore's `endpoint_url`, aiohttp's host."""
+    try:
+        request = getattr(exc, "request", None)  # httpx raises RuntimeError where none was set
+    except RuntimeError:
+        request = None
+    url = getattr(request, "url", None)
+    if url is not None:
+        return str(url)
+    kwargs = getattr(exc, "kwargs", None)
+    if isinstance(kwargs, dict) and kwargs.get("endpoint_url"):
+        return str(kwargs["endpoint_url"])
+    key = getattr(exc, "host", None) or getattr(getattr(exc, "os_error", None), "filename", None)
+    return str(key) if key else None

@@ -44,7 +44,7 @@ def file_fingerprint(fs: fsspec.AbstractFileSystem, path: str, url: str | None =
     an object store, which never reads the object. `url` names the file in the error if it is missing."""
     h = hashlib.sha256()
     try:
-        if "file" in ((fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol):
+        if _is_local(fs):
             h.update(file_sha256(path).encode())
         else:
             info = fs.info(path)
@@ -52,3 +52,22 @@ def file_fingerprint(fs: fsspec.AbstractFileSystem, path: str, url: str | None =
     except FileNotFoundError as e:
         raise DataError(f"input file {url or path!r} does not exist") from e
     return h.hexdigest()[:32]
+
+
+def file_version(fs: fsspec.AbstractFileSystem, path: str, url: str | None = None) -> str:
+    """What changes whenever a file is rewritten, read from its metadata only: size, modification time
+    and inode of a local file; ETag, version id and size on an object store. A step compares it with
+    the version its plan saw, so that it reads the content that was fingerprinted, never a newer one."""
+    try:
+        if _is_local(fs):
+            st = os.stat(path)
+            return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+        info = fs.info(path)
+    except FileNotFoundError as e:
+        raise DataError(f"input file {url or path!r} does not exist") from e
+    tag = info.get("ETag") or info.get("etag") or fs.ukey(path)
+    return f"{tag}:{info.get('VersionId') or info.get('version_id') or ''}:{info.get('size')}"
+
+
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return "file" in ((fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol)

@@ -35,6 +35,9 @@ def resolve_model(src: str, settings: Settings, store: Store | None = None) -> M
         registry = Registry(store, name) if Registry.valid_name(name) else None
         if registry is not None and registry.exists():
             v = registry.resolve(version or None)
+            if not store.is_complete(registry.version_key(v)):
+                raise ModelError(f"model {name} v{v}: its files ({store.uri(registry.version_key(v))}) are missing "
+                                 f"or incomplete; promote or roll back to another version")
             local = store.local_dir(registry.version_key(v))
             ref = local_model(src, local, settings, registry.verify(v, local))
             return ModelRef(src, ref.path, ref.fingerprint, ref.tokenizer_fingerprint, None, name, v,
@@ -74,12 +77,31 @@ def local_model(src: str, path: Path, settings: Settings, digests: dict[str, str
             if name in files and "auto_map" in json.loads((path / name).read_text() or "{}"):
                 raise ModelError(f"model {src!r} asks to run its own Python code (auto_map in {name}); hfbatch "
                                  "refuses that unless HFBATCH_TRUST_REMOTE_CODE=1 is set for a model you trust")
+    for name in sorted(files):
+        if name.endswith(".safetensors"):
+            check_safetensors(path / name, src)
     tok = [path / f for f in TOKENIZER_FILES if f in files]
     if not tok:
         raise ModelError(f"model directory {src!r} has no tokenizer files")
     weight_files = [path / "config.json"] + [p for p in path.iterdir() if p.name.endswith(".safetensors")
                                             or p.name.startswith("pytorch_model")]
     return ModelRef(src, str(path.resolve()), hash_files(weight_files, digests), hash_files(tok, digests))
+
+
+def check_safetensors(path: Path, src: str) -> None:
+    """A safetensors file is whole: its header reads as JSON and its size is what the header says (a
+    truncated or torn file fails here, naming it, not inside a shard). Reads the header only."""
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size)) if 0 < size < 100_000_000 else None
+        end = max((t["data_offsets"][1] for k, t in (header or {}).items() if k != "__metadata__"), default=0)
+        whole = header is not None and path.stat().st_size == 8 + size + end
+    except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError):
+        whole = False
+    if not whole:
+        raise ModelError(f"model {src!r}: {path} is truncated or damaged (its size does not match its safetensors "
+                         "header); copy or train the model again")
 
 
 def _hub_model(src: str, settings: Settings) -> ModelRef:

@@ -59,7 +59,16 @@ class Registry:
     def load(self) -> dict:
         if not self.exists():
             return {"name": self.name, "champion": None, "versions": [], "history": []}
-        return self.store.read_json(self.index_key)
+        try:
+            index = self.store.read_json(self.index_key)
+        except (ValueError, UnicodeDecodeError) as e:  # json.JSONDecodeError is a ValueError
+            raise ConfigError(f"registry file {self.store.uri(self.index_key)} is damaged (not JSON: {e}); restore "
+                              "it from a backup or remove it to start the name afresh") from e
+        if not (isinstance(index, dict) and isinstance(index.get("versions"), list)
+                and all(isinstance(v, dict) and "version" in v for v in index["versions"])):
+            raise ConfigError(f"registry file {self.store.uri(self.index_key)} is damaged (no list of versions); "
+                              "restore it from a backup or remove it to start the name afresh")
+        return index
 
     def version_key(self, version: str) -> str:
         return f"models/{self.name}/{version}"

@@ -15,6 +15,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Device = Literal["auto", "cpu", "cuda"]
 DEFAULT_CACHE_DIR = Path(os.path.expanduser("~/.cache/hfbatch"))
+S3FS_TRIES = 5
+"""s3fs tries each call this many times on timeouts and connection errors (`S3FileSystem.retries`)."""
 
 
 class Settings(BaseSettings):
@@ -44,6 +46,15 @@ class Settings(BaseSettings):
     `<block type slug>/<block name>` (e.g. `slack-webhook/ops`, `sendgrid-email/ops`)."""
     alert_webhook_url: str | None = None
     """If set, `hfbatch serve` / `deploy` save this URL as the `custom-webhook` block `alert_block` names."""
+    s3_connect_timeout: float = 5.0
+    """Seconds to wait for an S3 endpoint to accept a connection."""
+    s3_read_timeout: float = 10.0
+    """Seconds to wait for each answer of an S3 endpoint (a stalled endpoint fails after s3fs's 5 tries of
+    `s3_attempts` requests of this long each: about a minute with the defaults)."""
+    s3_attempts: int = 1
+    """botocore's attempts per request of s3fs's 5 tries (botocore's own default is 5: 25 requests)."""
+    api_timeout: float = 10.0
+    """Seconds to wait for each answer of the Prefect API (`PREFECT_API_REQUEST_TIMEOUT`, unless set)."""
     inference_deadline: float = 7200.0
     """Seconds a batch-inference run may take from its start (or from being late) before an alert says
     it did not complete in time."""
@@ -54,10 +65,23 @@ class Settings(BaseSettings):
         return self.model_copy(update=values) if values else self
 
     def storage_options(self, url: str) -> dict[str, Any]:
-        """fsspec options for `url`: for S3, the settings of the block `storage_block` if one is named."""
-        if url.startswith(("s3://", "s3a://")) and self.storage_block:
-            return copy.deepcopy(_block_settings(self.storage_block))
-        return {}
+        """fsspec options for `url`: for S3, the settings of the block `storage_block` if one is named,
+        and the timeouts and attempts above where the block sets none."""
+        if not url.startswith(("s3://", "s3a://")):
+            return {}
+        options = copy.deepcopy(_block_settings(self.storage_block)) if self.storage_block else {}
+        config = options.setdefault("config_kwargs", {})
+        config.setdefault("connect_timeout", self.s3_connect_timeout)
+        config.setdefault("read_timeout", self.s3_read_timeout)
+        config.setdefault("retries", {"max_attempts": self.s3_attempts, "mode": "standard"})
+        return options
+
+    def s3_wait(self) -> str:
+        """How long a stalled S3 endpoint is waited for, in words (for the error that says it did not answer)."""
+        longest = S3FS_TRIES * self.s3_attempts * (self.s3_connect_timeout + self.s3_read_timeout)
+        return (f"{S3FS_TRIES} tries of {self.s3_attempts} request(s), {self.s3_connect_timeout:g} s to connect and "
+                f"{self.s3_read_timeout:g} s per answer, at most {longest:g} s (HFBATCH_S3_CONNECT_TIMEOUT, "
+                "HFBATCH_S3_READ_TIMEOUT, HFBATCH_S3_ATTEMPTS)")
 
 
 @functools.lru_cache(maxsize=8)

@@ -16,7 +16,7 @@ from typing import Any
 
 import fsspec
 
-from hfbatch.tasks.core.errors import DataError
+from hfbatch.tasks.core.errors import DataError, is_outage
 from hfbatch.tasks.core.fingerprint import digest, file_fingerprint
 
 BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".pq": "parquet"}
@@ -39,7 +39,9 @@ def parse_source(src: str, options: dict[str, Any] | None = None) -> Source:
         protocol = src.split("://", 1)[0]
         try:
             files = _data_files(fs, root)
-        except (OSError, PermissionError) as e:  # unreachable endpoint, missing bucket, no credentials
+        except (OSError, PermissionError) as e:  # missing bucket, no credentials (an outage is reported as one)
+            if is_outage(e):
+                raise
             raise DataError(f"cannot read data source {src!r}: {e}") from e
         return Source("file", src, tuple(f"{protocol}://{f}" for f in files))
     path = Path(src.removeprefix("file://")).expanduser()
@@ -80,6 +82,8 @@ def fingerprint(source: Source, options: dict[str, Any] | None = None) -> str:
         try:
             files.append((os.path.basename(path), file_fingerprint(fs, path, f)))
         except OSError as e:
+            if is_outage(e):
+                raise
             raise DataError(f"cannot read {f}: {e}") from e
     return digest("files", files)
 
@@ -115,6 +119,8 @@ def load(source: Source, options: dict[str, Any] | None = None, cache_dir: str |
                 try:
                     fs.get(path, local)
                 except OSError as e:
+                    if is_outage(e):
+                        raise
                     raise DataError(f"cannot read {f}: {e}") from e
                 files.append(local)
             else:

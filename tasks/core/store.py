@@ -100,10 +100,15 @@ class Store:
         os.makedirs(os.path.dirname(self.path(key)), exist_ok=True)
         os.makedirs(self.path(STAGING), exist_ok=True)
         tmp = os.path.join(self.path(STAGING), uuid.uuid4().hex)
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:  # a full disk: name the file it was writing, leave no partial file
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise OSError(e.errno, e.strerror, self.uri(key)) from e
         return tmp
 
     def create_json(self, key: str, obj: Any) -> bool:

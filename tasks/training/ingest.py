@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from hfbatch.tasks.core import sources
-from hfbatch.tasks.core.errors import DataError
+from hfbatch.tasks.core.errors import DataError, InputChangedError
 from hfbatch.tasks.core.fingerprint import digest
 from hfbatch.tasks.core.options import Options
 from hfbatch.tasks.core.refs import DatasetRef
@@ -36,7 +36,11 @@ def ingest(src: str, store: Store, recipe: Recipe, options: Options, settings: S
     key = ingest_key(fp, recipe.task, options, label_names)
 
     def produce(tmp: Path) -> DatasetRef:
-        prepared, names = recipe.prepare(sources.load(source, fs_options), src, options, label_names)
+        loaded = sources.load(source, fs_options)
+        if source.kind == "file" and sources.fingerprint(source, fs_options) != fp:
+            raise InputChangedError(f"data source {src!r} changed after this run planned it (rewritten while it "
+                                    "was read): nothing was ingested; rerun once it is stable")
+        prepared, names = recipe.prepare(loaded, src, options, label_names)
         prepared.save_to_disk(str(tmp))
         return DatasetRef(store=store.url, key=key, fingerprint=key.rsplit("/", 1)[-1], num_rows=prepared.num_rows,
                           label_names=tuple(names or ()), source=src, task=recipe.task)

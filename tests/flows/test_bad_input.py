@@ -56,6 +56,23 @@ def world(tmp_path_factory, data_dir, classifier):
     (remote / "config.json").write_text(json.dumps({**config, "auto_map": {
         "AutoModelForSequenceClassification": "modeling_evil.EvilModel"}}))
 
+    truncated = root / "truncated"  # weights cut short, as an interrupted copy leaves them
+    shutil.copytree(classifier, truncated)
+    weights = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    torn = root / "torn-header"
+    shutil.copytree(classifier, torn)
+    (torn / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    for name, text in (("torn", '{"name": "torn", "versions": [{"vers'), ("notjson", "\x00\x01 binary"),
+                       ("shapeless", '{"name": "shapeless", "versions": {"1": {}}}')):
+        (root / "badstore" / "models" / name).mkdir(parents=True)
+        (root / "badstore" / "models" / name / "registry.json").write_text(text)
+    gone = root / "badstore" / "models" / "gone"  # version 1 registered, its directory since removed
+    gone.mkdir(parents=True)
+    (gone / "registry.json").write_text(json.dumps({"name": "gone", "champion": "1", "history": [], "versions": [
+        {"version": "1", "task": "text-classification", "metrics": {"accuracy": 0.9}, "run_key": "r",
+         "created": "2026-12-01T00:00:00"}]}))
+
     store = root / "store"  # a registry with one name in it
     registry = store / "models" / "sst2"
     registry.mkdir(parents=True)
@@ -71,8 +88,13 @@ def infer(*extra: str, model: str = M, task: str = "text-classification", input:
     return ["infer", "--model", model, "--task", task, "--input", input, "--output", output, *extra]
 
 
-def train(*extra: str, dataset: str = "{root}/labelled.parquet", name: str = "bad") -> list:
-    return ["train", "--dataset", dataset, "--model", M, "--name", name, "--store", "{root}/trainstore", *extra]
+def train(*extra: str, dataset: str = "{root}/labelled.parquet", name: str = "bad", model: str = M,
+          store: str = "{root}/trainstore") -> list:
+    return ["train", "--dataset", dataset, "--model", model, "--name", name, "--store", store, *extra]
+
+
+def gen(task: str, *extra: str) -> list:
+    return infer(*extra, task=task)
 CASES = [  # (id, argv, message, stage: "cli" = refused before any flow starts, "flow" = in the flow)
     ("missing input", infer(input="{root}/nothere.parquet"), r"input '.*nothere\.parquet' does not exist", "cli"),
     ("no parquet in input", infer(input="{root}/no-parquet"), "holds no Parquet files", "cli"),
@@ -116,6 +138,38 @@ CASES = [  # (id, argv, message, stage: "cli" = refused before any flow starts, 
     ("evaluate unregistered", ["evaluate", "--model", "nosuchname", "--dataset", "{root}/labelled.parquet",
                                "--store", "{root}/store"], r"'nosuchname' is not registered in .*\['sst2'\]", "cli"),
     ("evaluate missing data", ["evaluate", "--model", M, "--dataset", "{root}/gone.parquet"], "does not exist", "cli"),
+    ("torn registry (infer)", infer("--store", "{root}/badstore", model="torn"),
+     r"registry file .*models/torn/registry\.json is damaged \(not JSON", "cli"),
+    ("binary registry (evaluate)", ["evaluate", "--model", "notjson", "--dataset", "{root}/labelled.parquet", "--store",
+                                    "{root}/badstore"], r"registry file .*notjson/registry\.json is damaged", "cli"),
+    ("registry without versions", infer("--store", "{root}/badstore", model="shapeless"),
+     r"shapeless/registry\.json is damaged \(no list of versions\)", "cli"),
+    ("torn registry (train)", train(name="torn", store="{root}/badstore"), r"torn/registry\.json is damaged", "cli"),
+    ("version directory gone", infer("--store", "{root}/badstore", model="gone@1"),
+     r"model gone v1: its files .*models/gone/1\) are missing or incomplete", "cli"),
+    ("champion directory gone", infer("--store", "{root}/badstore", model="gone"), r"model gone v1: its files", "cli"),
+    ("truncated weights (infer)", infer(model="{root}/truncated"), r"truncated/model\.safetensors is truncated or damaged", "cli"),
+    ("torn weights header", infer(model="{root}/torn-header"), r"torn-header/model\.safetensors is truncated", "cli"),
+    ("truncated weights (train)", train(model="{root}/truncated"), r"model\.safetensors is truncated or damaged", "cli"),
+    ("truncated weights (evaluate)", ["evaluate", "--model", "{root}/truncated", "--dataset", "{root}/labelled.parquet"],
+     "is truncated or damaged", "cli"),
+    ("negative max new tokens", gen("text-generation", "--max-new-tokens", "-1"),
+     r"--max-new-tokens: Input should be greater than or equal to 1 \(got -1\)", "cli"),
+    ("zero beams", gen("summarization", "--num-beams", "0"), r"--num-beams: Input should be greater than or equal to 1", "cli"),
+    ("top-p above 1", gen("text-generation", "--top-p", "1.5"), r"--top-p: Input should be less than or equal to 1", "cli"),
+    ("negative temperature", gen("translation", "--temperature", "-1"), r"--temperature: Input should be greater than 0", "cli"),
+    ("zero max new tokens (seq2seq)", gen("translation", "--max-new-tokens", "0"), r"--max-new-tokens: .*\(got 0\)", "cli"),
+    ("zero epochs", train("--epochs", "0"), r"--epochs: Input should be greater than 0", "cli"),
+    ("zero batch size", train("--batch-size", "0"), r"--batch-size: Input should be greater than or equal to 1", "cli"),
+    ("missing eval data", train("--eval-dataset", "{root}/noeval.parquet"), "does not exist", "cli"),
+    ("bad mode", infer("--mode", "append"), "invalid choice: 'append'", "cli"),
+    ("bad bad-row policy", infer("--on-bad-row", "skip"), "invalid choice: 'skip'", "cli"),
+    ("zero drift threshold", infer("--drift-threshold", "0"), r"--drift-threshold: Input should be greater than 0", "cli"),
+    ("unknown evaluate metric", ["evaluate", "--model", M, "--dataset", "{root}/labelled.parquet", "--metrics", "bleu"],
+     r"unknown metric\(s\) \['bleu'\]", "cli"),
+    ("glob matching nothing", infer(input="{root}/nothing-*.parquet"), "holds no Parquet files", "cli"),
+    ("qa columns missing", infer("--columns", "question=q,context=c", task="question-answering"),
+     r"has no column 'q' \(input 'question' of question-answering\)", "cli"),
     ("serve without server", ["serve", "--name", "n", "--model", M, "--watch", "{root}", "--input", I, "--output", O],
      "serving needs a Prefect server", "cli"),
     ("serve bad train param", ["serve", "--name", "n", "--model", M, "--watch", "{root}", "--input", I, "--output", O,

@@ -96,18 +96,22 @@ def test_leftovers_of_an_interrupted_overwrite_are_removed(classifier, data_dir,
 INFER = """
 import sys
 from tests.helpers import resolve_model, run_local
-print(run_local("text-classification", resolve_model(sys.argv[1]), sys.argv[2], sys.argv[3], shard_rows=5)["rows_out"])
+manifest = run_local("text-classification", resolve_model(sys.argv[1]), sys.argv[2], sys.argv[3], shard_rows=5)
+print(manifest["shards"] - manifest["shards_skipped"], manifest["rows_out"])
 """
 
 
 def test_two_runs_into_one_output_at_once_leave_each_row_once(classifier, data_dir, tmp_path):
-    """Two processes write the same output at the same time: every part whole, each row once."""
+    """Two processes write the same output at the same time: every part whole, each row once, and each
+    shard computed by one of them only (the other waits for its claim: `tasks/batch/claims.py`)."""
     src, out = tmp_path / "rows.parquet", tmp_path / "out"
     rows = _write(data_dir, src, 0, 40)
     procs = [subprocess.Popen([sys.executable, "-c", INFER, classifier, str(src), str(out)], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
     results = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in results]
-    assert [out.strip().splitlines()[-1] for out, _ in results] == ["40", "40"]
+    computed, rows_out = zip(*(map(int, out.strip().splitlines()[-1].split()) for out, _ in results))
+    assert rows_out == (40, 40) and sum(computed) == 8, computed  # 8 shards, each computed once
+    assert not list((out / "_claims").glob("*.json"))  # every claim released
     assert pq.read_table(out).column("idx").to_pylist() == rows
     assert json.loads((out / "_manifest.json").read_text())["rows_out"] == 40
