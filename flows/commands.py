@@ -45,8 +45,12 @@ def run(command: str, given: dict[str, Any], progress=None) -> dict:
 
     server.check_api(Settings().api_timeout)  # a configured API that is down: said before any work
     plan = plans.prepare(command, params, planner(command))  # before a flow run (and a server) starts
-    warm_up(command, plan)
+    loading = warm_up(command, plan)
     server.ready()
+    if command == "evaluate" and loading is not None:
+        # its imports done before the flow reads data: datasets' hashing looks into a transformers module
+        # that another thread is still importing, and fails ("no attribute 'PreTrainedTokenizerBase'")
+        loading.join()
     if progress is None:
         return flow(**values)
     from hfbatch.flows.inference import progress_listener

@@ -132,7 +132,7 @@ def plan_inference(p: Any) -> InferencePlan:
     settings = Settings().with_overrides(device=p.device)
     corrupt: list[dict] | None = [] if p.on_bad_row == "quarantine" else None
     files = describe_input(p.input, settings.storage_options(p.input), corrupt)
-    ref = resolve_model(p.model, settings, Store.open(settings, p.store))
+    ref = resolve_model(p.model, settings, Store.open(settings, p.store), p.gguf_file)
     task = canonical_task(task_of(p.task, ref))
     options = task_options(p.options, task, {t: c.options_class for t, c in predictor_classes().items()})
     predictor = PredictorSpec(get_predictor_class(task), ref, options, settings, p.precision)
@@ -154,6 +154,7 @@ def batch_inference(
     input: str,
     output: str,
     task: InferTask | None = None,
+    gguf_file: str | None = None,
     text_column: str = "text",
     columns: Annotated[dict[str, str] | None, Field(json_schema_extra={"metavar": "INPUT=COLUMN,..."})] = None,
     keep_columns: tuple[str, ...] | None = None,
@@ -187,6 +188,7 @@ def batch_inference(
         input: Parquet file, directory, glob or s3:// prefix
         output: output directory or s3:// prefix; may hold {date} and {model_version}
         task: the ML task (default: the registered model's)
+        gguf_file: with a hub id: the repository's GGUF file to convert and run
         text_column: column of the input text
         columns: task inputs to columns, e.g. question=q,context=c
         keep_columns: input columns copied to the output (default: id or idx; a stable row_id is always added)

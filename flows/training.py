@@ -26,7 +26,7 @@ from hfbatch.tasks.metrics import module_fingerprint
 from hfbatch.tasks.prefect_tasks import StoreTasks
 from hfbatch.tasks.recipes import Recipe, all_recipes, get_recipe
 from hfbatch.tasks.training.ingest import plan_source
-from hfbatch.tasks.training.train import TrainConfig
+from hfbatch.tasks.training.train import TrainConfig, check_peft
 
 
 @dataclass(frozen=True)
@@ -79,16 +79,18 @@ def plan_training(p: Any) -> TrainingPlan:
     metric = p.metric or recipe.default_metric
     _metric_checked(recipe, (metric,), p.metric_module)
     Registry(Store.open(settings), p.name).load()  # a bad name or a torn registry, before any work
+    check_peft(p.training)
     sources = [Source(src, plan_source(src, options, settings)) for src in filter(None, (p.dataset, p.eval_dataset))]
     return TrainingPlan(settings, recipe, options, (metric,), p.max_length or recipe.max_length,
-                        resolve_model(p.model, settings), sources[0], sources[1] if p.eval_dataset else None)
+                        resolve_model(p.model, settings, gguf_file=p.gguf_file), sources[0],
+                        sources[1] if p.eval_dataset else None)
 
 
 def plan_evaluation(p: Any) -> TrainingPlan:
     """The checks before any work, and the evaluation run's first steps: the model resolved, its task,
     the metrics, the data source's columns and content fingerprint."""
     settings = Settings().with_overrides(store=p.store, device=p.device)
-    ref = resolve_model(p.model, settings, Store.open(settings))
+    ref = resolve_model(p.model, settings, Store.open(settings), p.gguf_file)
     recipe = get_recipe(p.task or ref.task or "text-classification")
     options = _options(p, recipe)
     metrics = tuple(p.metrics or recipe.metrics)
@@ -129,6 +131,7 @@ def train_flow(
     model: str,
     name: str,
     task: TrainTask = "text-classification",
+    gguf_file: str | None = None,
     eval_dataset: str | None = None,
     eval_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1,
     max_length: MaxLength = None,
@@ -149,9 +152,10 @@ def train_flow(
 
     Args:
         dataset: training data: file, directory, s3:// URI or hub id ID[:CONFIG][#SPLIT]
-        model: base model: local directory or hub id[@revision]
+        model: base model: local directory, a .gguf file or hub id[@revision]
         name: registry name the new version is added to
         task: the ML task
+        gguf_file: with a hub id: the repository's GGUF file to convert and start from
         eval_dataset: evaluation data (default: hold out eval_fraction of dataset)
         eval_fraction: fraction of dataset held out without eval_dataset
         max_length: truncate inputs to N tokens (default: the task's)
@@ -176,7 +180,10 @@ def train_flow(
         else:
             data, eval_data = run.tasks.holdout(data, run.store, recipe.task, eval_fraction, training.seed)
         tokens = run.tokenize(data, plan.model, "train")
-        trained = run.tasks.train(tokens, plan.model, run.store, recipe.task, run.options, training, run.settings)
+        # evaluated during training: the eval rows' loss, tokenized as training rows are
+        eval_tokens = run.tokenize(eval_data, plan.model, "train") if training.eval_strategy != "no" else None
+        trained = run.tasks.train(tokens, plan.model, run.store, recipe.task, run.options, training, run.settings,
+                                  eval_tokens)
         model_ref = trained_model(trained, run.store, run.settings)
         evaluated = run.evaluate(model_ref, eval_data, recipe.metrics, metric_module, f"{name}-eval")
         champion_score = _champion_score(run, name, trained.run_key, eval_data, metric, metric_module)
@@ -241,6 +248,7 @@ def evaluate_flow(
     model: str,
     dataset: str,
     task: TrainTask | None = None,
+    gguf_file: str | None = None,
     metrics: tuple[str, ...] | None = None,
     metric_module: str | None = None,
     max_length: MaxLength = None,
@@ -254,6 +262,7 @@ def evaluate_flow(
         model: NAME[@VERSION] from the registry, a local directory or a hub id
         dataset: labelled data: file, directory, s3:// URI or hub id
         task: the ML task (default: the registered model's, else text-classification)
+        gguf_file: with a hub id: the repository's GGUF file to convert and evaluate
         metrics: metrics to compute (default: all of the task's)
         metric_module: a metric of your own: a Python file with compute(predictions, references), or a local
             evaluate module; computed, published and usable in the gate

@@ -91,9 +91,10 @@ def tokenize_task(data: DatasetRef, model: ModelRef, store: Store, task: str, op
 @task(name="train", cache_key_fn=content_key(train_mod.run_key), **CACHED, retries=1, retry_delay_seconds=10,
       retry_condition_fn=retry_transient)
 def train_task(data: DatasetRef, model: ModelRef, store: Store, task: str, options: Options,
-               config: train_mod.TrainConfig, settings: Settings) -> TrainedModel:
-    """Fine-tune; a retry (or a rerun after a crash) resumes from the last checkpoint in the store."""
-    return train_mod.train(data, model, store, get_recipe(task), options, config, settings)
+               config: train_mod.TrainConfig, settings: Settings, eval_data: DatasetRef | None = None) -> TrainedModel:
+    """Fine-tune; a retry (or a rerun after a crash) resumes from the last checkpoint in the store.
+    `eval_data`: the tokenized eval set evaluated during training (`config.eval_strategy`)."""
+    return train_mod.train(data, model, store, get_recipe(task), options, config, settings, eval_data)
 
 
 @task(name="evaluate", cache_key_fn=content_key(evaluation.eval_key), **CACHED, **RETRIES)

@@ -29,6 +29,13 @@ def write_model_card(directory: Path, trained: TrainedModel, text: dict | None =
     ]
     if labels:
         lines.append(f"- Labels: {labels}")
+    if trained.adapter:
+        a = trained.adapter
+        lines += ["", "## Adapter", "",
+                  f"LoRA adapters ({a['method']}: r {a['r']}, alpha {a['alpha']}, dropout {a['dropout']}, on "
+                  f"{a['target_modules']}) trained on the base `{trained.base_model}` (fingerprint "
+                  f"`{trained.base_fingerprint}`); the adapter is in `adapter/`, this directory's weights are the "
+                  "base with the adapter merged (what hfbatch evaluates and runs in bulk)."]
     lines += [
         "", "## Hyperparameters", "", "| parameter | value |", "| --- | --- |", hp, "",
         f"Trained on {trained.device} ({trained.precision}) for {trained.global_step} steps;"

@@ -6,6 +6,7 @@ so cache keys change exactly when the model or tokenizer files change.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from hfbatch.tasks.core.errors import ConfigError, ModelError
@@ -16,18 +17,27 @@ from hfbatch.tasks.core.settings import Settings
 from hfbatch.tasks.core.store import Store
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
-                   "merges.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model", "added_tokens.json")
+                   "merges.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model", "added_tokens.json",
+                   "chat_template.jinja", "chat_template.json")
 SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model"]
 
 
-def resolve_model(src: str, settings: Settings, store: Store | None = None) -> ModelRef:
+def resolve_model(src: str, settings: Settings, store: Store | None = None, gguf_file: str | None = None
+                  ) -> ModelRef:
     """Resolve a model SRC; raise `ModelError` naming it if it cannot be found or has no safe weights.
-    A name registered in `store` wins over a hub id of the same spelling."""
+    A name registered in `store` wins over a hub id of the same spelling. A `.gguf` file, or a hub
+    repository's `gguf_file`, is converted once to a model directory (`gguf_model`)."""
     path = Path(src).expanduser()
+    if gguf_file:
+        return _hub_gguf(src, gguf_file, settings)
     if path.is_dir():
         return local_model(src, path, settings)
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"GGUF file {src!r} does not exist")
+        return local_model(src, gguf_model(path, settings), settings)
     if src.startswith((".", "/", "~")):
         raise ModelError(f"model directory {src!r} does not exist")
     if store is not None:
@@ -50,6 +60,46 @@ def resolve_model(src: str, settings: Settings, store: Store | None = None) -> M
         names = Registry.names(store)
         raise ModelError(f"model {src!r} is not registered in {store.url} (registered: {names or 'none'}), "
                          f"is not a local directory, and {e.hub_problem}") from e
+
+
+def gguf_model(path: Path, settings: Settings) -> Path:
+    """A GGUF checkpoint (llama.cpp's format) as a transformers model directory (safetensors, dequantized),
+    converted once per file content into the settings' cache (`converted/<sha256>`), so later steps and
+    runs load it as fast as any model. transformers reads GGUF (the `gguf` package) but marks the loaded
+    model quantized, refusing `save_pretrained`: the weights move into a model built from its config."""
+    import shutil
+
+    from hfbatch.tasks.core.fingerprint import file_sha256
+
+    target = Path(settings.cache_dir) / "converted" / file_sha256(path)[:32]
+    if (target / "model.safetensors").exists():
+        return target
+    import importlib.util
+
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelError(f"model {str(path)!r} is a GGUF file: reading it needs the gguf package (pip install gguf)")
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(path.parent), path.name
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    except Exception as e:
+        raise ModelError(f"cannot read GGUF file {str(path)!r}: {str(e).splitlines()[0][:300]}") from e
+    config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(loaded.state_dict(), strict=False)
+    model.tie_weights()
+    model.generation_config = loaded.generation_config
+    staging = target.with_name(target.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    try:
+        os.replace(staging, target)  # atomic: another process converting the same file may have won
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
 
 
 def trained_model(trained: TrainedModel, store: Store, settings: Settings) -> ModelRef:
@@ -102,6 +152,19 @@ def check_safetensors(path: Path, src: str) -> None:
     if not whole:
         raise ModelError(f"model {src!r}: {path} is truncated or damaged (its size does not match its safetensors "
                          "header); copy or train the model again")
+
+
+def _hub_gguf(src: str, gguf_file: str, settings: Settings) -> ModelRef:
+    """The GGUF file `gguf_file` of hub repository `src` (`ID[@REVISION]`), fetched and converted."""
+    from huggingface_hub import hf_hub_download
+
+    repo, _, revision = src.partition("@")
+    try:
+        local = Path(hf_hub_download(repo, gguf_file, revision=revision or None))
+    except Exception as e:
+        raise ModelError(f"GGUF file {gguf_file!r} of {src!r} cannot be fetched from the Hugging Face Hub "
+                         f"({str(e).splitlines()[0][:200]})") from e
+    return local_model(f"{src}:{gguf_file}", gguf_model(local, settings), settings)
 
 
 def _hub_model(src: str, settings: Settings) -> ModelRef:

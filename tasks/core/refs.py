@@ -86,6 +86,8 @@ class TrainedModel(Ref):
     train_loss: float
     warnings: tuple[str, ...] = ()
     """What the training data's check found worth saying (extreme imbalance, ...)."""
+    adapter: dict | None = None
+    """The LoRA adapters trained (method, r, alpha, dropout, target modules), None for a full fine-tune."""
 
     @property
     def uri(self) -> str:

@@ -241,7 +241,8 @@ class PredictorSpec:
             from hfbatch.tasks.engine.cpu import tune_cpu
 
             tune_cpu()
-        key = (self.cls, self.model.path, self.model.fingerprint, self.options, self.precision, device, self.settings)
+        key = (self.cls, self.model.path, self.model.fingerprint, self.model.tokenizer_fingerprint, self.options,
+               self.precision, device, self.settings)
         with _CACHE_LOCK:
             if key not in _CACHE:
                 _CACHE[key] = self.cls(self.model, self.options, self.settings, self.precision)

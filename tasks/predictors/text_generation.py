@@ -11,12 +11,37 @@ losing its beginning (the end, where the text continues, is kept); such rows are
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
+from pathlib import Path
 
 from pydantic import Field, field_validator
 
 from hfbatch.tasks.core.errors import ConfigError
 from hfbatch.tasks.core.inputs import CHAT, TEXT
 from hfbatch.tasks.engine.generation import GenerationInferOptions, GenerationPredictor, with_sampling, with_search
+
+PROMPT_FILE = "hfbatch_prompt.json"
+"""How a model fine-tuned by hfbatch was prompted in training (`prompt_format`), in its directory."""
+
+
+def prompt_format(tokenizer) -> dict:
+    """How prompts reach the model: through its chat template (`chat`, with the template's sha256) or as
+    plain text (`text`, for a tokenizer without one)."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        return {"format": "text"}
+    return {"format": "chat", "chat_template_sha256": hashlib.sha256(str(template).encode()).hexdigest()}
+
+
+def render_prompts(tokenizer, prompts: list[list[dict]]) -> list[list[int]]:
+    """The token ids of each prompt (a list of messages) as the model sees it before its answer: the chat
+    template with the generation prompt, or, without a template, the messages' texts one after another."""
+    if getattr(tokenizer, "chat_template", None):
+        chats = [[{"role": m["role"], "content": m["content"]} for m in p] for p in prompts]
+        encoded = tokenizer.apply_chat_template(chats, add_generation_prompt=True, tokenize=True, return_dict=True)
+        return [list(x) for x in encoded["input_ids"]]
+    return tokenizer(["\n\n".join(m["content"] for m in p) for p in prompts])["input_ids"]
 
 
 class TextGenerationOptions(GenerationInferOptions):
@@ -55,6 +80,21 @@ class TextGenerationPredictor(GenerationPredictor[TextGenerationOptions]):
             raise ConfigError(f"model {model.source!r}: its tokenizer has no chat template, so --messages-column "
                               "cannot be used; give the prompts as text (--text-column)")
         self.tokenizer.truncation_side = "left"
+        self.as_chat = self._trained_format(model) == "chat" and not options.messages_column
+
+    def _trained_format(self, model) -> str | None:
+        """The prompt format a model fine-tuned by hfbatch was trained with (`PROMPT_FILE`), checked against
+        this tokenizer: a chat template changed since training is refused, not silently used."""
+        path = Path(model.path) / PROMPT_FILE
+        if not path.exists():
+            return None
+        trained = json.loads(path.read_text())
+        found = prompt_format(self.tokenizer)
+        if trained != found:
+            raise ConfigError(f"model {model.source!r} was fine-tuned with prompts in format {trained} but its "
+                              f"tokenizer now gives {found}: the chat template changed since training; restore "
+                              f"the trained tokenizer files")
+        return trained["format"]
 
     def _configure(self):
         """The model's generation config with the options; the new-token limit (the options', else the
@@ -84,6 +124,8 @@ class TextGenerationPredictor(GenerationPredictor[TextGenerationOptions]):
         values = inputs["text"]
         if self.options.messages_column:
             ids = self._chats(values)
+        elif self.as_chat:  # a chat model fine-tuned on prompts: each text is the user turn, as in training
+            ids = self._chats([[{"role": "user", "content": self.options.source_prefix + t}] for t in values])
         else:
             ids = self._tokenize([self.options.source_prefix + t for t in values], self.max_length)
         if self.max_new_tokens:

@@ -44,6 +44,8 @@ class Recipe(Generic[OptionsT]):
     train_defaults: ClassVar[dict[str, Any]] = {}
     """This task's default hyperparameters (`epochs`, `batch_size`, `learning_rate`, `weight_decay`,
     `warmup_ratio`), where they differ from `tasks.training.train.DEFAULTS`."""
+    peft_task_type: ClassVar[str] = ""
+    """peft's `TaskType` of this task's model (`SEQ_CLS`, `CAUSAL_LM`, ...): which head LoRA leaves trainable."""
     stratify_by: ClassVar[str | None] = None
     """Column a held-out split is stratified by."""
     group_by_length: ClassVar[bool] = False
@@ -81,16 +83,27 @@ class Recipe(Generic[OptionsT]):
 
         return DataCollatorWithPadding(tokenizer)
 
+    def packing_collator(self):
+        """The collator of padding-free batches (`--packing`), for a task that has one."""
+        raise ConfigError(f"{self.task} has no padding-free batches (--packing)")
+
+    def prepare_model(self, net, tokenizer, options: OptionsT):
+        """The model to fine-tune, adjusted for the task before training (its generation defaults)."""
+        return net
+
+    def save_extras(self, model_dir, tokenizer) -> None:
+        """Files of the task's own saved beside the trained model (how it is to be prompted)."""
+
     def model_kwargs(self, label_names: tuple[str, ...]) -> dict[str, Any]:
         """`from_pretrained` arguments of the model to fine-tune (a head of the right size)."""
         return {}
 
-    def model_for_training(self, model: ModelRef, label_names: tuple[str, ...], settings: Settings):
+    def model_for_training(self, model: ModelRef, label_names: tuple[str, ...], settings: Settings, **kwargs):
         """The model to fine-tune, from a base checkpoint (a new head, said in the log) or one with this
-        task's head."""
+        task's head (`kwargs`: more `from_pretrained` arguments, a quantized base's)."""
         if self.heads and has_head(model, self.heads, (self.task, *self.aliases)) is False:
             log.info("training a new %s head on %s: the checkpoint has none", self.task, model.source)
-        return load_model(model, self.model_class, settings, **self.model_kwargs(label_names))
+        return load_model(model, self.model_class, settings, **self.model_kwargs(label_names), **kwargs)
 
     def trained_model(self, model: ModelRef, settings: Settings):
         """A fine-tuned model of this task, to evaluate."""
@@ -109,7 +122,15 @@ class Recipe(Generic[OptionsT]):
         return TrainingArguments(**kwargs)
 
     # --- evaluate -----------------------------------------------------------------------------------
-    def postprocess(self, predictions: np.ndarray, features, examples, tokenizer, model_config,
+    def generates(self) -> bool:
+        """Whether evaluation generates the rows' answers (`generated`) rather than predicting the features."""
+        return False
+
+    def generated(self, model: ModelRef, examples, settings: Settings, options: OptionsT) -> list:
+        """The eval rows' generated answers (for a task that `generates`)."""
+        raise NotImplementedError
+
+    def postprocess(self, predictions: Any, features, examples, tokenizer, model_config,
                     label_names: tuple[str, ...], options: OptionsT) -> tuple[list, list]:
         """`(predictions, references)` in the form the task's metrics take them, from a model's raw
         `predictions` (`Trainer.predict`) on the tokenized `features` of the prepared `examples` (label
@@ -122,7 +143,7 @@ class Recipe(Generic[OptionsT]):
         (`per_class`, `confusion_matrix`, `per_type`, `samples`, `examples`: `tasks/artifacts.py` shows them)."""
         raise NotImplementedError
 
-    def output_table(self, predictions: np.ndarray, predicted: list, model_config) -> pa.Table | None:
+    def output_table(self, predictions: Any, predicted: list, model_config) -> pa.Table | None:
         """The eval set's predictions in the columns bulk inference writes (`label`, `entities`, `answer`,
         `generated_text`, ...), from the raw `predictions` and their post-processed form: what
         `core.monitoring.figures` records as the version's reference for drift. None: no reference."""

@@ -34,6 +34,7 @@ class QuestionAnswering(Recipe[QuestionAnsweringColumns]):
     task = "question-answering"
     options_class = QuestionAnsweringColumns
     model_class = "AutoModelForQuestionAnswering"
+    peft_task_type = "QUESTION_ANS"
     heads = QuestionAnsweringPredictor.heads
     group_by_length = True  # windows run from a few dozen tokens to max_length
     metrics: ClassVar[tuple[str, ...]] = ("f1", "exact_match")

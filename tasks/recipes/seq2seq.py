@@ -74,6 +74,7 @@ class Seq2Seq(Recipe[Seq2SeqOptions]):
 
     options_class = Seq2SeqOptions
     model_class = "AutoModelForSeq2SeqLM"
+    peft_task_type = "SEQ_2_SEQ_LM"
     heads = Seq2SeqPredictor.heads
     train_defaults: ClassVar[dict] = {"epochs": 3.0, "batch_size": 16, "learning_rate": 5e-5}
 
@@ -115,7 +116,7 @@ class Seq2Seq(Recipe[Seq2SeqOptions]):
 
         return DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100)
 
-    def model_for_training(self, model: ModelRef, label_names, settings: Settings):
+    def model_for_training(self, model: ModelRef, label_names, settings: Settings, **kwargs):
         """A seq2seq checkpoint as it is; an encoder-only one (BERT, MiniLM, ...) warm-starts an
         `EncoderDecoderModel`. Embeddings grow to the tokenizer's vocabulary where it is larger."""
         from transformers import AutoConfig
@@ -123,7 +124,7 @@ class Seq2Seq(Recipe[Seq2SeqOptions]):
         tokenizer = load_tokenizer(model, settings)
         config = AutoConfig.from_pretrained(model.path, trust_remote_code=settings.trust_remote_code)
         if getattr(config, "is_encoder_decoder", False):
-            net = load_model(model, self.model_class, settings)
+            net = load_model(model, self.model_class, settings, **kwargs)
         else:
             net = _warm_start(model, tokenizer, settings)
         if len(tokenizer) > net.get_input_embeddings().weight.shape[0]:

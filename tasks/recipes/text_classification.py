@@ -26,6 +26,7 @@ class TextClassification(Recipe[TextClassificationColumns]):
     aliases = TextClassificationPredictor.aliases
     options_class = TextClassificationColumns
     model_class = "AutoModelForSequenceClassification"
+    peft_task_type = "SEQ_CLS"
     heads = TextClassificationPredictor.heads
     metrics: ClassVar[tuple[str, ...]] = ("accuracy", "precision", "recall", "f1")
     stratify_by = "label"

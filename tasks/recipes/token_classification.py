@@ -35,6 +35,7 @@ class TokenClassification(Recipe[TokenClassificationColumns]):
     aliases = TokenClassificationPredictor.aliases
     options_class = TokenClassificationColumns
     model_class = "AutoModelForTokenClassification"
+    peft_task_type = "TOKEN_CLS"
     heads = TokenClassificationPredictor.heads
     group_by_length = True  # CoNLL-style data mixes one-word lines with long sentences
     metrics: ClassVar[tuple[str, ...]] = ("overall_f1", "overall_precision", "overall_recall", "overall_accuracy")

@@ -49,11 +49,17 @@ def evaluate_model(model: ModelRef, examples: DatasetRef, features: DatasetRef, 
                 bf16_full_eval=precision == "bf16", fp16_full_eval=precision == "fp16", disable_tqdm=True)
             trainer = recipe.trainer(model=net, args=args, processing_class=tokenizer,
                                      data_collator=recipe.collator(tokenizer, net))
-            predictions = trainer.predict(ds).predictions
+            if recipe.generates():  # answers generated as bulk inference generates them; the loss on the targets
+                loss = trainer.evaluate(ds)["eval_loss"] if "loss" in metrics else None
+                predictions = recipe.generated(model, store.load_dataset(examples.key), settings, options)
+            else:
+                predictions = trainer.predict(ds).predictions
         config = AutoConfig.from_pretrained(model.path)
         predicted, references = recipe.postprocess(predictions, ds, store.load_dataset(examples.key), tokenizer,
                                                    config, examples.label_names, options)
         scores, details = recipe.compute_metrics(predicted, references, examples.label_names, metrics)
+        if recipe.generates() and loss is not None:
+            scores["loss"] = float(loss)
         if metric_module:
             scores |= compute_custom(metric_module, predicted, references)
         outputs = recipe.output_table(predictions, predicted, config)

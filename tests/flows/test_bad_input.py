@@ -73,6 +73,15 @@ def world(tmp_path_factory, data_dir, classifier):
         {"version": "1", "task": "text-classification", "metrics": {"accuracy": 0.9}, "run_key": "r",
          "created": "2026-12-01T00:00:00"}]}))
 
+    user = {"role": "user", "content": "Is it good?"}
+    chats = {"no-answer": [user], "unknown-role": [user, {"role": "oracle", "content": "yes"}],
+             "empty-answer": [user, {"role": "assistant", "content": ""}]}
+    for name, chat in chats.items():
+        pq.write_table(pa.table({"messages": [[user, {"role": "assistant", "content": "yes"}], chat]}),
+                       root / f"chat-{name}.parquet")
+    pq.write_table(pa.table({"prompt": ["Is it good?", "And this?"], "completion": ["yes", " "]}),
+                   root / "empty-completion.parquet")
+
     store = root / "store"  # a registry with one name in it
     registry = store / "models" / "sst2"
     registry.mkdir(parents=True)
@@ -170,6 +179,29 @@ CASES = [  # (id, argv, message, stage: "cli" = refused before any flow starts, 
     ("glob matching nothing", infer(input="{root}/nothing-*.parquet"), "holds no Parquet files", "cli"),
     ("qa columns missing", infer("--columns", "question=q,context=c", task="question-answering"),
      r"has no column 'q' \(input 'question' of question-answering\)", "cli"),
+    ("chat without final answer", train("--task", "text-generation", "--messages-column", "messages",
+                                        dataset="{root}/chat-no-answer.parquet"),
+     r"chat-no-answer\.parquet' row 1: the chat does not end with an assistant message", "flow"),
+    ("chat with unknown role", train("--task", "text-generation", "--messages-column", "messages",
+                                     dataset="{root}/chat-unknown-role.parquet"),
+     r"row 1: message 1 has an unknown role 'oracle'", "flow"),
+    ("chat with empty answer", train("--task", "text-generation", "--messages-column", "messages",
+                                     dataset="{root}/chat-empty-answer.parquet"), r"row 1: the final assistant message", "flow"),
+    ("empty completion", train("--task", "text-generation", "--prompt-column", "prompt", "--completion-column",
+                               "completion", dataset="{root}/empty-completion.parquet"),
+     r"row 1: column 'completion' is empty", "flow"),
+    ("both data formats", train("--task", "text-generation", "--messages-column", "m", "--prompt-column", "p",
+                                "--completion-column", "c"), "not both", "cli"),
+    ("prompt without completion", train("--task", "text-generation", "--prompt-column", "prompt"),
+     "give --messages-column, or --prompt-column and --completion-column", "cli"),
+    ("missing messages column", train("--task", "text-generation", "--messages-column", "chat"),
+     r"has no column 'chat' \(--messages-column\)", "cli"),
+    ("unknown peft method", train("--peft", "prefix"), "invalid choice: 'prefix'", "cli"),
+    ("patience without evaluation", train("--early-stopping-patience", "2"),
+     "early_stopping_patience needs eval_strategy epoch or steps", "cli"),
+    ("missing gguf file", infer(model="{root}/nothere.gguf"), r"GGUF file '.*nothere\.gguf' does not exist", "cli"),
+    ("hub gguf unreachable", infer("--gguf-file", "model.Q4.gguf", model="someorg/some-model"),
+     r"GGUF file 'model\.Q4\.gguf' of 'someorg/some-model' cannot be fetched", "cli"),
     ("serve without server", ["serve", "--name", "n", "--model", M, "--watch", "{root}", "--input", I, "--output", O],
      "serving needs a Prefect server", "cli"),
     ("serve bad train param", ["serve", "--name", "n", "--model", M, "--watch", "{root}", "--input", I, "--output", O,

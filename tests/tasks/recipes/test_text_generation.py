@@ -50,12 +50,13 @@ def prompts(data_dir, tmp_path_factory):
 
 
 def test_options_and_cli():
-    """Text generation is inference only; its options are its own namespace of the infer flow's `options`,
-    `--top-k` means what each task says (fill-mask: how many tokens; sampling: which ones), and one line
-    names a bad option."""
-    assert "text-generation" in predictor_task_names() and "text-generation" not in task_names()
-    with pytest.raises(ConfigError, match="predicts with text-generation models but does not train them"):
-        get_recipe("text-generation")
+    """Text generation trains (its recipe: `test_text_generation_training.py`) and predicts; its inference
+    options are their own namespace of the infer flow's `options`, `--top-k` means what each task says
+    (fill-mask: how many tokens; sampling: which ones), and one line names a bad option."""
+    assert "text-generation" in predictor_task_names() and "text-generation" in task_names()
+    assert get_recipe("text-generation").options_class.model_fields["messages_column"].default is None
+    with pytest.raises(ConfigError, match="predicts with fill-mask models but does not train them"):
+        get_recipe("fill-mask")
     options = get_predictor_class("text-generation").options_class
     assert {"messages_column", "do_sample", "temperature", "top_p", "top_k", "seed", "max_new_tokens"} <= \
         set(options.model_fields)

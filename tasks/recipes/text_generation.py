@@ -1,0 +1,258 @@
+"""Text generation: supervised fine-tuning of a decoder-only (causal) language model on chats or
+prompt-completion pairs, as TRL's `SFTTrainer` does it, scored by generating each eval row's answer
+(in bulk: `predictors/text_generation.py`).
+
+Data, in TRL's two formats: conversational (`--messages-column`: a list of `{role, content}`, its last
+message the assistant's target) or prompt-completion (`--prompt-column`, `--completion-column`; with a
+chat model the prompt is the user turn). Each row is the prompt through the tokenizer's chat template
+with the generation prompt, then the target's tokens and EOS (the end of the assistant turn), so the
+model learns to stop; the loss is on the target tokens only (the prompt's labels are -100). Batches are
+padded, or padding-free with `--packing` (rows concatenated, each with its own positions: transformers
+keeps their attention apart, with the KV cache off). The plain `Trainer` with this collation is what
+`SFTTrainer` runs for such data (its completion-only loss and padding-free collator), without TRL's
+extra dependency.
+
+Evaluation generates each eval row's answer with the bulk-inference predictor (greedy, the same template
+and settings) and scores it with SQuAD's exact match and F1, BLEU and ROUGE-L, plus the eval loss.
+The prompt format (`chat` or `text`) and the chat template's digest go into the model directory
+(`hfbatch_prompt.json`): bulk inference prompts the model as it was trained, and refuses a tokenizer
+whose template has changed since.
+"""
+from __future__ import annotations
+
+import logging
+from typing import ClassVar, Literal
+
+import numpy as np
+import pyarrow as pa
+from pydantic import Field, model_validator
+
+from hfbatch.tasks.core.errors import DataError
+from hfbatch.tasks.core.options import Options
+from hfbatch.tasks.metrics import compute
+from hfbatch.tasks.predictors.text_generation import (
+    PROMPT_FILE,
+    TextGenerationOptions,
+    TextGenerationPredictor,
+    prompt_format,
+    render_prompts,
+)
+from hfbatch.tasks.recipes.base import Recipe
+
+log = logging.getLogger(__name__)
+ROLES = ("system", "user", "assistant", "tool")
+SAMPLES = 20
+
+
+class TextGenerationColumns(Options):
+    messages_column: str | None = Field(None, description="column of chats (lists of {role, content}), the last "
+                                        "message the assistant's target")
+    prompt_column: str | None = Field(None, description="column of the prompt (with a chat model, the user turn)")
+    completion_column: str | None = Field(None, description="column of the target completion of --prompt-column")
+    packing: bool = Field(False, description="padding-free batches: rows concatenated, each with its own positions")
+    long_rows: Literal["truncate", "drop", "fail"] = Field(
+        "truncate", description="rows longer than --max-length: cut the prompt's beginning (the target kept), "
+        "drop the row, or fail naming it")
+    max_new_tokens: int = Field(64, ge=1, description="longest generated answer in evaluation (and the trained "
+                                "model's default in bulk inference)")
+
+    @model_validator(mode="after")
+    def _one_format(self):
+        if self.messages_column and (self.prompt_column or self.completion_column):
+            raise ValueError("give --messages-column or --prompt-column with --completion-column, not both")
+        if not self.messages_column and not (self.prompt_column and self.completion_column):
+            raise ValueError("give --messages-column, or --prompt-column and --completion-column")
+        return self
+
+
+class TextGeneration(Recipe[TextGenerationColumns]):
+    task = "text-generation"
+    options_class = TextGenerationColumns
+    model_class = "AutoModelForCausalLM"
+    peft_task_type = "CAUSAL_LM"
+    heads = TextGenerationPredictor.heads
+    metrics: ClassVar[tuple[str, ...]] = ("f1", "exact_match", "bleu", "rougeL", "loss")
+    max_length = 512
+    train_defaults: ClassVar[dict] = {"batch_size": 8, "learning_rate": 2e-4}
+
+    # --- ingest: canonical `prompt` (a list of messages) and `completion` (a string) ------------------
+    def prepare(self, dataset, src: str, options: TextGenerationColumns, label_names):
+        import datasets
+
+        table = dataset.data.table
+        if table.num_rows == 0:
+            raise DataError(f"data source {src!r} is empty (0 rows)")
+        for column in options.columns().values():
+            if column not in table.column_names:
+                raise DataError(f"data source {src!r} has no column {column!r}; its columns are {table.column_names}")
+        prompts, completions = [], []
+        if options.messages_column:
+            for row, chat in enumerate(table[options.messages_column].to_pylist()):
+                prompt, completion = _split_chat(chat, src, row, options.messages_column)
+                prompts.append(prompt)
+                completions.append(completion)
+        else:
+            prompt_column, completion_column = str(options.prompt_column), str(options.completion_column)
+            pairs = zip(table[prompt_column].to_pylist(), table[completion_column].to_pylist())
+            for row, (prompt, completion) in enumerate(pairs):
+                for column, value in ((prompt_column, prompt), (completion_column, completion)):
+                    if not isinstance(value, str) or not value.strip():
+                        what = "empty" if isinstance(value, str) or value is None else type(value).__name__
+                        raise DataError(f"{src!r} row {row}: column {column!r} is {what}")
+                prompts.append([{"role": "user", "content": prompt}])
+                completions.append(completion)
+        message = datasets.Features({"role": datasets.Value("string"), "content": datasets.Value("string")})
+        features = datasets.Features({"prompt": datasets.List(message), "completion": datasets.Value("string")})
+        return datasets.Dataset.from_dict({"prompt": prompts, "completion": completions}, features=features), None
+
+    # --- tokenize, collate, train ------------------------------------------------------------------
+    def tokenize(self, dataset, tokenizer, options: TextGenerationColumns, max_length: int, split: str):
+        """`input_ids` (prompt, target, EOS) and `labels` (-100 on the prompt); over-long rows as
+        `long_rows` says, counted in a `cut` column (1 truncated, dropped rows left out)."""
+        if tokenizer.eos_token_id is None:
+            raise DataError("the tokenizer has no EOS token: a fine-tuned model could not learn to stop")
+        eos = tokenizer.eos_token_id
+
+        def encode(batch, indices):
+            prompts = render_prompts(tokenizer, batch["prompt"])
+            targets = tokenizer(batch["completion"], add_special_tokens=False)["input_ids"]
+            out: dict[str, list] = {"input_ids": [], "labels": [], "cut": []}
+            for row, prompt, target in zip(indices, prompts, targets):
+                target = [*target, eos]
+                cut = 0
+                if len(prompt) + len(target) > max_length:
+                    if options.long_rows == "fail":
+                        raise DataError(f"row {row}: {len(prompt) + len(target)} tokens, more than --max-length "
+                                        f"{max_length} (use --long-rows truncate or drop)")
+                    room = max_length - len(target)
+                    if options.long_rows == "drop" or room < 1:
+                        continue
+                    prompt, cut = prompt[len(prompt) - room:], 1
+                out["input_ids"].append(prompt + target)
+                out["labels"].append([-100] * len(prompt) + target)
+                out["cut"].append(cut)
+            return out
+
+        dropped_before = dataset.num_rows
+        tokenized = dataset.map(encode, batched=True, with_indices=True, remove_columns=dataset.column_names)
+        dropped = dropped_before - tokenized.num_rows
+        if dropped:
+            log.warning("%d of %d rows longer than max_length %d were dropped", dropped, dropped_before, max_length)
+        if tokenized.num_rows == 0:
+            raise DataError(f"every row is longer than --max-length {max_length}: raise it or use --long-rows truncate")
+        return tokenized.add_column("dropped", [dropped] * tokenized.num_rows) if split == "train" else tokenized
+
+    def check_training_data(self, dataset, label_names, src: str) -> list[str]:
+        notes = []
+        cut = int(np.sum(dataset["cut"])) if "cut" in dataset.column_names else 0
+        dropped = int(dataset["dropped"][0]) if "dropped" in dataset.column_names and dataset.num_rows else 0
+        if cut:
+            notes.append(f"{cut} of {dataset.num_rows} rows were longer than max_length: their prompts were "
+                         "truncated from the start (the target kept)")
+        if dropped:
+            notes.append(f"{dropped} rows longer than max_length were dropped")
+        return notes
+
+    def collator(self, tokenizer, model):
+        from transformers import DataCollatorForSeq2Seq
+
+        return _Columns(DataCollatorForSeq2Seq(tokenizer, model=None, label_pad_token_id=-100, padding=True))
+
+    def packing_collator(self):
+        """Rows concatenated into one, each with its own positions. The model keeps their attention apart
+        only without a KV cache (transformers builds the packed-sequence mask only when no cache is
+        passed, and a causal LM makes one whenever `use_cache` is on): the batch turns it off, or rows
+        would attend to the rows before them (measured: the loss then differs from the padded batch's)."""
+        from transformers import DataCollatorWithFlattening
+
+        return _Columns(DataCollatorWithFlattening(return_position_ids=True), use_cache=False)
+
+    def prepare_model(self, net, tokenizer, options: TextGenerationColumns):
+        """The trained model's defaults for bulk inference: greedy, `max_new_tokens`, padding with EOS."""
+        config = net.generation_config
+        config.max_new_tokens, config.max_length, config.do_sample = options.max_new_tokens, None, False
+        config.temperature = config.top_p = config.top_k = None
+        if config.pad_token_id is None:
+            pad = tokenizer.pad_token_id
+            config.pad_token_id = pad if pad is not None else tokenizer.eos_token_id
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return net
+
+    def save_extras(self, model_dir, tokenizer) -> None:
+        import json
+
+        (model_dir / PROMPT_FILE).write_text(json.dumps(prompt_format(tokenizer), indent=2))
+
+    # --- evaluate -----------------------------------------------------------------------------------
+    def generates(self) -> bool:
+        return True
+
+    def generated(self, model, examples, settings, options: TextGenerationColumns) -> list[str]:
+        """Each eval row's answer, generated by the bulk-inference predictor from its prompt."""
+        from hfbatch.tasks.engine.predictor import PredictorSpec
+
+        spec = PredictorSpec(TextGenerationPredictor, model,
+                             TextGenerationOptions(messages_column="prompt", max_new_tokens=options.max_new_tokens),
+                             settings)
+        predictor = spec.load()
+        table, _ = predictor.predict({"text": list(examples["prompt"])}, None, None)
+        spec.release()
+        return table.column("generated_text").to_pylist()
+
+    def postprocess(self, predictions, features, examples, tokenizer, model_config, label_names, options):
+        return [p.strip() for p in predictions], [c.strip() for c in examples["completion"]]
+
+    def compute_metrics(self, predictions, references, label_names, metrics):
+        squad = compute(("squad",), [{"id": str(i), "prediction_text": p} for i, p in enumerate(predictions)],
+                        [{"id": str(i), "answers": {"text": [r], "answer_start": [0]}}
+                         for i, r in enumerate(references)])
+        scores = {"f1": float(squad["f1"]), "exact_match": float(squad["exact_match"])}
+        if "bleu" in metrics:
+            scores["bleu"] = float(compute(("bleu",), predictions, [[r] for r in references])["bleu"])
+        if "rougeL" in metrics:
+            scores["rougeL"] = float(compute(("rouge",), predictions, references)["rougeL"])
+        samples = [{"prediction": p, "reference": r} for p, r in zip(predictions[:SAMPLES], references)]
+        return {m: scores[m] for m in metrics if m in scores}, {"samples": samples}
+
+    def output_table(self, predictions, predicted, model_config) -> pa.Table | None:
+        return pa.table({"generated_text": pa.array(predicted, pa.string())})
+
+    def card_text(self, label_names):
+        return {"summary": "A language model fine-tuned (supervised) to answer like the training data's targets",
+                "intended_use": "Answering prompts like those of the training data, through the same chat "
+                                "template (bulk inference uses the template recorded with the model).",
+                "limitations": (("Generated answers may be fluent and wrong; exact match and F1 measure overlap "
+                                 "with one reference answer."),
+                                ("Prompts longer than the training `max_length` were truncated or dropped in "
+                                 "training (see the warnings), and answers stop at `max_new_tokens`."))}
+
+
+class _Columns:
+    """A collator that drops the bookkeeping columns (`cut`, `dropped`) before collating."""
+
+    def __init__(self, collate, **extra):
+        self.collate, self.extra = collate, extra
+
+    def __call__(self, features):
+        batch = self.collate([{k: v for k, v in f.items() if k in ("input_ids", "labels")} for f in features])
+        return {**batch, **self.extra}
+
+
+def _split_chat(chat, src: str, row: int, column: str) -> tuple[list[dict], str]:
+    """A chat's prompt (every message but the last) and target (the last, an assistant message)."""
+    if not isinstance(chat, list) or not chat:
+        raise DataError(f"{src!r} row {row}: column {column!r} is not a list of messages")
+    for i, m in enumerate(chat):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+            raise DataError(f"{src!r} row {row}: message {i} of {column!r} is not a {{role, content}} message")
+        if m.get("role") not in ROLES:
+            raise DataError(f"{src!r} row {row}: message {i} has an unknown role {m.get('role')!r} "
+                            f"(known: {list(ROLES)})")
+    if chat[-1]["role"] != "assistant":
+        raise DataError(f"{src!r} row {row}: the chat does not end with an assistant message (the target)")
+    if not chat[-1]["content"].strip():
+        raise DataError(f"{src!r} row {row}: the final assistant message (the target) is empty")
+    if len(chat) < 2:
+        raise DataError(f"{src!r} row {row}: the chat has no prompt before its assistant message")
+    return [{"role": m["role"], "content": m["content"]} for m in chat[:-1]], chat[-1]["content"]
