@@ -48,9 +48,9 @@ class Settings(BaseSettings):
     """If set, `hfbatch serve` / `deploy` save this URL as the `custom-webhook` block `alert_block` names."""
     s3_connect_timeout: float = 5.0
     """Seconds to wait for an S3 endpoint to accept a connection."""
-    s3_read_timeout: float = 10.0
-    """Seconds to wait for each answer of an S3 endpoint (a stalled endpoint fails after s3fs's 5 tries of
-    `s3_attempts` requests of this long each: about a minute with the defaults)."""
+    s3_read_timeout: float = 5.0
+    """Seconds to wait for each answer of an S3 endpoint. s3fs tries each request 5 times, and one file
+    operation may make two requests: a stalled endpoint fails in about a minute with the defaults."""
     s3_attempts: int = 1
     """botocore's attempts per request of s3fs's 5 tries (botocore's own default is 5: 25 requests)."""
     api_timeout: float = 10.0
@@ -78,10 +78,9 @@ class Settings(BaseSettings):
 
     def s3_wait(self) -> str:
         """How long a stalled S3 endpoint is waited for, in words (for the error that says it did not answer)."""
-        longest = S3FS_TRIES * self.s3_attempts * (self.s3_connect_timeout + self.s3_read_timeout)
-        return (f"{S3FS_TRIES} tries of {self.s3_attempts} request(s), {self.s3_connect_timeout:g} s to connect and "
-                f"{self.s3_read_timeout:g} s per answer, at most {longest:g} s (HFBATCH_S3_CONNECT_TIMEOUT, "
-                "HFBATCH_S3_READ_TIMEOUT, HFBATCH_S3_ATTEMPTS)")
+        return (f"{S3FS_TRIES} tries of each request, {self.s3_attempts} attempt(s) each, waiting "
+                f"{self.s3_connect_timeout:g} s to connect and {self.s3_read_timeout:g} s for an answer "
+                "(HFBATCH_S3_CONNECT_TIMEOUT, HFBATCH_S3_READ_TIMEOUT, HFBATCH_S3_ATTEMPTS)")
 
 
 @functools.lru_cache(maxsize=8)
