@@ -141,7 +141,8 @@ def unset(default) -> bool:
 
 
 def _comma_list(text: str) -> tuple[str, ...]:
-    return tuple(x.strip() for x in text.split(",") if x.strip())
+    """`A,B` as its items; an empty item stays (to be refused where it matters, e.g. an empty choice)."""
+    return tuple(x.strip() for x in text.split(",")) if text.strip() else ()
 
 
 def _pairs(metavar: str):

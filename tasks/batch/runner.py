@@ -54,6 +54,17 @@ def run_shard(shard: Shard, spec: InferSpec, wait: bool = True) -> dict | None:
         return entry | {"skipped": True} if entry is not None else _compute(shard, spec, out, key)
 
 
+def generated_counts(predictions: pa.Table) -> dict:
+    """What a generation task's predictions say of their length (whatever the task): `output_tokens`, and
+    `cut_at_limit`, the rows whose answer stopped at the new-token limit (`finish_reason` `length`)."""
+    counts = {}
+    if "output_tokens" in predictions.column_names:
+        counts["output_tokens"] = int(pc.sum(predictions.column("output_tokens")).as_py() or 0)
+    if "finish_reason" in predictions.column_names:
+        counts["cut_at_limit"] = int(pc.sum(pc.equal(predictions.column("finish_reason"), "length")).as_py() or 0)
+    return counts
+
+
 def _committed(out, key: str) -> dict | None:
     """The shard's manifest entry if its marker and part are committed."""
     marker = f"_markers/{key}.json"
@@ -89,6 +100,7 @@ def _compute(shard: Shard, spec: InferSpec, out, key: str) -> dict:
     entry = {"shard": shard.index, "file": shard.name, "start": shard.start, "stop": shard.stop,
              "fingerprint": shard.fingerprint, "model_version": spec.model_version, "part": name,
              "rows": n, "quarantine": quarantine, "quarantined": bad.num_rows, "tokens": tokens,
+             **generated_counts(predictions),
              "seconds": round(time.perf_counter() - started, 4),
              "figures": figures(predictions, {k: v for k, v in values.items() if isinstance(spec.kinds[k], Text)})}
     out.write_json(marker, entry)

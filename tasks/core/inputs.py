@@ -73,5 +73,15 @@ class Chat(InputKind):
         return None
 
 
+class Value(InputKind):
+    """Any value: a prompt template's variable (a string, a number, a list, a struct...)."""
+
+    description = "any value"
+
+    def accepts(self, kind: pa.DataType) -> bool:
+        return True
+
+
 TEXT = Text()
 CHAT = Chat()
+VALUE = Value()

@@ -165,7 +165,7 @@ class GenerationPredictor(Predictor[G]):
         self.model = self._prepare(getattr(transformers, self.auto_class).from_pretrained(model.path,
                                                                                          **self._load_kwargs()))
         self.generation_config = self._configure()
-        self.engine = GenerationEngine(self.model, self.generation_config, self.device)
+        self.engine = GenerationEngine(self.model, self.generation_config, self.device, guide=self._guide())
         self.truncated_rows = 0
         """Rows longer than the model takes, truncated so far."""
 
@@ -176,6 +176,10 @@ class GenerationPredictor(Predictor[G]):
     def _configure(self):
         """The model's generation config with the options applied; sets the input and output limits."""
         raise NotImplementedError
+
+    def _guide(self):
+        """The run's constraint compiled for this model (`constraints.Guide`), or None."""
+        return None
 
     def _encode(self, inputs: dict[str, list]) -> tuple[list[list[int]], list[int]]:
         """Each row's input token ids (truncated) and new-token limit."""
@@ -218,8 +222,14 @@ class GenerationPredictor(Predictor[G]):
 
     def postprocess(self, outputs: list[tuple[list[int], str]], features: Prompts) -> pa.Table:
         texts = self.tokenizer.batch_decode([tokens for tokens, _ in outputs], skip_special_tokens=True)
-        return pa.table({"generated_text": pa.array([t.strip() if self.strip else t for t in texts], pa.string()),
-                         "input_tokens": pa.array([len(x) for x in features.ids], pa.int32()),
-                         "output_tokens": pa.array([len(tokens) for tokens, _ in outputs], pa.int32()),
-                         "finish_reason": pa.array([reason for _, reason in outputs], pa.string())},
-                        schema=self.schema)
+        texts = [t.strip() if self.strip else t for t in texts]
+        reasons = [reason for _, reason in outputs]
+        columns = {"generated_text": pa.array(texts, pa.string()),
+                   "input_tokens": pa.array([len(x) for x in features.ids], pa.int32()),
+                   "output_tokens": pa.array([len(tokens) for tokens, _ in outputs], pa.int32()),
+                   "finish_reason": pa.array(reasons, pa.string())}
+        return pa.table(columns | self._more_columns(texts, reasons), schema=self.schema)
+
+    def _more_columns(self, texts: list[str], reasons: list[str]) -> dict[str, pa.Array]:
+        """A task's own columns beside the text (as its `output_schema` declares them)."""
+        return {}

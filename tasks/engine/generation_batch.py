@@ -43,6 +43,8 @@ class Row:
     """Tokens it may hold in the cache per sequence: its input and its limit."""
     generator: torch.Generator | None = None
     processors: Any = None
+    matcher: Any = None
+    """Its constraint's matcher (`constraints.Guide`), if the run has a constraint."""
     prefix: Any = None
     """Decoder input before its new tokens (the start token, or the prompt), for per-row processors."""
 
@@ -348,6 +350,7 @@ class Stepper:
         for r in rows:
             r.prefix = torch.tensor([d.start] if self.encoder_decoder else r.ids, dtype=torch.long, device=self.device)
             r.processors = d.row_processors(len(r.prefix), torch.tensor([r.ids]))
+            r.matcher = d.guide.matcher() if d.guide is not None else None
         batch = self._batch(rows, cache, dec_mask, pos, prompt)
         if self.encoder_decoder:
             batch.enc, batch.enc_mask = enc, mask

@@ -65,9 +65,9 @@ class _Queue:
 class GenerationEngine:
     """Generates for many rows at once with one model and one generation config."""
 
-    def __init__(self, model, config, device: str, continuous: bool | None = None):
+    def __init__(self, model, config, device: str, continuous: bool | None = None, guide=None):
         self.device = device
-        self.decoding = Decoding(model, copy.deepcopy(config), device)
+        self.decoding = Decoding(model, copy.deepcopy(config), device, guide)
         self.stepper = Stepper(model, self.decoding, device, continuous)
 
     @property

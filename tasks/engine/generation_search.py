@@ -27,6 +27,7 @@ from transformers.generation import logits_process as lp
 from hfbatch.tasks.core.errors import ConfigError
 
 if TYPE_CHECKING:
+    from hfbatch.tasks.engine.constraints import Guide
     from hfbatch.tasks.engine.generation_batch import Batch
 
 BATCHED = (lp.TemperatureLogitsWarper, lp.TopKLogitsWarper, lp.TopPLogitsWarper, lp.MinPLogitsWarper,
@@ -50,7 +51,7 @@ class Decoding:
     `generation_config` argument); the model's own config and transformers' defaults fill what it
     leaves unset, as in `generate`."""
 
-    def __init__(self, model, config, device):
+    def __init__(self, model, config, device, guide: Guide | None = None):
         config, _ = model._prepare_generation_config(config)
         config.num_return_sequences = 1  # one text per row: the best beam, or one sample
         model._prepare_special_tokens(config, True, device=device)
@@ -81,7 +82,10 @@ class Decoding:
             torch.tensor(config.forced_eos_token_id, device=device).reshape(-1)
         self.begin_suppress = None if config.begin_suppress_tokens is None else \
             torch.tensor(config.begin_suppress_tokens, device=device).reshape(-1)
-        self.model, self.device = model, device
+        self.model, self.device, self.guide = model, device, guide
+        if guide is not None and self.beams > 1:
+            raise ConfigError("a constraint (--choices, --regex, --json-schema, --grammar) decodes greedily or by "
+                              "sampling, not with beam search: drop --num-beams")
         single_bad_words = all(len(w) == 1 for w in (config.bad_words_ids or ()))
         self.steps: list[tuple[str, Any]] = []
         for p in self._processors(prompt_len=1 if self.encoder_decoder else 2, encoder_ids=torch.ones(1, 1).long()):
@@ -148,6 +152,7 @@ class Decoding:
             if kind is lp.ForcedBOSTokenLogitsProcessor:
                 rows, keep = cur == 1, torch.tensor([self.forced_bos], device=scores.device)
             else:  # ForcedEOS: the last token a row may generate
+                assert self.forced_eos is not None
                 rows, keep = b.n == b.limit - 1, self.forced_eos
             if bool(rows.any()):
                 forced = torch.nonzero(rows).reshape(-1)
@@ -164,7 +169,10 @@ class Decoding:
     # --- token choice ---------------------------------------------------------------------------------
     def choose(self, logits: torch.Tensor, b: Batch) -> torch.Tensor:
         """Greedy search or sampling: each sequence's next token, written into `b`; returns which rows
-        ended (an end token, or their limit)."""
+        ended (an end token, or their limit). A constraint masks the logits first (as vLLM applies its
+        grammar's bitmask before sampling) and its matchers take the chosen tokens."""
+        if self.guide is not None:
+            self.guide.mask(logits, [row.matcher for row in b.rows])
         scores = self.process(logits, b)
         if self.sample:
             probs = torch.softmax(scores, dim=-1)
@@ -172,6 +180,8 @@ class Decoding:
                                 for i, row in enumerate(b.rows)])
         else:
             tokens = torch.argmax(scores, dim=-1)
+        if self.guide is not None:
+            self.guide.advance([row.matcher for row in b.rows], tokens.tolist())
         b.gen.scatter_(1, b.n[:, None], tokens[:, None])
         b.last, b.n = tokens, b.n + 1
         return torch.isin(tokens, self.eos) | (b.n >= b.limit)

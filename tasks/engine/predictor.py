@@ -89,6 +89,12 @@ class Predictor(Generic[OptionsT]):
         raise NotImplementedError
 
     @classmethod
+    def for_model(cls, model: ModelRef, options: OptionsT) -> tuple[OptionsT, list[str]]:
+        """The options a run uses with this model (what a fine-tuned model brings where the options are
+        silent, e.g. its prompt template) and notes for the run's summary; read before any model is loaded."""
+        return options, []
+
+    @classmethod
     def check_checkpoint(cls, model: ModelRef) -> None:
         """Refuse a checkpoint that lacks this task's head: its head would be freshly initialised, and
         the answers random."""
