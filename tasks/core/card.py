@@ -36,6 +36,14 @@ def write_model_card(directory: Path, trained: TrainedModel, text: dict | None =
                   f"{a['target_modules']}) trained on the base `{trained.base_model}` (fingerprint "
                   f"`{trained.base_fingerprint}`); the adapter is in `adapter/`, this directory's weights are the "
                   "base with the adapter merged (what hfbatch evaluates and runs in bulk)."]
+    if trained.prompt:
+        lines += ["", "## Prompt", "", "Bulk inference (`hfbatch infer`) prompts the model this way unless told "
+                  "otherwise: each row's columns through the prompt template, as the user turn of its chat template.",
+                  ""]
+        if trained.prompt.get("system_prompt"):
+            lines += ["System prompt:", "", "```text", trained.prompt["system_prompt"], "```", ""]
+        if trained.prompt.get("prompt_template"):
+            lines += ["Prompt template (Jinja2):", "", "```jinja", trained.prompt["prompt_template"], "```"]
     lines += [
         "", "## Hyperparameters", "", "| parameter | value |", "| --- | --- |", hp, "",
         f"Trained on {trained.device} ({trained.precision}) for {trained.global_step} steps;"

@@ -23,9 +23,13 @@ class Options(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     def columns(self) -> dict[str, str]:
-        """The data columns these options name (fields called `*_column` that are set): what ingest
-        depends on."""
+        """The data columns these options name (fields called `*_column` that are set)."""
         return {k: v for k, v in self.model_dump().items() if k.endswith("_column") and v is not None}
+
+    def ingest_key(self) -> dict:
+        """What the ingested rows depend on besides the source: the columns named, and any option that
+        shapes the prepared rows (a task's prompt template)."""
+        return self.columns()
 
 
 class NoOptions(Options):

@@ -88,6 +88,8 @@ class TrainedModel(Ref):
     """What the training data's check found worth saying (extreme imbalance, ...)."""
     adapter: dict | None = None
     """The LoRA adapters trained (method, r, alpha, dropout, target modules), None for a full fine-tune."""
+    prompt: dict | None = None
+    """How a language model was prompted in training (`prompt_template`, `system_prompt`), else None."""
 
     @property
     def uri(self) -> str:

@@ -138,6 +138,7 @@ class Registry:
             entry = {"version": version, "run_key": trained.run_key, "task": trained.task, "created": now,
                      "metrics": evaluation.metrics, "eval_dataset": evaluation.dataset_fingerprint,
                      "base_model": trained.base_model, "uri": self.store.uri(self.version_key(version)),
+                     **({"prompt": trained.prompt} if trained.prompt else {}),
                      "promoted": promoted, "reason": reason, "files": files,
                      "reference": evaluation.details.get("reference_figures")}
             index = {**index, "versions": [*index["versions"], entry]}

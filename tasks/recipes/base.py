@@ -91,8 +91,13 @@ class Recipe(Generic[OptionsT]):
         """The model to fine-tune, adjusted for the task before training (its generation defaults)."""
         return net
 
-    def save_extras(self, model_dir, tokenizer) -> None:
+    def save_extras(self, model_dir, tokenizer, options: OptionsT) -> None:
         """Files of the task's own saved beside the trained model (how it is to be prompted)."""
+
+    def prompt_record(self, options: OptionsT) -> dict | None:
+        """How the trained model is to be prompted (a language model's prompt template and system prompt),
+        for its registry entry and card; None where the task has no prompts."""
+        return None
 
     def model_kwargs(self, label_names: tuple[str, ...]) -> dict[str, Any]:
         """`from_pretrained` arguments of the model to fine-tune (a head of the right size)."""

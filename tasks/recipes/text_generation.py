@@ -3,8 +3,10 @@ prompt-completion pairs, as TRL's `SFTTrainer` does it, scored by generating eac
 (in bulk: `predictors/text_generation.py`).
 
 Data, in TRL's two formats: conversational (`--messages-column`: a list of `{role, content}`, its last
-message the assistant's target) or prompt-completion (`--prompt-column`, `--completion-column`; with a
-chat model the prompt is the user turn). Each row is the prompt through the tokenizer's chat template
+message the assistant's target) or prompt-completion (`--prompt-column`, or a Jinja2 `--prompt-template`
+over the row's columns, and `--completion-column`; with a chat model the prompt is the user turn, after
+`--system-prompt`). A completion column of class labels (a `ClassLabel`) is its label names.
+Each row is the prompt through the tokenizer's chat template
 with the generation prompt, then the target's tokens and EOS (the end of the assistant turn), so the
 model learns to stop; the loss is on the target tokens only (the prompt's labels are -100). Batches are
 padded, or padding-free with `--packing` (rows concatenated, each with its own positions: transformers
@@ -13,10 +15,12 @@ keeps their attention apart, with the KV cache off). The plain `Trainer` with th
 extra dependency.
 
 Evaluation generates each eval row's answer with the bulk-inference predictor (greedy, the same template
-and settings) and scores it with SQuAD's exact match and F1, BLEU and ROUGE-L, plus the eval loss.
-The prompt format (`chat` or `text`) and the chat template's digest go into the model directory
-(`hfbatch_prompt.json`): bulk inference prompts the model as it was trained, and refuses a tokenizer
-whose template has changed since.
+and settings, and a constraint where one is given) and scores it with SQuAD's exact match and F1, BLEU
+and ROUGE-L, plus the eval loss; with `--choices`, also accuracy and a confusion matrix over the choices
+(as the classification recipe reports them). The prompt format (`chat` or `text`), the chat template's
+digest, and the prompt template and system prompt go into the model directory (`hfbatch_prompt.json`):
+bulk inference prompts the model as it was trained, and refuses a tokenizer whose template has changed
+since.
 """
 from __future__ import annotations
 
@@ -27,11 +31,13 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field, model_validator
 
+from hfbatch.tasks.core import templates
 from hfbatch.tasks.core.errors import DataError
-from hfbatch.tasks.core.options import Options
 from hfbatch.tasks.metrics import compute
 from hfbatch.tasks.predictors.text_generation import (
     PROMPT_FILE,
+    ConstraintOptions,
+    PromptOptions,
     TextGenerationOptions,
     TextGenerationPredictor,
     prompt_format,
@@ -44,7 +50,7 @@ ROLES = ("system", "user", "assistant", "tool")
 SAMPLES = 20
 
 
-class TextGenerationColumns(Options):
+class TextGenerationColumns(PromptOptions, ConstraintOptions):
     messages_column: str | None = Field(None, description="column of chats (lists of {role, content}), the last "
                                         "message the assistant's target")
     prompt_column: str | None = Field(None, description="column of the prompt (with a chat model, the user turn)")
@@ -58,11 +64,26 @@ class TextGenerationColumns(Options):
 
     @model_validator(mode="after")
     def _one_format(self):
-        if self.messages_column and (self.prompt_column or self.completion_column):
-            raise ValueError("give --messages-column or --prompt-column with --completion-column, not both")
-        if not self.messages_column and not (self.prompt_column and self.completion_column):
-            raise ValueError("give --messages-column, or --prompt-column and --completion-column")
+        prompt = self.prompt_column or self.prompt_template
+        if self.messages_column and (prompt or self.completion_column or self.system_prompt):
+            raise ValueError("give --messages-column, or --prompt-column (or --prompt-template) with "
+                             "--completion-column, not both")
+        if self.prompt_column and self.prompt_template:
+            raise ValueError("give --prompt-column or --prompt-template, not both")
+        if not self.messages_column and not (prompt and self.completion_column):
+            raise ValueError("give --messages-column, or --prompt-column (or --prompt-template) and "
+                             "--completion-column")
         return self
+
+    def ingest_key(self) -> dict:
+        """The prepared rows depend on the template, system prompt and choices too (where given)."""
+        extra = {k: getattr(self, k) for k in ("prompt_template", "system_prompt", "choices")
+                 if getattr(self, k) is not None}
+        return self.columns() | extra
+
+    def prompt_record(self) -> dict:
+        """How the trained model is to be prompted, beyond its chat template: what `infer` uses by default."""
+        return {k: getattr(self, k) for k in ("prompt_template", "system_prompt") if getattr(self, k) is not None}
 
 
 class TextGeneration(Recipe[TextGenerationColumns]):
@@ -71,7 +92,8 @@ class TextGeneration(Recipe[TextGenerationColumns]):
     model_class = "AutoModelForCausalLM"
     peft_task_type = "CAUSAL_LM"
     heads = TextGenerationPredictor.heads
-    metrics: ClassVar[tuple[str, ...]] = ("f1", "exact_match", "bleu", "rougeL", "loss")
+    metrics: ClassVar[tuple[str, ...]] = ("f1", "exact_match", "bleu", "rougeL", "loss", "accuracy")
+    """`accuracy` (and the confusion matrix) where the answers are `--choices`."""
     max_length = 512
     train_defaults: ClassVar[dict] = {"batch_size": 8, "learning_rate": 2e-4}
 
@@ -92,18 +114,19 @@ class TextGeneration(Recipe[TextGenerationColumns]):
                 prompts.append(prompt)
                 completions.append(completion)
         else:
-            prompt_column, completion_column = str(options.prompt_column), str(options.completion_column)
-            pairs = zip(table[prompt_column].to_pylist(), table[completion_column].to_pylist())
-            for row, (prompt, completion) in enumerate(pairs):
-                for column, value in ((prompt_column, prompt), (completion_column, completion)):
-                    if not isinstance(value, str) or not value.strip():
-                        what = "empty" if isinstance(value, str) or value is None else type(value).__name__
-                        raise DataError(f"{src!r} row {row}: column {column!r} is {what}")
-                prompts.append([{"role": "user", "content": prompt}])
+            completion_column = str(options.completion_column)
+            system = [{"role": "system", "content": options.system_prompt}] if options.system_prompt else []
+            pairs = zip(_prompts(table, src, options), _completions(dataset, src, completion_column))
+            for row, (text, completion) in enumerate(pairs):
+                if not isinstance(completion, str) or not completion.strip():
+                    what = "empty" if isinstance(completion, str) or completion is None else type(completion).__name__
+                    raise DataError(f"{src!r} row {row}: column {completion_column!r} is {what}")
+                prompts.append([*system, {"role": "user", "content": text}])
                 completions.append(completion)
         message = datasets.Features({"role": datasets.Value("string"), "content": datasets.Value("string")})
         features = datasets.Features({"prompt": datasets.List(message), "completion": datasets.Value("string")})
-        return datasets.Dataset.from_dict({"prompt": prompts, "completion": completions}, features=features), None
+        names = options.choices  # the answers' classes: accuracy and a confusion matrix in evaluation
+        return datasets.Dataset.from_dict({"prompt": prompts, "completion": completions}, features=features), names
 
     # --- tokenize, collate, train ------------------------------------------------------------------
     def tokenize(self, dataset, tokenizer, options: TextGenerationColumns, max_length: int, split: str):
@@ -179,10 +202,13 @@ class TextGeneration(Recipe[TextGenerationColumns]):
             tokenizer.pad_token = tokenizer.eos_token
         return net
 
-    def save_extras(self, model_dir, tokenizer) -> None:
+    def prompt_record(self, options: TextGenerationColumns) -> dict | None:
+        return options.prompt_record() or None
+
+    def save_extras(self, model_dir, tokenizer, options: TextGenerationColumns) -> None:
         import json
 
-        (model_dir / PROMPT_FILE).write_text(json.dumps(prompt_format(tokenizer), indent=2))
+        (model_dir / PROMPT_FILE).write_text(json.dumps(prompt_format(tokenizer) | options.prompt_record(), indent=2))
 
     # --- evaluate -----------------------------------------------------------------------------------
     def generates(self) -> bool:
@@ -192,9 +218,10 @@ class TextGeneration(Recipe[TextGenerationColumns]):
         """Each eval row's answer, generated by the bulk-inference predictor from its prompt."""
         from hfbatch.tasks.engine.predictor import PredictorSpec
 
+        constraint = {k: getattr(options, k) for k in ("choices", "regex", "json_schema", "grammar")}
         spec = PredictorSpec(TextGenerationPredictor, model,
-                             TextGenerationOptions(messages_column="prompt", max_new_tokens=options.max_new_tokens),
-                             settings)
+                             TextGenerationOptions(messages_column="prompt", max_new_tokens=options.max_new_tokens,
+                                                   **constraint), settings)
         predictor = spec.load()
         table, _ = predictor.predict({"text": list(examples["prompt"])}, None, None)
         spec.release()
@@ -213,7 +240,17 @@ class TextGeneration(Recipe[TextGenerationColumns]):
         if "rougeL" in metrics:
             scores["rougeL"] = float(compute(("rouge",), predictions, references)["rougeL"])
         samples = [{"prediction": p, "reference": r} for p, r in zip(predictions[:SAMPLES], references)]
-        return {m: scores[m] for m in metrics if m in scores}, {"samples": samples}
+        details: dict = {"samples": samples}
+        if label_names:  # the answers are choices: scored as a classifier is
+            scores["accuracy"] = float(np.mean([p == r for p, r in zip(predictions, references)]))
+            labels = [*label_names, *sorted({p for p in predictions if p not in label_names})]  # cut answers
+            index = {name: i for i, name in enumerate(labels)}
+            matrix = np.zeros((len(labels), len(labels)), dtype=int)
+            for p, r in zip(predictions, references):
+                if r in index:
+                    matrix[index[r], index[p]] += 1
+            details["confusion_matrix"] = {"labels": labels, "matrix": matrix.tolist()}
+        return {m: scores[m] for m in metrics if m in scores}, details
 
     def output_table(self, predictions, predicted, model_config) -> pa.Table | None:
         return pa.table({"generated_text": pa.array(predicted, pa.string())})
@@ -237,6 +274,47 @@ class _Columns:
     def __call__(self, features):
         batch = self.collate([{k: v for k, v in f.items() if k in ("input_ids", "labels")} for f in features])
         return {**batch, **self.extra}
+
+
+def _prompts(table, src: str, options: TextGenerationColumns) -> list[str]:
+    """Each row's prompt: its `--prompt-column`, or `--prompt-template` rendered with its columns."""
+    if options.prompt_template is None:
+        column = str(options.prompt_column)
+        values = table[column].to_pylist()
+        for row, value in enumerate(values):
+            if not isinstance(value, str) or not value.strip():
+                what = "empty" if isinstance(value, str) or value is None else type(value).__name__
+                raise DataError(f"{src!r} row {row}: column {column!r} is {what}")
+        return values
+    names = templates.variables(options.prompt_template)
+    missing = [n for n in names if n not in table.column_names]
+    if missing:
+        raise DataError(f"data source {src!r} has no column {missing[0]!r} (read by --prompt-template); its columns "
+                        f"are {table.column_names}")
+    prompts = []
+    for row, values in enumerate(table.select(list(names)).to_pylist()):
+        null = next((n for n in names if values[n] is None), None)
+        if null is not None:
+            raise DataError(f"{src!r} row {row}: column {null!r} (read by --prompt-template) is null")
+        try:
+            prompt = templates.render(options.prompt_template, values)
+        except ValueError as e:
+            raise DataError(f"{src!r} row {row}: {e}") from None
+        if not prompt.strip():
+            raise DataError(f"{src!r} row {row}: the prompt template renders empty")
+        prompts.append(prompt)
+    return prompts
+
+
+def _completions(dataset, src: str, column: str) -> list:
+    """The completion column's values; class labels (a `ClassLabel` column) as their names."""
+    import datasets
+
+    values = dataset.data.table[column].to_pylist()
+    feature = dataset.features.get(column)
+    if isinstance(feature, datasets.ClassLabel):
+        return [None if v is None else feature.names[v] for v in values]
+    return values
 
 
 def _split_chat(chat, src: str, row: int, column: str) -> tuple[list[dict], str]:

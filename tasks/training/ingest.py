@@ -19,7 +19,7 @@ INGEST_VERSION = 2
 
 def ingest_key(source_fingerprint: str, task: str, options: Options,
                label_names: tuple[str, ...] | None = None) -> str:
-    return "datasets/" + digest("ingest", INGEST_VERSION, source_fingerprint, task, options.columns(),
+    return "datasets/" + digest("ingest", INGEST_VERSION, source_fingerprint, task, options.ingest_key(),
                                 list(label_names) if label_names else None)
 
 

