@@ -209,6 +209,10 @@ def test_a_prompt_template_is_trained_recorded_and_used_by_bulk_inference(prefec
     common = dict(model=str(version), task="text-generation", input=str(rows), store=str(store), max_new_tokens=4)
     recorded_run = call_flow(batch_inference, output=str(tmp_path / "a"), **common)
     assert recorded_run["notes"] == f"prompt template and system prompt as {version} was trained with"
+    out = pq.read_table(tmp_path / "a")  # tokens are the unit: per row, and per run in the summary
+    assert recorded_run["input_tokens"] == sum(out.column("input_tokens").to_pylist()) > 0
+    assert recorded_run["output_tokens"] == sum(out.column("output_tokens").to_pylist()) > 0
+    assert recorded_run["tokens_per_s"] > recorded_run["output_tokens_per_s"] > 0
     call_flow(batch_inference, output=str(tmp_path / "b"), prompt_template=template, system_prompt=system, **common)
     answers = [pq.read_table(tmp_path / d).sort_by("idx").column("generated_text").to_pylist() for d in "ab"]
     assert answers[0] == answers[1]
