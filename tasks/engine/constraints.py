@@ -11,6 +11,7 @@ new-token limit first ends with `finish_reason = "length"` and an incomplete ans
 """
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass
@@ -43,8 +44,12 @@ class Constraint:
         return f"--{self.kind.replace('_', '-')}"
 
     def grammar(self) -> str:
-        """llguidance's grammar of the constraint; a `ValueError` naming the problem where it cannot be
-        compiled (an invalid pattern, an unsupported JSON Schema keyword, an undefined rule)."""
+        """llguidance's grammar of the constraint, compiled once per process for each content (the run's
+        plan checks it, each worker's predictor compiles it again); a `ValueError` naming the problem where
+        it cannot be compiled (an invalid pattern, an unsupported JSON Schema keyword, an undefined rule)."""
+        return _grammar(self)
+
+    def _compile(self) -> str:
         import llguidance
         from llguidance import LLMatcher
 
@@ -75,6 +80,11 @@ class Constraint:
         if self.kind == "regex":
             return "invalid pattern: " + first_line(message.split("error: ", 1)[-1])
         return first_line(message)
+
+
+@functools.lru_cache(maxsize=32)
+def _grammar(constraint: Constraint) -> str:
+    return constraint._compile()
 
 
 def _check_schema(source: str) -> None:

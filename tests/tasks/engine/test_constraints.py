@@ -168,6 +168,7 @@ def test_greedy_answers_are_those_of_per_row_generate_with_the_same_mask(smollm2
     texts = pq.read_table(reviews).column("text").to_pylist()[:4]
     prompts = [QUESTION.replace("{{ text }}", t) for t in texts]
     runs = {"free": {}, "anything": {"regex": "(?s:.*)"}, "choices": {"choices": ("positive", "negative")},
+            "grammar": {"grammar": 'start: word "."?\nword: "good" | "bad" | "mixed"'},
             "json": {"json_schema": json.dumps(SCHEMA)}}
     answers = {}
     for name, constraint in runs.items():
@@ -183,6 +184,8 @@ def test_greedy_answers_are_those_of_per_row_generate_with_the_same_mask(smollm2
     assert answers["anything"].column("generated_text").equals(answers["free"].column("generated_text"))
     assert set(answers["choices"].column("generated_text").to_pylist()) <= {"positive", "negative"}
     assert answers["choices"].column("finish_reason").to_pylist() == ["eos"] * 4
+    assert set(answers["grammar"].column("generated_text").to_pylist()) <= {"good", "bad", "mixed", "good.", "bad.",
+                                                                            "mixed."}
     table = answers["json"]
     for text, reason, typed in zip(*(table.column(c).to_pylist() for c in ("generated_text", "finish_reason",
                                                                             "generated_json"))):
@@ -230,3 +233,23 @@ def test_a_templated_constrained_job_writes_typed_answers_and_counts_tokens(smol
     with pytest.raises(DataError, match=r"has no column 'headline' \(input 'headline' of text-generation\)"):
         run_local("text-generation", smollm2, str(data), str(tmp_path / "out2"), prompt_template="{{ headline }}",
                   choices=("positive", "negative"))
+
+
+def test_a_templated_choice_job_reads_and_writes_s3(smollm2, reviews, s3, tmp_path):
+    """The same job with input and output on S3 (moto on 127.0.0.1) writes a local run's rows; a rerun
+    computes no shard."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3.endpoint})
+    fs.put(str(reviews), "hfbatch/in/reviews.parquet")
+    job = dict(prompt_template=QUESTION, choices=("positive", "negative"), max_new_tokens=4, keep_columns=("idx",),
+               shard_rows=5)
+    local = run_local("text-generation", smollm2, str(reviews), str(tmp_path / "local"), **job)
+    remote = run_local("text-generation", smollm2, "s3://hfbatch/in", "s3://hfbatch/out", **job)
+    assert remote["rows_out"] == local["rows_out"] == 12 and remote["output_tokens"] == local["output_tokens"]
+    with fs.open("hfbatch/out/" + remote["parts"][0]["part"], "rb") as f:
+        first = pq.read_table(f)
+    expected = pq.read_table(tmp_path / "local" / local["parts"][0]["part"])
+    assert first.drop_columns(["model"]).equals(expected.drop_columns(["model"]))
+    again = run_local("text-generation", smollm2, "s3://hfbatch/in", "s3://hfbatch/out", **job)
+    assert again["shards_skipped"] == again["shards"] == 3
