@@ -19,6 +19,7 @@ from hfbatch.flows.params import InferOptions, InferTask, parameter_model, task_
 from hfbatch.flows.status import SUMMARY_KEY
 from hfbatch.tasks.batch.output import check_output_location, finalize, prepare_output, quarantine_files
 from hfbatch.tasks.batch.prefect_tasks import infer_shard_task
+from hfbatch.tasks.batch.runner import run_all
 from hfbatch.tasks.batch.shards import InputFile, Shard, describe_input, plan_shards
 from hfbatch.tasks.batch.spec import InferSpec, build_spec, output_for
 from hfbatch.tasks.core.errors import ConfigError, is_transient
@@ -227,26 +228,21 @@ def batch_inference(
                                              description=f"Shards of {spec.output}")  # its id (sync here)
     total = sum(s.num_rows for s in shards)
     _notify({"done": 0, "shards": len(shards), "rows_done": 0, "rows": total, "skipped": False})
-    done: dict[int, dict] = {}
-    rows_done, pending = 0, shards
+    finished = {"shards": 0, "rows": 0}
+
+    def report(shard: Shard, entry: dict) -> None:
+        finished["shards"] += 1
+        finished["rows"] += shard.num_rows
+        update_progress_artifact(progress, 100.0 * finished["shards"] / len(shards))
+        _notify({"done": finished["shards"], "shards": len(shards), "rows_done": finished["rows"], "rows": total,
+                 "skipped": bool(entry.get("skipped"))})
+
     with shard_runner(task_runner, dask_address) as runner:
-        # first every shard no other run is computing, then (waiting for them) those another run was
-        for wait in (False, True):
-            # what `infer_shard_task.submit(shard, spec, wait)` does, on the chosen runner
-            submitted = pending
-            futures = [runner.submit(infer_shard_task, {"shard": s, "spec": spec, "wait": wait}) for s in submitted]
-            pending = []
-            for shard, future in zip(submitted, futures):
-                entry = shard_result(runner, future, shard, spec, wait)
-                if entry is None:
-                    pending.append(shard)
-                    continue
-                done[shard.index] = entry
-                rows_done += shard.num_rows
-                update_progress_artifact(progress, 100.0 * len(done) / len(shards))
-                _notify({"done": len(done), "shards": len(shards), "rows_done": rows_done, "rows": total,
-                         "skipped": bool(entry.get("skipped"))})
-    entries = [done[s.index] for s in shards]
+        # the batch job's loop (`runner.run_all`), each shard a task on the chosen runner (what
+        # `infer_shard_task.submit(shard, spec, wait)` does)
+        entries = run_all(shards, lambda s, wait: runner.submit(infer_shard_task, {"shard": s, "spec": spec,
+                                                                                  "wait": wait}),
+                          lambda s, future, wait: shard_result(runner, future, s, spec, wait), report)
     manifest = finalize(spec, files, shards, entries, time.perf_counter() - started, corrupt)
     computed = [e for e in entries if not e.get("skipped")]
     seconds = manifest["seconds"] or float("inf")

@@ -9,6 +9,8 @@ name, so no row is ever duplicated or lost.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -186,14 +188,27 @@ def _empty_inputs(shard: Shard, spec: InferSpec) -> pa.Table:
     return pa.schema(fields).empty_table()
 
 
-def run_all(shards: list[Shard], run) -> list[dict]:
-    """Each shard's entry, in shard order, from `run(shard, wait)`: first every shard no other run has
-    claimed (`wait=False`), then, waiting for them, those another run was computing."""
+def run_all(shards: list[Shard], submit: Callable[[Shard, bool], Any],
+            result: Callable[[Shard, Any, bool], dict | None],
+            done: Callable[[Shard, dict], None] | None = None) -> list[dict]:
+    """The batch job's one loop, whatever runs the shards: each shard's entry, in shard order. First every
+    shard is submitted without waiting for another run's claim (`submit(shard, False)`: a future, or
+    anything `result` takes), and their results taken in order (`result(shard, future, False)`: the entry,
+    or None for a shard another run is computing); then those are submitted again, waiting for them.
+    `done(shard, entry)` is told of each entry as it comes (progress)."""
     entries: dict[int, dict] = {}
+    pending = list(shards)
     for wait in (False, True):
-        for shard in shards:
-            if shard.index not in entries and (entry := run(shard, wait)) is not None:
-                entries[shard.index] = entry
+        submitted = [(shard, submit(shard, wait)) for shard in pending]
+        pending = []
+        for shard, future in submitted:
+            entry = result(shard, future, wait)
+            if entry is None:
+                pending.append(shard)
+                continue
+            entries[shard.index] = entry
+            if done is not None:
+                done(shard, entry)
     return [entries[s.index] for s in shards]
 
 
@@ -209,5 +224,6 @@ def run_local(predictor: PredictorSpec, input: str, output: str, shard_rows: int
     shards = plan_shards(files, shard_rows)
     prepare_output(spec, files, mode)
     quarantine_files(spec, corrupt)
-    entries = run_all(shards, lambda shard, wait: run_shard(shard, spec, wait))
+    # here a shard runs when its result is taken, one after another (the flow submits them to its runner)
+    entries = run_all(shards, lambda shard, wait: None, lambda shard, _, wait: run_shard(shard, spec, wait))
     return finalize(spec, files, shards, entries, time.perf_counter() - started, corrupt)
