@@ -36,6 +36,11 @@ class InputFile:
     """Rows per row group, from the footer."""
     version: str = field(default="", compare=False)
     """The file's version when it was fingerprinted (`file_version`): size, mtime and inode, or ETag."""
+    schema: pa.Schema | None = field(default=None, compare=False, repr=False)
+    """Its Arrow schema, from the same footer (what the run's spec checks, without reading it again)."""
+
+    def arrow_schema(self, options: dict[str, Any] | None = None) -> pa.Schema:
+        return self.schema if self.schema is not None else read_footer(self.url, options).schema.to_arrow_schema()
 
 
 @dataclass(frozen=True)
@@ -136,7 +141,7 @@ def describe_input(uri: str, options: dict[str, Any] | None = None, corrupt: lis
         version = file_version(fs, path, url)
         fingerprint = file_fingerprint(fs, path, url)
         check_version(url, version, file_version(fs, path, url))  # not rewritten while it was hashed
-        out.append(InputFile(url, name, fingerprint, meta.num_rows, groups, version))
+        out.append(InputFile(url, name, fingerprint, meta.num_rows, groups, version, meta.schema.to_arrow_schema()))
     if not out:
         raise DataError(f"input {uri!r} holds no readable Parquet file: {[c['reason'] for c in corrupt or []]}")
     return out

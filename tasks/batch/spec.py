@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hfbatch.tasks.batch.shards import InputFile, Shard, read_footer
+from hfbatch.tasks.batch.shards import InputFile, Shard
 from hfbatch.tasks.core.errors import ConfigError, DataError
 from hfbatch.tasks.core.fingerprint import digest
 from hfbatch.tasks.core.inputs import InputKind
@@ -101,7 +101,7 @@ def build_spec(predictor: PredictorSpec, output: str, files: list[InputFile], te
     if unknown:
         raise ConfigError(f"task {predictor.task} has inputs {list(kinds)}, not {sorted(unknown)}")
     mapping |= predictor.cls.input_columns(predictor.options) | (columns or {})
-    first = read_footer(files[0].url, predictor.settings.storage_options(files[0].url)).schema.to_arrow_schema()
+    first = files[0].arrow_schema(predictor.settings.storage_options(files[0].url))
     if keep_columns is None:
         keep_columns = tuple(c for c in ID_COLUMNS if c in first.names)[:1]
     spec = InferSpec(predictor, output.rstrip("/"), tuple((n, mapping[n]) for n in kinds), tuple(keep_columns),
@@ -111,7 +111,7 @@ def build_spec(predictor: PredictorSpec, output: str, files: list[InputFile], te
     if clash:
         raise ConfigError(f"keep_columns {sorted(clash)} clash with output columns {sorted(reserved)}")
     for f in files:
-        schema = first if f is files[0] else read_footer(f.url, spec.storage_options(f.url)).schema.to_arrow_schema()
+        schema = first if f is files[0] else f.arrow_schema(spec.storage_options(f.url))
         for name, column in spec.inputs:
             if column not in schema.names:
                 raise DataError(f"input file {f.url!r} has no column {column!r} (input {name!r} of {predictor.task}); "
