@@ -58,8 +58,8 @@ class PromptOptions(Options):
 
     prompt_template: str | None = Field(None, description="Jinja2 template of the prompt over the row's columns, "
                                         "e.g. 'Title: {{ title }}' (or @FILE); with a chat template, the user turn")
-    system_prompt: str | None = Field(None, description="system message before each prompt (with a chat template; "
-                                      "else the text before the prompt)")
+    system_prompt: str | None = Field(None, description="system message before each prompt, or @FILE (with a chat "
+                                      "template; else the text before the prompt)")
 
     @field_validator("prompt_template", "system_prompt", mode="before")
     @classmethod
