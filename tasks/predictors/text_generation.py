@@ -89,13 +89,15 @@ class ConstraintOptions(Options):
     @field_validator("json_schema", "grammar", mode="before")
     @classmethod
     def _read_constraint(cls, value, info):
+        """A file's content (`FILE` or `@FILE`), or the text itself where it is a schema or a grammar (a
+        schema starts with `{`; a grammar's rules hold `:`)."""
         if not isinstance(value, str):
             return value
-        flag = f"--{info.field_name.replace('_', '-')}"
-        if not value.startswith("@") and "\n" not in value and not value.lstrip().startswith("{") \
-                and Path(value).expanduser().is_file():
+        text = value.strip()
+        is_text = text.startswith("{") if info.field_name == "json_schema" else ":" in text
+        if not value.startswith("@") and not is_text:
             value = "@" + value
-        return templates.read_source(value, flag)
+        return templates.read_source(value, f"--{info.field_name.replace('_', '-')}")
 
     @field_validator("choices")
     @classmethod

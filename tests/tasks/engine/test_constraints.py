@@ -57,6 +57,8 @@ def options(**values) -> TextGenerationOptions:
     ({"json_schema": '{"type": "array", "uniqueItems": true}'},
      r'--json-schema: the schema uses JSON Schema keyword\(s\) "uniqueItems", which llguidance cannot enforce'),
     ({"grammar": "start: answer"}, '--grammar: .*unknown name: "answer"'),
+    ({"json_schema": "schema.json"}, "cannot read --json-schema file 'schema.json'"),
+    ({"grammar": "answers.lark"}, "cannot read --grammar file 'answers.lark'"),
     ({"choices": ("a", "b"), "regex": "a|b"}, "give one constraint, not --choices, --regex"),
     ({"prompt_template": "{{ title "}, "--prompt-template: the template does not parse: unexpected end of template"),
     ({"prompt_template": "Just this"}, "--prompt-template: the template reads no column"),
