@@ -135,7 +135,8 @@ def plan_inference(p: Any) -> InferencePlan:
     settings = Settings().with_overrides(device=p.device)
     corrupt: list[dict] | None = [] if p.on_bad_row == "quarantine" else None
     files = describe_input(p.input, settings.storage_options(p.input), corrupt)
-    ref = resolve_model(p.model, settings, Store.open(settings, p.store), p.gguf_file)
+    store = Store.open(settings, p.store)
+    ref = resolve_model(p.model, settings, store, p.gguf_file)
     task = canonical_task(task_of(p.task, ref))
     options = task_options(p.options, task, {t: c.options_class for t, c in predictor_classes().items()})
     options, notes = get_predictor_class(task).for_model(ref, options)
@@ -143,7 +144,7 @@ def plan_inference(p: Any) -> InferencePlan:
     output = output_for(p.output, ref, _run_day())
     check_output_location(p.input, output)
     spec = build_spec(predictor, output, files, p.text_column, p.columns, p.keep_columns, p.batch_tokens,
-                      p.on_bad_row)  # schema errors surface here, before any model is loaded
+                      p.on_bad_row, store.url if p.reuse_results else None)  # schema errors surface here
     shards = plan_shards(files, p.shard_rows)
     prepare_output(spec, files, p.mode, claim=False)
     return InferencePlan(settings, ref, tuple(files), None if corrupt is None else tuple(corrupt), spec, tuple(shards),
@@ -171,6 +172,7 @@ def batch_inference(
     dask_address: str | None = None,
     store: str | None = None,
     drift_threshold: Annotated[float, Field(gt=0)] = 0.2,
+    reuse_results: bool = False,
     device: Device | None = None,
     options: InferOptions | None = None,
 ) -> dict:
@@ -210,6 +212,9 @@ def batch_inference(
         store: artifact store URL holding the model registry (default: $HFBATCH_STORE or ./hfbatch-store)
         drift_threshold: a registered model's run has drifted where the PSI of a prediction figure against
             the version's evaluation reference is above this
+        reuse_results: copy the result of every row an earlier run with reuse computed with the same model,
+            options and input values (kept in the store's results/), computing only the others; each row
+            computed here is kept for later runs
         device: auto: CUDA when torch sees a GPU, else CPU; cpu; cuda: fail without a GPU (default:
             $HFBATCH_DEVICE or auto)
         options: each task's inference options, under its name (e.g. question_answering)
@@ -256,7 +261,8 @@ def batch_inference(
                "seconds": manifest["seconds"], "input_tokens": manifest["input_tokens"],
                "output_tokens": manifest["output_tokens"], "tokens_per_s": round(tokens_per_s, 1),
                "output_tokens_per_s": round(sum(e.get("output_tokens", 0) for e in computed) / seconds, 1),
-               "cut_at_limit": manifest["cut_at_limit"], "input_fingerprint": manifest["input_fingerprint"]}
+               "cut_at_limit": manifest["cut_at_limit"], "rows_reused": manifest["rows_reused"],
+               "rows_computed": manifest["rows_computed"], "input_fingerprint": manifest["input_fingerprint"]}
     if plan.notes:
         summary["notes"] = "; ".join(plan.notes)
         logger.info("%s", summary["notes"])

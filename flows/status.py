@@ -10,7 +10,8 @@ from hfbatch.tasks.core.settings import Settings
 from hfbatch.tasks.core.store import Store
 
 SUMMARY_KEY = "batch-inference-summary"  # the artifact of a batch_inference run's figures
-SUMMARY_FIELDS = ("rows", "rows_per_s", "input_tokens", "output_tokens", "tokens_per_s", "model", "model_version")
+SUMMARY_FIELDS = ("rows", "rows_reused", "rows_per_s", "input_tokens", "output_tokens", "tokens_per_s", "model",
+                  "model_version")
 
 
 def collect_status(settings: Settings, store: str | None = None, limit: int = 5, runs: bool = True) -> dict:
@@ -43,7 +44,7 @@ def model_status(store: Store) -> list[dict]:
             "aliases": aliases_of(index),
             "history": [{"action": "gate", "by": "the registration gate", **h} for h in index["history"]],
             "inference": [{k: r.get(k, 0) for k in ("time", "flow_run", "version", "rows", "rows_per_s",
-                                                    "input_tokens", "output_tokens", "tokens_per_s",
+                                                    "input_tokens", "output_tokens", "tokens_per_s", "rows_reused",
                                                     "quarantine_rate", "drift", "drifted", "reference")}
                           for r in registry.runs()]})
     return models
@@ -123,6 +124,7 @@ def format_status(status: dict) -> str:
             drift = (f"drifted: {', '.join(r['drifted'])}" if r["drifted"] else "no drift") if r["reference"] \
                 else "no reference"
             lines.append(f"  {r['time'][:19]}  inference v{r['version']}: {r['rows']} rows, {r['rows_per_s']} rows/s, "
+                         f"{r['rows_reused']} rows reused, "
                          f"tokens in {r['input_tokens']} out {r['output_tokens']} ({r['tokens_per_s']}/s), "
                          f"{100 * r['quarantine_rate']:.2f} % quarantined, max PSI "
                          f"{max(r['drift'].values(), default=0.0):.3f} ({drift})")
@@ -143,7 +145,8 @@ def format_status(status: dict) -> str:
             line = (f"    {r['name']:<28} {r['state'] or '?':<10} {(r['start_time'] or '')[:19]}"
                     f"  {r['duration_s']:>8.1f} s")
             if "rows" in r:
-                line += f"  {r['rows']} rows, {r['rows_per_s']} rows/s, {r['model']} {r['model_version']}"
+                line += f"  {r['rows']} rows, {r['rows_per_s']} rows/s, {r['model']} {r['model_version']}, " \
+                        f"{r.get('rows_reused') or 0} rows reused"
                 if r.get("output_tokens"):
                     line += f", tokens in {r['input_tokens']} out {r['output_tokens']} ({r['tokens_per_s']}/s)"
             lines.append(line)

@@ -27,6 +27,7 @@ os.environ.setdefault("HFBATCH_DEVICE", "cpu")
 _HOME = Path(tempfile.mkdtemp(prefix="hfbatch-prefect-"))
 os.environ["PREFECT_HOME"] = str(_HOME)
 os.environ.setdefault("HFBATCH_CACHE_DIR", str(_HOME / "cache"))
+os.environ.setdefault("HFBATCH_STORE", str(_HOME / "store"))  # the default store (results reused across runs)
 
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402

@@ -36,7 +36,8 @@ def predictor_spec(task: str, model, precision: str = "auto", options=None, sett
                          settings, precision)
 
 
-JOB_OPTIONS = ("shard_rows", "mode", "text_column", "columns", "keep_columns", "batch_tokens", "on_bad_row")
+JOB_OPTIONS = ("shard_rows", "mode", "text_column", "columns", "keep_columns", "batch_tokens", "on_bad_row",
+               "results")
 
 
 def run_local(task: str, model, input: str, output: str, options=None, precision: str = "auto", **kwargs) -> dict:

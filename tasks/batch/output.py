@@ -152,6 +152,8 @@ def finalize(spec: InferSpec, files: list[InputFile], shards: list[Shard], entri
         "tokens": sum(e["tokens"] for e in entries), "input_tokens": sum(e["tokens"] for e in entries),
         "output_tokens": sum(e.get("output_tokens", 0) for e in entries),
         "cut_at_limit": sum(e.get("cut_at_limit", 0) for e in entries), "seconds": round(seconds, 3),
+        "rows_reused": sum(e.get("rows_reused", 0) for e in entries if not e.get("skipped")),
+        "rows_computed": sum(e.get("rows_computed", e["rows"]) for e in entries if not e.get("skipped")),
         "corrupt_files": list(corrupt or []),
         "figures": figures,
         "parts": [{k: e[k] for k in ("shard", "file", "start", "stop", "fingerprint", "part", "rows",

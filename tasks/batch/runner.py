@@ -25,11 +25,13 @@ from hfbatch.tasks.batch.output import (
     prepare_output,
     quarantine_files,
 )
+from hfbatch.tasks.batch.results import Results, combine, predictor_key, row_keys
 from hfbatch.tasks.batch.shards import CorruptRows, Shard, describe_input, iter_shard_batches, plan_shards, read_footer
 from hfbatch.tasks.batch.spec import ROW_ID, InferSpec, build_spec
 from hfbatch.tasks.core.errors import DataError
 from hfbatch.tasks.core.inputs import Text
 from hfbatch.tasks.core.monitoring import figures
+from hfbatch.tasks.core.store import Store
 from hfbatch.tasks.engine.predictor import PredictorSpec
 
 CLAIM_POLL_S = 1.0
@@ -84,7 +86,17 @@ def _compute(shard: Shard, spec: InferSpec, out, key: str) -> dict:
     good, bad = _read_shard(shard, spec, predictor)
     values = {name: good.column(f"__in_{name}").to_pylist() for name, _ in spec.inputs}
     ids = good.column(ROW_ID).to_pylist() if predictor.uses_row_ids else None
-    predictions, tokens = predictor.predict(values, spec.batch_tokens, ids)
+    results = keys = None
+    missing = list(range(good.num_rows))
+    if spec.results is not None:  # the rows whose results an earlier run kept are copied, not computed
+        results = Results(Store(spec.results, spec.storage_options(spec.results), spec.settings.cache_dir),
+                          predictor_key(spec), predictor.schema)
+        keys = row_keys(values, ids if predictor.answers_depend_on_row_id else None)
+        found, where = results.lookup(keys)
+        missing = [i for i, w in enumerate(where) if w is None]
+    computed, tokens = predictor.predict({k: [v[i] for i in missing] for k, v in values.items()}, spec.batch_tokens,
+                                         [ids[i] for i in missing] if ids is not None else None)
+    predictions = computed if results is None else combine(found, where, computed, predictor.schema)
     spec.predictor.release()  # what the shard's batches freed: the next shard starts from the same RSS
     n = good.num_rows
     result = good.select([*spec.keep_columns, ROW_ID])
@@ -99,10 +111,12 @@ def _compute(shard: Shard, spec: InferSpec, out, key: str) -> dict:
         quarantine = f"_quarantine/{name}"
         out.write_bytes(quarantine, parquet_bytes(bad))
     out.write_bytes(name, parquet_bytes(result))
+    if results is not None and keys is not None:  # after the part that holds them: a crash leaves a miss
+        results.append([keys[i] for i in missing], computed, shard.fingerprint)
     entry = {"shard": shard.index, "file": shard.name, "start": shard.start, "stop": shard.stop,
              "fingerprint": shard.fingerprint, "model_version": spec.model_version, "part": name,
              "rows": n, "quarantine": quarantine, "quarantined": bad.num_rows, "tokens": tokens,
-             **generated_counts(predictions),
+             "rows_reused": n - len(missing), "rows_computed": len(missing), **generated_counts(computed),
              "seconds": round(time.perf_counter() - started, 4),
              "figures": figures(predictions, {k: v for k, v in values.items() if isinstance(spec.kinds[k], Text)})}
     out.write_json(marker, entry)

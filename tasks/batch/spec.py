@@ -31,6 +31,9 @@ class InferSpec:
     batch_tokens: int | None = None
     """Token budget of one model batch; None: the predictor's default for its device."""
     on_bad_row: str = "fail"
+    results: str | None = None
+    """The store whose result entries rows are looked up in and added to (`results.py`); None: every row
+    is computed. Not part of the configuration: a reused result is the one the row would get."""
 
     @property
     def task(self) -> str:
@@ -87,7 +90,7 @@ def output_for(output: str, model: ModelRef, day: str) -> str:
 
 def build_spec(predictor: PredictorSpec, output: str, files: list[InputFile], text_column: str = "text",
                columns: dict[str, str] | None = None, keep_columns: tuple[str, ...] | None = None,
-               batch_tokens: int | None = None, on_bad_row: str = "fail") -> InferSpec:
+               batch_tokens: int | None = None, on_bad_row: str = "fail", results: str | None = None) -> InferSpec:
     """Map the predictor's inputs to columns, check every input file's schema, and return the shard spec.
 
     Raises `ConfigError` or `DataError` naming the problem; reads only Parquet footers, so a missing
@@ -105,7 +108,7 @@ def build_spec(predictor: PredictorSpec, output: str, files: list[InputFile], te
     if keep_columns is None:
         keep_columns = tuple(c for c in ID_COLUMNS if c in first.names)[:1]
     spec = InferSpec(predictor, output.rstrip("/"), tuple((n, mapping[n]) for n in kinds), tuple(keep_columns),
-                     batch_tokens, on_bad_row)
+                     batch_tokens, on_bad_row, results)
     reserved = {ROW_ID, *PROVENANCE, *predictor.output_schema().names}
     clash = reserved & set(spec.keep_columns)
     if clash:

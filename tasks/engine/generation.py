@@ -173,6 +173,10 @@ class GenerationPredictor(Predictor[G]):
     def batch_tokens(self) -> int:
         return CUDA_BATCH_TOKENS if self.device == "cuda" else CPU_GENERATION_TOKENS
 
+    @property
+    def answers_depend_on_row_id(self) -> bool:
+        return self.engine.sampling
+
     def _configure(self):
         """The model's generation config with the options applied; sets the input and output limits."""
         raise NotImplementedError

@@ -54,6 +54,12 @@ class Predictor(Generic[OptionsT]):
     uses_row_ids: ClassVar[bool] = False
     """`preprocess` reads the rows' stable ids (e.g. to seed per-row sampling)."""
 
+    @property
+    def answers_depend_on_row_id(self) -> bool:
+        """Whether a row's answer depends on its id (seeded sampling): then a result is reused only for
+        the same row id."""
+        return False
+
     def __init__(self, model: ModelRef, options: OptionsT, settings: Settings, precision: str = "auto"):
         self.model_ref, self.options, self.settings = model, options, settings
         self.device, self.precision = pick_device(settings.device)

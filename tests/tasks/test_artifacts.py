@@ -216,8 +216,8 @@ def test_dashboard_with_versions_whose_metrics_differ(prefect_harness):
     png = base64.b64decode(re.search(r"data:image/png;base64,([A-Za-z0-9+/=]+)", markdown).group(1))
     assert png_size(png) == (480, 208)
     assert "| v3 (champion) |" in markdown and "accuracy 0.8000" in markdown
-    assert "| 2026-11-29T13:00:00 | calm-fox | v3 | 800 | 61.2 | 0 | 0 | 0.0 | 0.25 % | 3.100 | label |" in markdown
-    assert "| 2026-11-29T14:00:00 | - | v3 | 10 | 5.0 | 0 | 0 | 0.0 | 0.00 % | 0.000 | no reference |" in markdown
+    assert "| 2026-11-29T13:00:00 | calm-fox | v3 | 800 | 0 | 61.2 | 0 | 0 | 0.0 | 0.25 % | 3.100 | label |" in markdown
+    assert "| 2026-11-29T14:00:00 | - | v3 | 10 | 0 | 5.0 | 0 | 0 | 0.0 | 0.00 % | 0.000 | no reference |" in markdown
     assert "| 2026-11-29T12:00:00 | promote | v3 | v1 | ops@host | better |" in markdown
 
 
