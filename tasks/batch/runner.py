@@ -58,12 +58,13 @@ def run_shard(shard: Shard, spec: InferSpec, wait: bool = True) -> dict | None:
         return entry | {"skipped": True} if entry is not None else _compute(shard, spec, out, key)
 
 
-def generated_counts(predictions: pa.Table) -> dict:
-    """What a generation task's predictions say of their length (whatever the task): `output_tokens`, and
-    `cut_at_limit`, the rows whose answer stopped at the new-token limit (`finish_reason` `length`)."""
+def generated_counts(computed: pa.Table, predictions: pa.Table) -> dict:
+    """What a generation task's predictions say of their length (whatever the task): `output_tokens`
+    generated here (`computed`), and `cut_at_limit`, the rows of the output (`predictions`) whose answer
+    stopped at the new-token limit (`finish_reason` `length`)."""
     counts = {}
-    if "output_tokens" in predictions.column_names:
-        counts["output_tokens"] = int(pc.sum(predictions.column("output_tokens")).as_py() or 0)
+    if "output_tokens" in computed.column_names:
+        counts["output_tokens"] = int(pc.sum(computed.column("output_tokens")).as_py() or 0)
     if "finish_reason" in predictions.column_names:
         counts["cut_at_limit"] = int(pc.sum(pc.equal(predictions.column("finish_reason"), "length")).as_py() or 0)
     return counts
@@ -94,8 +95,11 @@ def _compute(shard: Shard, spec: InferSpec, out, key: str) -> dict:
         keys = row_keys(values, ids if predictor.answers_depend_on_row_id else None)
         found, where = results.lookup(keys)
         missing = [i for i, w in enumerate(where) if w is None]
-    computed, tokens = predictor.predict({k: [v[i] for i in missing] for k, v in values.items()}, spec.batch_tokens,
-                                         [ids[i] for i in missing] if ids is not None else None)
+    if len(missing) == good.num_rows:
+        computed, tokens = predictor.predict(values, spec.batch_tokens, ids)
+    else:
+        computed, tokens = predictor.predict({k: [v[i] for i in missing] for k, v in values.items()},
+                                             spec.batch_tokens, [ids[i] for i in missing] if ids is not None else None)
     predictions = computed if results is None else combine(found, where, computed, predictor.schema)
     spec.predictor.release()  # what the shard's batches freed: the next shard starts from the same RSS
     n = good.num_rows
@@ -116,7 +120,8 @@ def _compute(shard: Shard, spec: InferSpec, out, key: str) -> dict:
     entry = {"shard": shard.index, "file": shard.name, "start": shard.start, "stop": shard.stop,
              "fingerprint": shard.fingerprint, "model_version": spec.model_version, "part": name,
              "rows": n, "quarantine": quarantine, "quarantined": bad.num_rows, "tokens": tokens,
-             "rows_reused": n - len(missing), "rows_computed": len(missing), **generated_counts(computed),
+             "rows_reused": n - len(missing), "rows_computed": len(missing),
+             **generated_counts(computed, predictions),
              "seconds": round(time.perf_counter() - started, 4),
              "figures": figures(predictions, {k: v for k, v in values.items() if isinstance(spec.kinds[k], Text)})}
     out.write_json(marker, entry)
