@@ -85,7 +85,30 @@ def build_parser(flow_options: bool = True) -> argparse.ArgumentParser:
     rb.add_argument("--to", metavar="VERSION", help="the version to go back to (a number or an alias)")
     rb.add_argument("--reason", required=True, help="why (recorded in the history)")
     rb.add_argument("--store", help="artifact store URL holding the model registry")
+
+    pz = sub.add_parser("prune-results", parents=[output], help="remove results kept for reuse across runs",
+                        description="remove the results kept for reuse across runs (the store's results/), whole "
+                                    "predictors at a time: safe while runs go on (they compute again what they "
+                                    "no longer find)")
+    pz.add_argument("--unregistered", action="store_true",
+                    help="those of a registered model version no longer in the registry")
+    pz.add_argument("--older-than", type=float, metavar="DAYS", help="those no run has used for DAYS days")
+    pz.add_argument("--max-size", type=_size, metavar="SIZE",
+                    help="then the least recently used until the rest hold at most SIZE (e.g. 500MB, 20GB)")
+    pz.add_argument("--dry-run", action="store_true", help="say what would be removed, remove nothing")
+    pz.add_argument("--store", help="artifact store URL (default: $HFBATCH_STORE or ./hfbatch-store)")
     return p
+
+
+def _size(text: str) -> int:
+    """Bytes of a size such as 2GB, 500MB, 10k or 4096."""
+    units = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    number = text.strip().upper().removesuffix("B").removesuffix("I")
+    unit = number[-1:] if number[-1:] in units else ""
+    try:
+        return int(float(number.removesuffix(unit)) * units[unit])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 500MB, 20GB)") from None
 
 
 def add_option(parser: argparse.ArgumentParser, option: Option) -> None:
@@ -236,6 +259,15 @@ def _run(args) -> dict:
 
         return run_command(args.command, getattr(args, "ref", None) or args.name, args.reason,
                            getattr(args, "to", None), args.store)
+    if args.command == "prune-results":
+        from hfbatch.tasks.batch.results import prune
+        from hfbatch.tasks.core.settings import Settings
+        from hfbatch.tasks.core.store import Store
+
+        if not (args.unregistered or args.older_than is not None or args.max_size is not None):
+            raise ConfigError("prune-results: say what to remove: --unregistered, --older-than DAYS or --max-size SIZE")
+        older = None if args.older_than is None else args.older_than * 86400
+        return prune(Store.open(Settings(), args.store), args.unregistered, older, args.max_size, args.dry_run)
     if args.command == "status":
         from hfbatch.flows.server import check_api, configured_api_url
         from hfbatch.flows.status import collect_status
@@ -337,6 +369,14 @@ def _print_human(command: str, result: dict) -> None:
         print(f"{result['name']}: champion v{result['champion']} (was v{result['previous']}); {result['action']} "
               f"by {result['by']}: {result['reason']}")
         return
+    if command == "prune-results":
+        verb = "would remove" if result["dry_run"] else "removed"
+        for p in result["removed"]:
+            print(f"{verb} {p.get('task', '?')} {p.get('model', p['key'])} {p.get('model_version', '')}: "
+                  f"{p['bytes'] / 2**20:.1f} MiB ({p['reason']})")
+        print(f"{verb} {len(result['removed'])} predictors' results ({result['bytes_removed'] / 2**20:.1f} MiB), "
+              f"kept {len(result['kept'])} ({result['bytes_kept'] / 2**20:.1f} MiB)")
+        return
     if command == "status":
         from hfbatch.flows.status import format_status
 
@@ -346,6 +386,9 @@ def _print_human(command: str, result: dict) -> None:
         print(f"{result['rows']} rows → {result['output']}: {result['rows_out']} predicted, "
               f"{result['quarantined']} quarantined, {result['shards_skipped']}/{result['shards']} shards "
               f"already done; {result['rows_per_s']} rows/s ({result['model']} {result['model_version']})")
+        if result.get("rows_reused"):
+            print(f"  {result['rows_reused']} rows reused from earlier runs, {result['rows_computed']} computed "
+                  f"({result['seconds_saved']:.1f} s of compute saved)")
         if result.get("corrupt_files"):
             print(f"  {result['corrupt_files']} unreadable input file(s) set aside: see _quarantine/_files.parquet")
         if result.get("drifted"):

@@ -19,7 +19,7 @@ from hfbatch.flows.params import InferOptions, InferTask, parameter_model, task_
 from hfbatch.flows.status import SUMMARY_KEY
 from hfbatch.tasks.batch.output import check_output_location, finalize, prepare_output, quarantine_files
 from hfbatch.tasks.batch.prefect_tasks import infer_shard_task
-from hfbatch.tasks.batch.runner import run_all
+from hfbatch.tasks.batch.runner import open_results, run_all
 from hfbatch.tasks.batch.shards import InputFile, Shard, describe_input, plan_shards
 from hfbatch.tasks.batch.spec import InferSpec, build_spec, output_for
 from hfbatch.tasks.core.errors import ConfigError, is_transient
@@ -172,7 +172,7 @@ def batch_inference(
     dask_address: str | None = None,
     store: str | None = None,
     drift_threshold: Annotated[float, Field(gt=0)] = 0.2,
-    reuse_results: bool = False,
+    reuse_results: bool = True,
     device: Device | None = None,
     options: InferOptions | None = None,
 ) -> dict:
@@ -212,9 +212,10 @@ def batch_inference(
         store: artifact store URL holding the model registry (default: $HFBATCH_STORE or ./hfbatch-store)
         drift_threshold: a registered model's run has drifted where the PSI of a prediction figure against
             the version's evaluation reference is above this
-        reuse_results: copy the result of every row an earlier run with reuse computed with the same model,
-            options and input values (kept in the store's results/), computing only the others; each row
-            computed here is kept for later runs
+        reuse_results: copy the result of every row an earlier run computed with the same model, options
+            and input values (kept in the store's results/), computing only the others; each row computed
+            here is kept for later runs. Every configuration is deterministic (sampling is seeded, each row
+            by its id), so this is on unless turned off
         device: auto: CUDA when torch sees a GPU, else CPU; cpu; cuda: fail without a GPU (default:
             $HFBATCH_DEVICE or auto)
         options: each task's inference options, under its name (e.g. question_answering)
@@ -227,6 +228,7 @@ def batch_inference(
     corrupt = None if plan.corrupt is None else list(plan.corrupt)
     prepare_output(spec, files, mode)
     quarantine_files(spec, corrupt)
+    spec = open_results(spec)
     logger.info("%s: %d rows in %d files, %d shards; model %s %s", spec.task, sum(s.num_rows for s in shards),
                 len(files), len(shards), spec.model_name, spec.model_version)
     progress: Any = create_progress_artifact(0.0, key="batch-inference-progress",
@@ -262,7 +264,8 @@ def batch_inference(
                "output_tokens": manifest["output_tokens"], "tokens_per_s": round(tokens_per_s, 1),
                "output_tokens_per_s": round(sum(e.get("output_tokens", 0) for e in computed) / seconds, 1),
                "cut_at_limit": manifest["cut_at_limit"], "rows_reused": manifest["rows_reused"],
-               "rows_computed": manifest["rows_computed"], "input_fingerprint": manifest["input_fingerprint"]}
+               "rows_computed": manifest["rows_computed"], "seconds_saved": manifest["seconds_saved"],
+               "input_fingerprint": manifest["input_fingerprint"]}
     if plan.notes:
         summary["notes"] = "; ".join(plan.notes)
         logger.info("%s", summary["notes"])

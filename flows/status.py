@@ -10,8 +10,8 @@ from hfbatch.tasks.core.settings import Settings
 from hfbatch.tasks.core.store import Store
 
 SUMMARY_KEY = "batch-inference-summary"  # the artifact of a batch_inference run's figures
-SUMMARY_FIELDS = ("rows", "rows_reused", "rows_per_s", "input_tokens", "output_tokens", "tokens_per_s", "model",
-                  "model_version")
+SUMMARY_FIELDS = ("rows", "rows_reused", "seconds_saved", "rows_per_s", "input_tokens", "output_tokens",
+                  "tokens_per_s", "model", "model_version")
 
 
 def collect_status(settings: Settings, store: str | None = None, limit: int = 5, runs: bool = True) -> dict:
@@ -45,7 +45,8 @@ def model_status(store: Store) -> list[dict]:
             "history": [{"action": "gate", "by": "the registration gate", **h} for h in index["history"]],
             "inference": [{k: r.get(k, 0) for k in ("time", "flow_run", "version", "rows", "rows_per_s",
                                                     "input_tokens", "output_tokens", "tokens_per_s", "rows_reused",
-                                                    "quarantine_rate", "drift", "drifted", "reference")}
+                                                    "seconds_saved", "quarantine_rate", "drift", "drifted",
+                                                    "reference")}
                           for r in registry.runs()]})
     return models
 
@@ -124,7 +125,7 @@ def format_status(status: dict) -> str:
             drift = (f"drifted: {', '.join(r['drifted'])}" if r["drifted"] else "no drift") if r["reference"] \
                 else "no reference"
             lines.append(f"  {r['time'][:19]}  inference v{r['version']}: {r['rows']} rows, {r['rows_per_s']} rows/s, "
-                         f"{r['rows_reused']} rows reused, "
+                         f"{r['rows_reused']} rows reused ({r['seconds_saved']:.1f} s of compute saved), "
                          f"tokens in {r['input_tokens']} out {r['output_tokens']} ({r['tokens_per_s']}/s), "
                          f"{100 * r['quarantine_rate']:.2f} % quarantined, max PSI "
                          f"{max(r['drift'].values(), default=0.0):.3f} ({drift})")
@@ -146,7 +147,8 @@ def format_status(status: dict) -> str:
                     f"  {r['duration_s']:>8.1f} s")
             if "rows" in r:
                 line += f"  {r['rows']} rows, {r['rows_per_s']} rows/s, {r['model']} {r['model_version']}, " \
-                        f"{r.get('rows_reused') or 0} rows reused"
+                        f"{r.get('rows_reused') or 0} rows reused " \
+                        f"({r.get('seconds_saved') or 0:.1f} s of compute saved)"
                 if r.get("output_tokens"):
                     line += f", tokens in {r['input_tokens']} out {r['output_tokens']} ({r['tokens_per_s']}/s)"
             lines.append(line)

@@ -105,7 +105,7 @@ def publish_dashboard(name: str, index: dict, runs: list[dict], store: Store | N
                  ", ".join(f"{k} {x:.4f}" for k, x in v["metrics"].items() if isinstance(x, (int, float))),
                  "yes" if v["promoted"] else "no", v["reason"]] for v in reversed(index["versions"][-limit:])]
     inference = [[r["time"][:19], r.get("flow_run") or "-", f"v{r['version']}", r["rows"], r.get("rows_reused", 0),
-                  r["rows_per_s"],
+                  f"{r.get('seconds_saved', 0.0):.1f} s", r["rows_per_s"],
                   r.get("input_tokens", 0), r.get("output_tokens", 0), r.get("tokens_per_s", 0.0),
                   f"{100 * r['quarantine_rate']:.2f} %", f"{max(r['drift'].values(), default=0.0):.3f}",
                   ", ".join(r["drifted"]) or ("none" if r.get("reference") else "no reference")]
@@ -116,9 +116,8 @@ def publish_dashboard(name: str, index: dict, runs: list[dict], store: Store | N
         "## Versions", "", *_table(["version", "registered", "metrics", "promoted", "reason"], versions), "",
         "## Champion history", "", *_history_table(index, limit), "",
         "## Batch inference", "",
-        *(_table(["time", "flow run", "model", "rows", "reused", "rows/s", "tokens in", "tokens out", "tokens/s",
-                  "quarantined",
-                  "max PSI", "drifted"], inference)
+        *(_table(["time", "flow run", "model", "rows", "reused", "compute saved", "rows/s", "tokens in",
+                  "tokens out", "tokens/s", "quarantined", "max PSI", "drifted"], inference)
           if inference else ["no batch-inference runs recorded yet"]), ""])
     create_markdown_artifact(key=f"{slug(name)}-dashboard", markdown=markdown,
                              description=f"{name}: metrics, champion history, batch inference and drift")

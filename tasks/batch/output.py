@@ -154,6 +154,7 @@ def finalize(spec: InferSpec, files: list[InputFile], shards: list[Shard], entri
         "cut_at_limit": sum(e.get("cut_at_limit", 0) for e in entries), "seconds": round(seconds, 3),
         "rows_reused": sum(e.get("rows_reused", 0) for e in entries if not e.get("skipped")),
         "rows_computed": sum(e.get("rows_computed", e["rows"]) for e in entries if not e.get("skipped")),
+        "seconds_saved": round(sum(e.get("seconds_saved", 0.0) for e in entries if not e.get("skipped")), 3),
         "corrupt_files": list(corrupt or []),
         "figures": figures,
         "parts": [{k: e[k] for k in ("shard", "file", "start", "stop", "fingerprint", "part", "rows",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import pyarrow as pa
@@ -25,7 +26,7 @@ from hfbatch.tasks.batch.output import (
     prepare_output,
     quarantine_files,
 )
-from hfbatch.tasks.batch.results import Results, combine, predictor_key, row_keys
+from hfbatch.tasks.batch.results import Results, combine, row_keys
 from hfbatch.tasks.batch.shards import CorruptRows, Shard, describe_input, iter_shard_batches, plan_shards, read_footer
 from hfbatch.tasks.batch.spec import ROW_ID, InferSpec, build_spec
 from hfbatch.tasks.core.errors import DataError
@@ -89,17 +90,19 @@ def _compute(shard: Shard, spec: InferSpec, out, key: str) -> dict:
     ids = good.column(ROW_ID).to_pylist() if predictor.uses_row_ids else None
     results = keys = None
     missing = list(range(good.num_rows))
+    saved = 0.0
     if spec.results is not None:  # the rows whose results an earlier run kept are copied, not computed
-        results = Results(Store(spec.results, spec.storage_options(spec.results), spec.settings.cache_dir),
-                          predictor_key(spec), predictor.schema)
+        results = _results(spec, predictor.schema)
         keys = row_keys(values, ids if predictor.answers_depend_on_row_id else None)
-        found, where = results.lookup(keys)
+        found, where, saved = results.lookup(keys, spec.results.files)
         missing = [i for i, w in enumerate(where) if w is None]
+    computing = time.perf_counter()
     if len(missing) == good.num_rows:
         computed, tokens = predictor.predict(values, spec.batch_tokens, ids)
     else:
         computed, tokens = predictor.predict({k: [v[i] for i in missing] for k, v in values.items()},
                                              spec.batch_tokens, [ids[i] for i in missing] if ids is not None else None)
+    compute_seconds = time.perf_counter() - computing
     predictions = computed if results is None else combine(found, where, computed, predictor.schema)
     spec.predictor.release()  # what the shard's batches freed: the next shard starts from the same RSS
     n = good.num_rows
@@ -116,16 +119,34 @@ def _compute(shard: Shard, spec: InferSpec, out, key: str) -> dict:
         out.write_bytes(quarantine, parquet_bytes(bad))
     out.write_bytes(name, parquet_bytes(result))
     if results is not None and keys is not None:  # after the part that holds them: a crash leaves a miss
-        results.append([keys[i] for i in missing], computed, shard.fingerprint)
+        results.append([keys[i] for i in missing], computed, shard.fingerprint, compute_seconds)
     entry = {"shard": shard.index, "file": shard.name, "start": shard.start, "stop": shard.stop,
              "fingerprint": shard.fingerprint, "model_version": spec.model_version, "part": name,
              "rows": n, "quarantine": quarantine, "quarantined": bad.num_rows, "tokens": tokens,
-             "rows_reused": n - len(missing), "rows_computed": len(missing),
+             "rows_reused": n - len(missing), "rows_computed": len(missing), "seconds_saved": round(saved, 3),
              **generated_counts(computed, predictions),
              "seconds": round(time.perf_counter() - started, 4),
              "figures": figures(predictions, {k: v for k, v in values.items() if isinstance(spec.kinds[k], Text)})}
     out.write_json(marker, entry)
     return entry | {"skipped": False}
+
+
+def _results(spec: InferSpec, schema: pa.Schema) -> Results:
+    assert spec.results is not None
+    url = spec.results.store
+    return Results(Store(url, spec.storage_options(url), spec.settings.cache_dir), spec.results.key, schema)
+
+
+def open_results(spec: InferSpec) -> InferSpec:
+    """The spec with the snapshot of its result entries its shards read, taken after compacting what
+    earlier runs added (`Results.compact`); the spec as it is without reuse."""
+    if spec.results is None:
+        return spec
+    model = spec.model
+    record = {"task": spec.task, "model": spec.model_name, "model_version": spec.model_version,
+              "registered": [model.name, model.version] if model.name and model.version else None}
+    files = _results(spec, spec.predictor.output_schema()).compact(record)
+    return replace(spec, results=replace(spec.results, files=files))
 
 
 def _read_shard(shard: Shard, spec: InferSpec, predictor) -> tuple[pa.Table, pa.Table]:
@@ -243,6 +264,7 @@ def run_local(predictor: PredictorSpec, input: str, output: str, shard_rows: int
     shards = plan_shards(files, shard_rows)
     prepare_output(spec, files, mode)
     quarantine_files(spec, corrupt)
+    spec = open_results(spec)
     # here a shard runs when its result is taken, one after another (the flow submits them to its runner)
     entries = run_all(shards, lambda shard, wait: None, lambda shard, _, wait: run_shard(shard, spec, wait))
     return finalize(spec, files, shards, entries, time.perf_counter() - started, corrupt)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from hfbatch.tasks.batch.results import ResultSet, predictor_key
 from hfbatch.tasks.batch.shards import InputFile, Shard
 from hfbatch.tasks.core.errors import ConfigError, DataError
 from hfbatch.tasks.core.fingerprint import digest
@@ -31,9 +32,9 @@ class InferSpec:
     batch_tokens: int | None = None
     """Token budget of one model batch; None: the predictor's default for its device."""
     on_bad_row: str = "fail"
-    results: str | None = None
-    """The store whose result entries rows are looked up in and added to (`results.py`); None: every row
-    is computed. Not part of the configuration: a reused result is the one the row would get."""
+    results: ResultSet | None = None
+    """Where rows' results are looked up and added (`results.py`); None: every row is computed. Not part
+    of the configuration: a reused result is the one the row would get."""
 
     @property
     def task(self) -> str:
@@ -94,7 +95,8 @@ def build_spec(predictor: PredictorSpec, output: str, files: list[InputFile], te
     """Map the predictor's inputs to columns, check every input file's schema, and return the shard spec.
 
     Raises `ConfigError` or `DataError` naming the problem; reads only Parquet footers, so a missing
-    column or wrong type is reported before any model is loaded.
+    column or wrong type is reported before any model is loaded. `results`: the store URL whose result
+    entries the run reuses (its snapshot is taken when the run starts: `runner.open_results`).
     """
     kinds = predictor.inputs()
     mapping = {n: n for n in kinds}
@@ -107,8 +109,9 @@ def build_spec(predictor: PredictorSpec, output: str, files: list[InputFile], te
     first = files[0].arrow_schema(predictor.settings.storage_options(files[0].url))
     if keep_columns is None:
         keep_columns = tuple(c for c in ID_COLUMNS if c in first.names)[:1]
+    reuse = None if results is None else ResultSet(results, predictor_key(predictor))
     spec = InferSpec(predictor, output.rstrip("/"), tuple((n, mapping[n]) for n in kinds), tuple(keep_columns),
-                     batch_tokens, on_bad_row, results)
+                     batch_tokens, on_bad_row, reuse)
     reserved = {ROW_ID, *PROVENANCE, *predictor.output_schema().names}
     clash = reserved & set(spec.keep_columns)
     if clash:

@@ -145,7 +145,7 @@ def run_record(result: dict, manifest: dict, reference: dict | None, threshold: 
             "rows": manifest["rows_in"], "rows_per_s": result["rows_per_s"],
             "input_tokens": manifest.get("input_tokens", manifest.get("tokens", 0)),
             "output_tokens": manifest.get("output_tokens", 0), "tokens_per_s": result.get("tokens_per_s", 0.0),
-            "rows_reused": manifest.get("rows_reused", 0),
+            "rows_reused": manifest.get("rows_reused", 0), "seconds_saved": manifest.get("seconds_saved", 0.0),
             "quarantine_rate": round(manifest["quarantined"] / max(manifest["rows_in"], 1), 6),
             "reference": bool(reference), "drift": scores,
             "drifted": sorted(name for name, value in scores.items() if value > threshold),

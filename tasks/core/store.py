@@ -10,6 +10,7 @@ Layout under the store root::
     models/<name>/registry.json      versions, champion and promotion history of one model name
     models/<name>/<version>/         a registered version: model files, card, metrics
     prefect-results/                 Prefect task results (the cache shared by every worker)
+    results/<predictor key>/         batch inference's results kept for reuse (`tasks/batch/results.py`)
     _staging/                        directories and files being written (local stores)
     _locks/                          lock files of read-modify-write updates (local stores)
 

@@ -225,6 +225,29 @@ def test_an_output_disk_that_fills_up_exits_3_naming_the_file_and_the_resume_fin
     assert sorted(pq.read_table(small_disk / "out").column("idx").to_pylist()) == sorted(rows)
 
 
+def test_a_result_store_disk_that_fills_up_exits_3_naming_the_file_and_the_rerun_repairs_it(
+        prefect_harness, classifier, data_dir, tmp_path, small_disk, capfd):
+    """The results kept for reuse live in the store: a store on a full disk fails the run the way a full
+    output disk does (exit 3, one line naming the file); a shard whose results were not kept is not marked
+    done, so the rerun computes it and keeps them, and a later run reuses every row."""
+    src = tmp_path / "rows.parquet"
+    _rows(data_dir, src, 0, 400, row_group_size=20)
+    (small_disk / "fill").write_bytes(b"\0" * 370_000)
+    argv = ["infer", "--model", classifier, "--task", "text-classification", "--input", str(src), "--shard-rows",
+            "20", "--store", str(small_disk / "store")]
+    assert main([*argv, "--output", str(tmp_path / "one")]) == 3
+    err = capfd.readouterr().err
+    line = next(x for x in err.splitlines() if x.startswith("hfbatch: error:"))
+    assert "no space left on the device writing" in line and str(small_disk / "store") in line, err[-3000:]
+    assert "Traceback" not in err and not (tmp_path / "one" / "_manifest.json").exists()
+    (small_disk / "fill").unlink()
+    assert main([*argv, "--output", str(tmp_path / "one")]) == 0
+    assert json.loads((tmp_path / "one" / "_manifest.json").read_text())["rows_out"] == 400
+    assert main([*argv, "--output", str(tmp_path / "two")]) == 0
+    manifest = json.loads((tmp_path / "two" / "_manifest.json").read_text())
+    assert (manifest["rows_reused"], manifest["rows_computed"]) == (400, 0)
+
+
 def test_a_run_over_many_small_files_ends_without_a_traceback(classifier, data_dir, tmp_path):
     """A fresh process with its temporary Prefect server, over 40 files: exit 0 and a clean stderr."""
     src = tmp_path / "many"
