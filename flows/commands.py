@@ -1,7 +1,7 @@
 """Running a flow command (`train`, `evaluate`, `infer`) from the command line: its options become the
 flow's keyword arguments (`params.flow_values`), validated with the flow's parameter model (one message
-for every bad option), its plan computed once before the flow run starts (`plans`), what the flow loads
-first loaded meanwhile, then the flow called."""
+for every bad option), its plan worked out once before the flow run starts and handed to the flow as its
+`plan` argument, what the flow loads first loaded meanwhile, then the flow called."""
 from __future__ import annotations
 
 import contextlib
@@ -10,7 +10,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from hfbatch.flows import plans, server
+from hfbatch.flows import server
 from hfbatch.flows.params import flow_values, parameter_model
 from hfbatch.tasks.core.errors import ConfigError, HfbatchError
 from hfbatch.tasks.core.options import validated
@@ -44,7 +44,7 @@ def run(command: str, given: dict[str, Any], progress=None) -> dict:
     from hfbatch.tasks.core.settings import Settings
 
     server.check_api(Settings().api_timeout)  # a configured API that is down: said before any work
-    plan = plans.prepare(command, params, planner(command))  # before a flow run (and a server) starts
+    plan = planner(command)(params)  # before a flow run (and a server) starts: a bad input is said at once
     loading = warm_up(command, plan)
     server.ready()
     if command == "evaluate" and loading is not None:
@@ -52,11 +52,11 @@ def run(command: str, given: dict[str, Any], progress=None) -> dict:
         # that another thread is still importing, and fails ("no attribute 'PreTrainedTokenizerBase'")
         loading.join()
     if progress is None:
-        return flow(**values)
+        return flow(**values, plan=plan)
     from hfbatch.flows.inference import progress_listener
 
     with progress_listener(progress):
-        return flow(**values)
+        return flow(**values, plan=plan)
 
 
 def command_task(command: str, given: dict[str, Any]) -> str:

@@ -14,8 +14,7 @@ from prefect.context import FlowRunContext
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from pydantic import Field
 
-from hfbatch.flows import plans
-from hfbatch.flows.params import InferOptions, InferTask, parameter_model, task_options
+from hfbatch.flows.params import PLAN, InferOptions, InferTask, Planned, parameter_model, task_options
 from hfbatch.flows.status import SUMMARY_KEY
 from hfbatch.tasks.batch.output import check_output_location, finalize, prepare_output, quarantine_files
 from hfbatch.tasks.batch.prefect_tasks import infer_shard_task
@@ -175,6 +174,7 @@ def batch_inference(
     reuse_results: bool = True,
     device: Device | None = None,
     options: InferOptions | None = None,
+    plan: Planned = None,
 ) -> dict:
     """Run `model` over the Parquet rows of `input` and write predictions as Parquet parts plus
     `_manifest.json` to `output`.
@@ -219,11 +219,13 @@ def batch_inference(
         device: auto: CUDA when torch sees a GPU, else CPU; cpu; cuda: fail without a GPU (default:
             $HFBATCH_DEVICE or auto)
         options: each task's inference options, under its name (e.g. question_answering)
+        plan: the run's plan (`plan_inference`), when the caller has worked it out
     """
-    params = InferParams.model_construct(**locals())  # the parameters as one typed value
-    logger = get_run_logger()
     started = time.perf_counter()
-    plan = plans.take("infer", params, plan_inference)
+    if plan is None:
+        given = {k: v for k, v in locals().items() if k not in (PLAN, "started")}
+        plan = plan_inference(InferParams.model_construct(**given))
+    logger = get_run_logger()
     spec, shards, files, ref = plan.spec, list(plan.shards), list(plan.files), plan.model
     corrupt = None if plan.corrupt is None else list(plan.corrupt)
     prepare_output(spec, files, mode)

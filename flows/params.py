@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeAlias
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 from pydantic.fields import FieldInfo
+from pydantic.json_schema import SkipJsonSchema
 
 from hfbatch.tasks.core.errors import ConfigError
 from hfbatch.tasks.core.options import Options, param_name, validated
@@ -35,6 +36,13 @@ else:
     TrainTask = Literal[train_task_names()]
     InferTask = Literal[infer_task_names()]
 MaxLength = Annotated[int, Field(ge=8)] | None
+PLAN = "plan"
+Planned = Annotated[Any, SkipJsonSchema()]
+"""The type of a flow's last parameter, `plan`: what the flow works out before its first task (inputs
+listed and fingerprinted, model resolved, output checked), handed over by a caller that has worked it out
+already (the command line does, before the flow run starts, to answer a bad input in seconds); None: the
+flow works it out. Not an option: not on the command line, in the UI's form or a deployment's parameters;
+the flow run's recorded parameters show its type only."""
 
 
 def task_options_model(name: str, classes: dict[str, type[Options]]) -> type[Options]:
@@ -65,7 +73,7 @@ def task_options(options: Options | None, task: str, classes: dict[str, type[Opt
 def parameter_model(fn) -> type[BaseModel]:
     """The pydantic model of a flow's signature: one field per parameter, with its type, constraints and
     default, and its description from the docstring's `Args:` (as Prefect reads it): what the CLI
-    validates a command line with and takes its help from."""
+    validates a command line with and takes its help from. Its `plan` is not a parameter of this model."""
     from prefect.utilities.callables import parameter_docstrings
 
     fn = getattr(fn, "fn", fn)
@@ -73,7 +81,7 @@ def parameter_model(fn) -> type[BaseModel]:
     docs = parameter_docstrings(inspect.getdoc(fn))
     fields = {name: (hints[name], Field(... if p.default is inspect.Parameter.empty else p.default,
                                         description=" ".join(docs.get(name, "").split()) or None))
-              for name, p in inspect.signature(fn).parameters.items()}
+              for name, p in inspect.signature(fn).parameters.items() if name != PLAN}
     return create_model(f"{fn.__name__}_parameters", __config__=ConfigDict(frozen=True, extra="forbid"),
                         **fields)  # type: ignore[call-overload]
 

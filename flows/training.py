@@ -13,8 +13,7 @@ from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectAlreadyExists
 from pydantic import Field
 
-from hfbatch.flows import plans
-from hfbatch.flows.params import MaxLength, TrainOptions, TrainTask, parameter_model, task_options
+from hfbatch.flows.params import PLAN, MaxLength, Planned, TrainOptions, TrainTask, parameter_model, task_options
 from hfbatch.tasks.core.errors import ConfigError
 from hfbatch.tasks.core.models import label_names, resolve_model, trained_model
 from hfbatch.tasks.core.options import Options
@@ -142,6 +141,7 @@ def train_flow(
     device: Device | None = None,
     training: TrainConfig = TrainConfig(),
     options: TrainOptions | None = None,
+    plan: Planned = None,
 ) -> dict:
     """Fine-tune `model` on `dataset` for `task`, evaluate it, and register it as a new version of `name`.
 
@@ -168,10 +168,11 @@ def train_flow(
             $HFBATCH_DEVICE or auto)
         training: training hyperparameters
         options: the task's data columns and settings, under its name (e.g. question_answering)
+        plan: the run's plan (`plan_training`), when the caller has worked it out
     """
-    params = TrainParams.model_construct(**locals())  # the parameters as one typed value
+    if plan is None:
+        plan = plan_training(TrainParams.model_construct(**{k: v for k, v in locals().items() if k != PLAN}))
     logger = get_run_logger()
-    plan = plans.take("train", params, plan_training)
     run, recipe, metric = _Run(plan), plan.recipe, plan.metrics[0]
     with one_training_per_name(name):
         data = run.ingest(plan.dataset)
@@ -255,6 +256,7 @@ def evaluate_flow(
     store: str | None = None,
     device: Device | None = None,
     options: TrainOptions | None = None,
+    plan: Planned = None,
 ) -> dict:
     """Evaluate a registered model (`NAME[@VERSION]`), a local model directory or a hub model.
 
@@ -271,9 +273,10 @@ def evaluate_flow(
         device: auto: CUDA when torch sees a GPU, else CPU; cpu; cuda: fail without a GPU (default:
             $HFBATCH_DEVICE or auto)
         options: the task's data columns and settings, under its name (e.g. question_answering)
+        plan: the run's plan (`plan_evaluation`), when the caller has worked it out
     """
-    params = EvalParams.model_construct(**locals())  # the parameters as one typed value
-    plan = plans.take("evaluate", params, plan_evaluation)
+    if plan is None:
+        plan = plan_evaluation(EvalParams.model_construct(**{k: v for k, v in locals().items() if k != PLAN}))
     run, ref = _Run(plan), plan.model
     data = run.ingest(plan.dataset, label_names(ref) or None)
     result = run.evaluate(ref, data, plan.metrics, metric_module, f"{ref.name or 'model'}-eval")

@@ -47,3 +47,29 @@ def test_cli_progress_bar_and_human_summary(prefect_harness, tiny_models, conll,
     assert json.loads(out)["shards_skipped"] == 3 and "hfbatch infer" not in err
     assert main([*args, "--columns", "text"]) == 2
     assert "INPUT=COLUMN" in capsys.readouterr().err
+
+
+def test_infer_plans_once_and_hands_the_plan_to_the_flow(prefect_harness, tiny_models, conll, tmp_path, capsys,
+                                                         monkeypatch):
+    """The command line works out the run's plan before the flow run starts and hands it over as the flow's
+    `plan` argument: each input file is fingerprinted once, and the flow run's recorded parameters name the
+    plan's type (not its content, which is not sent to the API)."""
+    from prefect.client.orchestration import get_client
+
+    from hfbatch.tasks.batch import shards
+
+    files = tmp_path / "in"
+    files.mkdir()
+    table = pq.read_table(conll)
+    pq.write_table(table.slice(0, 60), files / "a.parquet")
+    pq.write_table(table.slice(60), files / "b.parquet")
+    hashed = []
+    real = shards.file_fingerprint
+    monkeypatch.setattr(shards, "file_fingerprint", lambda fs, path, url: hashed.append(url) or real(fs, path, url))
+    assert main(["infer", "--model", tiny_models["token-classification"], "--task", "ner", "--input", str(files),
+                 "--output", str(tmp_path / "out"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["rows"] == table.num_rows
+    assert sorted(hashed) == sorted(str(p) for p in files.iterdir())
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_runs(limit=1, sort="START_TIME_DESC")[0]
+    assert run.parameters["plan"] == "<InferencePlan>" and run.parameters["input"] == str(files)

@@ -25,7 +25,8 @@ from tests.conftest import free_port
 from tests.helpers import call_flow, start_process, stop_process
 
 BIN = Path(sys.executable).parent
-PARAMS = dict(task="text-classification", shard_rows=40, batch_tokens=2048)
+# every run computes its rows (none reused from another's results): what these tests compare is the compute
+PARAMS = dict(task="text-classification", shard_rows=40, batch_tokens=2048, reuse_results=False)
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +155,7 @@ def test_a_dask_worker_killed_mid_run_loses_no_row(prefect_harness, classifier, 
     out = tmp_path / "out"
     proc = subprocess.Popen([BIN / "hfbatch", "infer", "--model", classifier, "--input", reviews, "--output", out,
                              "--shard-rows", "40", "--batch-tokens", "2048", "--task", "text-classification",
-                             "--task-runner", "dask", "--dask-address", address, "--json"],
+                             "--task-runner", "dask", "--dask-address", address, "--json", "--no-reuse-results"],
                             env=dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value()),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
