@@ -34,7 +34,9 @@ def test_signal_stops_a_run_cleanly_and_the_rerun_finishes_it(classifier, data_d
     source = pq.read_table(data_dir / "sst2" / "train.parquet").slice(0, 600).select(["idx", "text"])
     path, out = tmp_path / "rows.parquet", tmp_path / "out"
     pq.write_table(source, path, row_group_size=20)
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "OMP_NUM_THREADS": "1"}
+    # a store of its own: rows another test computed would be reused and the run would end before the signal
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "OMP_NUM_THREADS": "1",
+           "HFBATCH_STORE": str(tmp_path / "store")}
     env.pop("PREFECT_API_URL", None)  # the CLI starts a temporary Prefect server of its own
     args = [str(Path(sys.executable).parent / "hfbatch"), "infer", "--model", classifier, "--task",
             "text-classification", "--input", str(path), "--output", str(out), "--shard-rows", "20", "--json"]

@@ -203,6 +203,7 @@ def test_dashboard_with_versions_whose_metrics_differ(prefect_harness):
         {"version": "3", "created": "2026-11-29T12:00:00", "metrics": {"accuracy": 0.9, "f1": float("nan")},
          "promoted": True, "reason": "better"}]}
     runs = [{"time": "2026-11-29T13:00:00", "flow_run": "calm-fox", "version": "3", "rows": 800, "rows_per_s": 61.2,
+             "rows_reused": 750, "seconds_saved": 42.3,
              "quarantine_rate": 0.0025, "drift": {"label": 3.1, "score": 0.05}, "drifted": ["label"], "reference": True},
             {"time": "2026-11-29T14:00:00", "flow_run": None, "version": "3", "rows": 10, "rows_per_s": 5.0,
              "quarantine_rate": 0.0, "drift": {}, "drifted": [], "reference": False}]
@@ -216,8 +217,8 @@ def test_dashboard_with_versions_whose_metrics_differ(prefect_harness):
     png = base64.b64decode(re.search(r"data:image/png;base64,([A-Za-z0-9+/=]+)", markdown).group(1))
     assert png_size(png) == (480, 208)
     assert "| v3 (champion) |" in markdown and "accuracy 0.8000" in markdown
-    assert "| 2026-11-29T13:00:00 | calm-fox | v3 | 800 | 0 | 61.2 | 0 | 0 | 0.0 | 0.25 % | 3.100 | label |" in markdown
-    assert "| 2026-11-29T14:00:00 | - | v3 | 10 | 0 | 5.0 | 0 | 0 | 0.0 | 0.00 % | 0.000 | no reference |" in markdown
+    assert "| 2026-11-29T13:00:00 | calm-fox | v3 | 800 | 750 | 42.3 s | 61.2 | 0 | 0 | 0.0 | 0.25 % | 3.100 | label |" in markdown
+    assert "| 2026-11-29T14:00:00 | - | v3 | 10 | 0 | 0.0 s | 5.0 | 0 | 0 | 0.0 | 0.00 % | 0.000 | no reference |" in markdown
     assert "| 2026-11-29T12:00:00 | promote | v3 | v1 | ops@host | better |" in markdown
 
 
