@@ -176,6 +176,12 @@ class TextGeneration(Recipe[TextGenerationColumns]):
             notes.append(f"{dropped} rows longer than max_length were dropped")
         return notes
 
+    def trainer(self, **kwargs):
+        """The language-model head and loss run only where a completion token is (`causal_lm.py`)."""
+        from hfbatch.tasks.recipes.causal_lm import targets_only_trainer
+
+        return targets_only_trainer(**kwargs)
+
     def collator(self, tokenizer, model):
         from transformers import DataCollatorForSeq2Seq
 

@@ -136,6 +136,45 @@ def test_padding_free_batches_give_the_padded_loss(llama, sst2_chats):
     assert abs(a.item() - b.item()) < 1e-4, (a.item(), b.item())
 
 
+@pytest.mark.parametrize("packing", [False, True])
+def test_the_loss_on_target_positions_only_is_the_models_loss(llama, sst2_chats, tmp_path, packing):
+    """The recipe's Trainer runs the head only where a row has a target (`causal_lm.py`): the loss and every
+    gradient equal the model's own loss over all positions, padded or padding-free, with fewer logits."""
+    import datasets
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+
+    tokenizer = AutoTokenizer.from_pretrained(llama)
+    model = AutoModelForCausalLM.from_pretrained(llama)
+    recipe = get_recipe("text-generation")
+    options = recipe.options_class(prompt_column="prompt", completion_column="completion", packing=packing)
+    data = recipe.prepare(datasets.Dataset(pq.read_table(sst2_chats["train"]).slice(0, 6)), "rows", options, None)[0]
+    rows = [dict(r) for r in recipe.tokenize(data, tokenizer, options, 128, "train")]
+    batch = (recipe.packing_collator() if packing else recipe.collator(tokenizer, model))(rows)
+    count = (batch["labels"][..., 1:] != -100).sum()  # what the Trainer passes (`num_items_in_batch`)
+
+    def loss_and_grads(compute):
+        model.zero_grad()
+        loss = compute()
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    expected, expected_grads = loss_and_grads(lambda: model(**batch, num_items_in_batch=count).loss)
+    trainer = recipe.trainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True))
+    outputs = {}
+
+    def targets_only():
+        loss, outputs["out"] = trainer.compute_loss(model, dict(batch), return_outputs=True, num_items_in_batch=count)
+        return loss
+
+    loss, grads = loss_and_grads(targets_only)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    kept, positions = outputs["out"].logits.shape[1], batch["input_ids"].shape[1]
+    assert 0 < kept < positions / 2, (kept, positions)
+
+
 def test_lora_sft_end_to_end(prefect_harness, llama, sst2_chats, tmp_path):
     store = tmp_path / "store"
     params = dict(task="text-generation", dataset=str(sst2_chats["train"]), eval_dataset=str(sst2_chats["eval"]),
