@@ -20,6 +20,9 @@ UNIT = [i / 20 for i in range(21)]
 """Edges for scores and shares in [0, 1]."""
 LENGTHS = [0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 1 << 30]
 """Edges for lengths (characters, tokens, counts): doubling bins."""
+CATEGORICAL = b"hfbatch.categorical"
+"""A field's metadata key saying its values are categories (answers constrained to choices): their shares
+are a figure, as labels' are."""
 
 
 def shares(values: Iterable) -> dict:
@@ -118,6 +121,10 @@ def figures(table, inputs: dict[str, list[str]] | None = None) -> dict[str, dict
     if "generated_text" in names:
         out["output_chars"] = histogram(pc.utf8_length(table.column("generated_text")).to_numpy(zero_copy_only=False),
                                         LENGTHS)
+        if (table.schema.field("generated_text").metadata or {}).get(CATEGORICAL) == b"true":
+            out["answer"] = shares(table.column("generated_text").to_pylist())
+    if "output_tokens" in names:
+        out["output_tokens"] = histogram(table.column("output_tokens").to_numpy(zero_copy_only=False), LENGTHS)
     if "finish_reason" in names:
         out["finish_reason"] = shares(table.column("finish_reason").to_pylist())
     if "embedding" in names and table.num_rows:

@@ -29,6 +29,7 @@ from pydantic import Field
 
 from hfbatch.tasks.core.errors import ConfigError
 from hfbatch.tasks.core.models import load_tokenizer
+from hfbatch.tasks.core.monitoring import CATEGORICAL
 from hfbatch.tasks.core.options import Options
 from hfbatch.tasks.core.refs import ModelRef
 from hfbatch.tasks.core.settings import Settings
@@ -150,8 +151,12 @@ class GenerationPredictor(Predictor[G]):
 
     @classmethod
     def output_schema(cls, options) -> pa.Schema:
-        return pa.schema([("generated_text", pa.string()), ("input_tokens", pa.int32()),
-                          ("output_tokens", pa.int32()), ("finish_reason", pa.string())])
+        """The answer, its token counts and why it ended. Answers that can only be one of `choices` say so
+        in their field's metadata (`CATEGORICAL`): their shares are a figure of the run, as labels are."""
+        choices = getattr(options, "choices", None)
+        text = pa.field("generated_text", pa.string(), metadata={CATEGORICAL: b"true"} if choices else None)
+        return pa.schema([text, ("input_tokens", pa.int32()), ("output_tokens", pa.int32()),
+                          ("finish_reason", pa.string())])
 
     def __init__(self, model: ModelRef, options: G, settings: Settings, precision: str = "auto"):
         super().__init__(model, options, settings, precision)

@@ -259,6 +259,22 @@ def test_a_prompt_template_is_trained_recorded_and_used_by_bulk_inference(prefec
     assert noted["notes"] == (f"system prompt as {version} was trained with; "
                               f"prompt template differs from the one {version} was trained with; using the one given")
 
+    # drift for generated outputs: the evaluation recorded the answers' figures (the choices' shares, output
+    # tokens, finish reasons), and a run of the registered name is compared with them by PSI
+    from hfbatch.tasks.core.registry import Registry
+    from hfbatch.tasks.core.store import Store
+
+    [reference] = [json.loads(p.read_text()) for p in (store / "evals").glob("*/reference_figures.json")]
+    assert {"answer", "finish_reason", "output_tokens", "output_chars"} <= set(reference)
+    assert set(reference["answer"]["counts"]) <= {"negative", "positive"}
+    assert sum(reference["answer"]["counts"].values()) == 24
+    named = call_flow(batch_inference, output=str(tmp_path / "d"), choices=("negative", "positive"),
+                      **(common | {"model": "templated"}))
+    [run] = Registry(Store(str(store)), "templated").runs()
+    assert {"answer", "finish_reason", "output_tokens", "output_chars"} <= set(run["drift"])
+    assert named["max_psi"] == max(run["drift"].values())
+    assert set(run["figures"]["answer"]) <= {"negative", "positive"}
+
 
 def test_a_chat_template_changed_since_training_is_refused(prefect_harness, llama, sst2_chats, tmp_path):
     trained = tmp_path / "trained"
