@@ -1,6 +1,7 @@
 """The training chain as Prefect flows: ingest → tokenize → train → evaluate → register."""
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -81,7 +82,7 @@ def plan_training(p: Any) -> TrainingPlan:
     check_peft(p.training)
     sources = [Source(src, plan_source(src, options, settings)) for src in filter(None, (p.dataset, p.eval_dataset))]
     return TrainingPlan(settings, recipe, options, (metric,), p.max_length or recipe.max_length,
-                        resolve_model(p.model, settings, gguf_file=p.gguf_file), sources[0],
+                        resolve_model(p.model, settings, Store.open(settings), p.gguf_file), sources[0],
                         sources[1] if p.eval_dataset else None)
 
 
@@ -152,7 +153,8 @@ def train_flow(
 
     Args:
         dataset: training data: file, directory, s3:// URI or hub id ID[:CONFIG][#SPLIT]
-        model: base model: local directory, a .gguf file or hub id[@revision]
+        model: model to start from: local directory, a .gguf file, a registered NAME[@VERSION] (e.g. the
+            fine-tuned version preference training goes on from) or hub id[@revision]
         name: registry name the new version is added to
         task: the ML task
         gguf_file: with a hub id: the repository's GGUF file to convert and start from
@@ -181,12 +183,16 @@ def train_flow(
         else:
             data, eval_data = run.tasks.holdout(data, run.store, recipe.task, eval_fraction, training.seed)
         tokens = run.tokenize(data, plan.model, "train")
-        # evaluated during training: the eval rows' loss, tokenized as training rows are
-        eval_tokens = run.tokenize(eval_data, plan.model, "train") if training.eval_strategy != "no" else None
+        # evaluated during training (the eval rows' loss, or preference training's rewards): tokenized as
+        # training rows are
+        in_training = training.eval_strategy != "no" or recipe.evaluates_while_training(run.options)
+        eval_tokens = run.tokenize(eval_data, plan.model, "train") if in_training else None
         trained = run.tasks.train(tokens, plan.model, run.store, recipe.task, run.options, training, run.settings,
                                   eval_tokens)
         model_ref = trained_model(trained, run.store, run.settings)
         evaluated = run.evaluate(model_ref, eval_data, recipe.metrics, metric_module, f"{name}-eval")
+        if trained.eval_metrics:  # what training measured of the model, registered with the evaluation's
+            evaluated = dataclasses.replace(evaluated, metrics={**evaluated.metrics, **trained.eval_metrics})
         champion_score = _champion_score(run, name, trained.run_key, eval_data, metric, metric_module)
         registration = run.tasks.register(trained, evaluated, run.store, name, metric, promotion_margin,
                                           champion_score)

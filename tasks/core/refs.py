@@ -90,6 +90,9 @@ class TrainedModel(Ref):
     """The LoRA adapters trained (method, r, alpha, dropout, target modules), None for a full fine-tune."""
     prompt: dict | None = None
     """How a language model was prompted in training (`prompt_template`, `system_prompt`), else None."""
+    eval_metrics: dict = field(default_factory=dict)
+    """Figures training measured on the eval set (preference training's reward margin and accuracy),
+    registered beside the evaluation's metrics (`Recipe.training_figures`)."""
 
     @property
     def uri(self) -> str:

@@ -114,11 +114,22 @@ class Recipe(Generic[OptionsT]):
         """A fine-tuned model of this task, to evaluate."""
         return load_model(model, self.model_class, settings)
 
-    def trainer(self, **kwargs):
-        """The `Trainer` (or subclass) this task trains and evaluates with."""
+    def trainer(self, options: OptionsT | None = None, **kwargs):
+        """The `Trainer` (or subclass) this task fine-tunes with, given the run's `options`, or evaluates
+        with (no options)."""
         from transformers import Trainer
 
         return Trainer(**kwargs)
+
+    def evaluates_while_training(self, options: OptionsT) -> bool:
+        """Whether training measures figures of its own on the eval set (`training_figures`) even where
+        no `eval_strategy` asks for evaluation during training."""
+        return False
+
+    def training_figures(self, log_history: list[dict], options: OptionsT) -> dict[str, float]:
+        """Figures of the trained model that training measured (on the eval set), registered beside the
+        evaluation's metrics."""
+        return {}
 
     def training_arguments(self, options: OptionsT, **kwargs):
         """The `TrainingArguments` (or subclass) for `kwargs`, plus this task's own from `options`."""

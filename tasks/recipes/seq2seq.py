@@ -142,7 +142,7 @@ class Seq2Seq(Recipe[Seq2SeqOptions]):
         args.forced_bos_token = options.forced_bos_token  # type: ignore[attr-defined]  # `trainer` reads it
         return args
 
-    def trainer(self, **kwargs):
+    def trainer(self, options: Seq2SeqOptions | None = None, **kwargs):
         """A `Seq2SeqTrainer`; the model's generation config takes the options' length, beams and forced
         first token, so the saved model generates at inference as it was evaluated."""
         from transformers import Seq2SeqTrainer

@@ -61,18 +61,36 @@ class TextGenerationColumns(PromptOptions, ConstraintOptions):
         "drop the row, or fail naming it")
     max_new_tokens: int = Field(64, ge=1, description="longest generated answer in evaluation (and the trained "
                                 "model's default in bulk inference)")
+    objective: Literal["sft", "dpo"] = Field(
+        "sft", description="sft: learn the completions; dpo: learn to prefer --chosen-column's answer to "
+        "--rejected-column's (TRL's DPOTrainer, the starting model as the reference)")
+    chosen_column: str | None = Field(None, description="with --objective dpo: column of the preferred answer")
+    rejected_column: str | None = Field(None, description="with --objective dpo: column of the answer not preferred")
+    beta: float = Field(0.1, gt=0, description="with --objective dpo: how far from the reference model the "
+                        "preferences may pull (DPO's beta)")
 
     @model_validator(mode="after")
     def _one_format(self):
         prompt = self.prompt_column or self.prompt_template
+        answers = self.completion_column if self.objective == "sft" else self.chosen_column
+        pair = "--completion-column" if self.objective == "sft" else "--chosen-column and --rejected-column"
+        if self.objective == "sft" and (self.chosen_column or self.rejected_column):
+            raise ValueError("--chosen-column and --rejected-column are preference data: give --objective dpo")
+        if self.objective == "dpo":
+            if self.completion_column:
+                raise ValueError("with --objective dpo, give --chosen-column and --rejected-column, not "
+                                 "--completion-column")
+            if not (self.chosen_column and self.rejected_column):
+                raise ValueError("--objective dpo needs --chosen-column and --rejected-column")
+            if self.packing:
+                raise ValueError("--packing is for --objective sft")
         if self.messages_column and (prompt or self.completion_column or self.system_prompt):
-            raise ValueError("give --messages-column, or --prompt-column (or --prompt-template) with "
-                             "--completion-column, not both")
+            raise ValueError(f"give --messages-column, or --prompt-column (or --prompt-template) with {pair}, "
+                             "not both")
         if self.prompt_column and self.prompt_template:
             raise ValueError("give --prompt-column or --prompt-template, not both")
-        if not self.messages_column and not (prompt and self.completion_column):
-            raise ValueError("give --messages-column, or --prompt-column (or --prompt-template) and "
-                             "--completion-column")
+        if not self.messages_column and not (prompt and answers):
+            raise ValueError(f"give --messages-column, or --prompt-column (or --prompt-template) and {pair}")
         return self
 
     def ingest_key(self) -> dict:
@@ -99,8 +117,6 @@ class TextGeneration(Recipe[TextGenerationColumns]):
 
     # --- ingest: canonical `prompt` (a list of messages) and `completion` (a string) ------------------
     def prepare(self, dataset, src: str, options: TextGenerationColumns, label_names):
-        import datasets
-
         table = dataset.data.table
         if table.num_rows == 0:
             raise DataError(f"data source {src!r} is empty (0 rows)")
@@ -108,6 +124,15 @@ class TextGeneration(Recipe[TextGenerationColumns]):
             if column not in table.column_names:
                 raise DataError(f"data source {src!r} has no column {column!r}; its columns are {table.column_names}")
         prompts, completions = [], []
+        system = [{"role": "system", "content": options.system_prompt}] if options.system_prompt else []
+        if options.objective == "dpo":  # the prompt (a chat, or a text as the user turn) and two answers
+            chats = (table[options.messages_column].to_pylist() if options.messages_column else
+                     [[*system, {"role": "user", "content": text}] for text in _prompts(table, src, options)])
+            for row, chat in enumerate(chats):
+                prompts.append(_chat_prompt(chat, src, row, str(options.messages_column)))
+            columns = {"completion": str(options.chosen_column), "rejected": str(options.rejected_column)}
+            answers = {name: _answers(dataset, src, column) for name, column in columns.items()}
+            return _prepared({"prompt": prompts, **answers}), options.choices
         if options.messages_column:
             for row, chat in enumerate(table[options.messages_column].to_pylist()):
                 prompt, completion = _split_chat(chat, src, row, options.messages_column)
@@ -115,44 +140,48 @@ class TextGeneration(Recipe[TextGenerationColumns]):
                 completions.append(completion)
         else:
             completion_column = str(options.completion_column)
-            system = [{"role": "system", "content": options.system_prompt}] if options.system_prompt else []
-            pairs = zip(_prompts(table, src, options), _completions(dataset, src, completion_column))
-            for row, (text, completion) in enumerate(pairs):
-                if not isinstance(completion, str) or not completion.strip():
-                    what = "empty" if isinstance(completion, str) or completion is None else type(completion).__name__
-                    raise DataError(f"{src!r} row {row}: column {completion_column!r} is {what}")
+            pairs = zip(_prompts(table, src, options), _answers(dataset, src, completion_column))
+            for text, completion in pairs:
                 prompts.append([*system, {"role": "user", "content": text}])
                 completions.append(completion)
-        message = datasets.Features({"role": datasets.Value("string"), "content": datasets.Value("string")})
-        features = datasets.Features({"prompt": datasets.List(message), "completion": datasets.Value("string")})
         names = options.choices  # the answers' classes: accuracy and a confusion matrix in evaluation
-        return datasets.Dataset.from_dict({"prompt": prompts, "completion": completions}, features=features), names
+        return _prepared({"prompt": prompts, "completion": completions}), names
 
     # --- tokenize, collate, train ------------------------------------------------------------------
     def tokenize(self, dataset, tokenizer, options: TextGenerationColumns, max_length: int, split: str):
-        """`input_ids` (prompt, target, EOS) and `labels` (-100 on the prompt); over-long rows as
-        `long_rows` says, counted in a `cut` column (1 truncated, dropped rows left out)."""
+        """`input_ids` (prompt, target, EOS) and `labels` (-100 on the prompt); for preference training,
+        TRL's tokenized preference rows (`prompt_ids`, `chosen_ids`, `rejected_ids`, each answer ending
+        with EOS), and for its evaluation the chosen answers as targets. Over-long rows as `long_rows`
+        says (the longer answer decides), counted in a `cut` column (1 truncated, dropped rows left out)."""
         if tokenizer.eos_token_id is None:
             raise DataError("the tokenizer has no EOS token: a fine-tuned model could not learn to stop")
         eos = tokenizer.eos_token_id
+        preference = options.objective == "dpo" and split == "train"
+        answers = ("completion", "rejected") if preference else ("completion",)
 
         def encode(batch, indices):
             prompts = render_prompts(tokenizer, batch["prompt"])
-            targets = tokenizer(batch["completion"], add_special_tokens=False)["input_ids"]
-            out: dict[str, list] = {"input_ids": [], "labels": [], "cut": []}
-            for row, prompt, target in zip(indices, prompts, targets):
-                target = [*target, eos]
-                cut = 0
-                if len(prompt) + len(target) > max_length:
+            targets = [tokenizer(batch[a], add_special_tokens=False)["input_ids"] for a in answers]
+            out: dict[str, list] = {k: [] for k in (("prompt_ids", "chosen_ids", "rejected_ids") if preference
+                                                    else ("input_ids", "labels"))} | {"cut": []}
+            for row, prompt, *ends in zip(indices, prompts, *targets):
+                ends = [[*t, eos] for t in ends]
+                longest, cut = max(len(t) for t in ends), 0
+                if len(prompt) + longest > max_length:
                     if options.long_rows == "fail":
-                        raise DataError(f"row {row}: {len(prompt) + len(target)} tokens, more than --max-length "
+                        raise DataError(f"row {row}: {len(prompt) + longest} tokens, more than --max-length "
                                         f"{max_length} (use --long-rows truncate or drop)")
-                    room = max_length - len(target)
+                    room = max_length - longest
                     if options.long_rows == "drop" or room < 1:
                         continue
                     prompt, cut = prompt[len(prompt) - room:], 1
-                out["input_ids"].append(prompt + target)
-                out["labels"].append([-100] * len(prompt) + target)
+                if preference:
+                    out["prompt_ids"].append(prompt)
+                    out["chosen_ids"].append(ends[0])
+                    out["rejected_ids"].append(ends[1])
+                else:
+                    out["input_ids"].append(prompt + ends[0])
+                    out["labels"].append([-100] * len(prompt) + ends[0])
                 out["cut"].append(cut)
             return out
 
@@ -176,11 +205,25 @@ class TextGeneration(Recipe[TextGenerationColumns]):
             notes.append(f"{dropped} rows longer than max_length were dropped")
         return notes
 
-    def trainer(self, **kwargs):
-        """The language-model head and loss run only where a completion token is (`causal_lm.py`)."""
+    def trainer(self, options: TextGenerationColumns | None = None, **kwargs):
+        """Supervised: the language-model head and loss run only where a completion token is
+        (`causal_lm.py`); preferences: TRL's `DPOTrainer` (`preference.py`)."""
         from hfbatch.tasks.recipes.causal_lm import targets_only_trainer
 
+        if options is not None and options.objective == "dpo":
+            from hfbatch.tasks.recipes.preference import preference_trainer
+
+            return preference_trainer(options.beta, **kwargs)
         return targets_only_trainer(**kwargs)
+
+    def evaluates_while_training(self, options: TextGenerationColumns) -> bool:
+        return options.objective == "dpo"
+
+    def training_figures(self, log_history, options: TextGenerationColumns) -> dict[str, float]:
+        """Preference training's reward margin and accuracy on the eval set (TRL's figures)."""
+        from hfbatch.tasks.recipes.preference import preference_figures
+
+        return preference_figures(log_history) if options.objective == "dpo" else {}
 
     def collator(self, tokenizer, model):
         from transformers import DataCollatorForSeq2Seq
@@ -315,19 +358,48 @@ def _prompts(table, src: str, options: TextGenerationColumns) -> list[str]:
     return prompts
 
 
-def _completions(dataset, src: str, column: str) -> list:
-    """The completion column's values; class labels (a `ClassLabel` column) as their names."""
+def _answers(dataset, src: str, column: str) -> list[str]:
+    """The answers of a column: texts, class labels (a `ClassLabel` column) as their names, or an
+    assistant's message (TRL's conversational preference rows: a list of one `{role, content}`)."""
     import datasets
 
     values = dataset.data.table[column].to_pylist()
     feature = dataset.features.get(column)
     if isinstance(feature, datasets.ClassLabel):
-        return [None if v is None else feature.names[v] for v in values]
-    return values
+        values = [None if v is None else feature.names[v] for v in values]
+    answers = []
+    for row, value in enumerate(values):
+        if isinstance(value, list):
+            if len(value) != 1 or not isinstance(value[0], dict) or value[0].get("role") != "assistant":
+                raise DataError(f"{src!r} row {row}: column {column!r} is a list, but not of one assistant message")
+            value = value[0].get("content")
+        if not isinstance(value, str) or not value.strip():
+            what = "empty" if isinstance(value, str) or value is None else type(value).__name__
+            raise DataError(f"{src!r} row {row}: column {column!r} is {what}")
+        answers.append(value)
+    return answers
 
 
-def _split_chat(chat, src: str, row: int, column: str) -> tuple[list[dict], str]:
-    """A chat's prompt (every message but the last) and target (the last, an assistant message)."""
+def _prepared(columns: dict[str, list]):
+    """The canonical rows: `prompt` (messages) and the answers (`completion`, and `rejected` for preferences)."""
+    import datasets
+
+    message = datasets.Features({"role": datasets.Value("string"), "content": datasets.Value("string")})
+    features = datasets.Features({"prompt": datasets.List(message),
+                                  **{k: datasets.Value("string") for k in columns if k != "prompt"}})
+    return datasets.Dataset.from_dict(columns, features=features)
+
+
+def _chat_prompt(chat, src: str, row: int, column: str) -> list[dict]:
+    """A preference row's prompt: a chat that the answers continue (it does not end with the assistant)."""
+    _check_messages(chat, src, row, column)
+    if chat[-1]["role"] == "assistant":
+        raise DataError(f"{src!r} row {row}: the prompt chat ends with an assistant message; the chosen and "
+                        "rejected answers are the assistant's turn")
+    return [{"role": m["role"], "content": m["content"]} for m in chat]
+
+
+def _check_messages(chat, src: str, row: int, column: str) -> None:
     if not isinstance(chat, list) or not chat:
         raise DataError(f"{src!r} row {row}: column {column!r} is not a list of messages")
     for i, m in enumerate(chat):
@@ -336,6 +408,11 @@ def _split_chat(chat, src: str, row: int, column: str) -> tuple[list[dict], str]
         if m.get("role") not in ROLES:
             raise DataError(f"{src!r} row {row}: message {i} has an unknown role {m.get('role')!r} "
                             f"(known: {list(ROLES)})")
+
+
+def _split_chat(chat, src: str, row: int, column: str) -> tuple[list[dict], str]:
+    """A chat's prompt (every message but the last) and target (the last, an assistant message)."""
+    _check_messages(chat, src, row, column)
     if chat[-1]["role"] != "assistant":
         raise DataError(f"{src!r} row {row}: the chat does not end with an assistant message (the target)")
     if not chat[-1]["content"].strip():

@@ -81,11 +81,11 @@ class TrainConfig(BaseModel):
 def run_key(data: DatasetRef, model: ModelRef, task: str, options: Options, config: TrainConfig,
             eval_data: DatasetRef | None = None) -> str:
     """The training run's content key (`config` resolved: the same run whether a default was spelt out;
-    the eval set where evaluation during training picks the checkpoint). Several processes train on
-    `nproc_per_node` times the rows per step: another run."""
+    the eval set where training evaluates on it: to pick the checkpoint, or for figures of its own).
+    Several processes train on `nproc_per_node` times the rows per step: another run."""
     fields = config.resolved(get_recipe(task)).model_dump(exclude={k for k in LATER_FIELDS
                                                                    if getattr(config, k) == _DEFAULT[k]})
-    evaluated = eval_data.fingerprint if eval_data is not None and config.eval_strategy != "no" else None
+    evaluated = eval_data.fingerprint if eval_data is not None else None
     return digest("train", TRAIN_VERSION, data.fingerprint, model.fingerprint, task, options.model_dump(), fields,
                   *([evaluated] if evaluated else []))
 
@@ -251,7 +251,7 @@ def fit(data: DatasetRef, model: ModelRef, store: Store, task: str, options: Opt
                                tokenizer, options)
     if config.peft != "none":
         net = with_adapters(net, recipe, config)
-    evaluation = store.load_dataset(eval_data.key) if eval_data is not None and config.eval_strategy != "no" else None
+    evaluation = store.load_dataset(eval_data.key) if eval_data is not None else None
     callbacks: list = [CheckpointCommit(store, ckpt_key)]
     if config.early_stopping_patience and evaluation is not None:
         from transformers import EarlyStoppingCallback
@@ -271,7 +271,7 @@ def fit(data: DatasetRef, model: ModelRef, store: Store, task: str, options: Opt
         **({"train_sampling_strategy": "group_by_length"} if recipe.group_by_length else {}),
         **(_distributed_arguments(device) if int(os.environ.get("WORLD_SIZE", 1)) > 1 else {}))
     collator = recipe.packing_collator() if getattr(options, "packing", False) else recipe.collator(tokenizer, net)
-    trainer = recipe.trainer(model=net, args=args, train_dataset=ds, eval_dataset=evaluation,
+    trainer = recipe.trainer(options, model=net, args=args, train_dataset=ds, eval_dataset=evaluation,
                              processing_class=tokenizer, data_collator=collator, callbacks=callbacks)
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     save_trained(trainer, trainer.model, model_dir, config)  # model (safetensors) + tokenizer, by the first process
@@ -284,4 +284,5 @@ def fit(data: DatasetRef, model: ModelRef, store: Store, task: str, options: Opt
         log.info("the best checkpoint by eval loss (%s) is the one saved", trainer.state.best_model_checkpoint)
     return dict(device=device, precision=precision, global_step=trainer.state.global_step, train_samples=ds.num_rows,
                 train_samples_per_second=float(result.metrics.get("train_samples_per_second", math.nan)),
-                train_loss=float(result.metrics.get("train_loss", math.nan)), warnings=tuple(warnings))
+                train_loss=float(result.metrics.get("train_loss", math.nan)), warnings=tuple(warnings),
+                eval_metrics=recipe.training_figures(trainer.state.log_history, options))
