@@ -103,9 +103,14 @@ def task_states(flow_run_id) -> dict[str, list[str]]:
     return states
 
 
-def artifact_keys() -> set[str]:
+def artifact_keys(prefix: str) -> set[str]:
+    """The keys of the server's artifacts that start with `prefix` (filtered by the server: a session's
+    tests make more artifacts than one unfiltered page holds)."""
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
     with get_client(sync_client=True) as client:
-        return {a.key for a in client.read_artifacts() if a.key}
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(like_=f"{prefix}%")))
+        return {a.key for a in found if a.key}
 
 
 def start_process(cmd: list, env: dict, log: Path) -> subprocess.Popen:

@@ -44,7 +44,7 @@ def test_cold_run_fine_tunes_beyond_chance_and_registers_champion(cold_run, tmp_
     matrix = json.loads((evals[0] / "confusion_matrix.json").read_text())
     assert matrix["labels"] == ["negative", "positive"] and sum(map(sum, matrix["matrix"])) == 800
     assert {"sst2-eval-metrics", "sst2-eval-per-class", "sst2-eval-confusion-matrix",
-            "sst2-registration"} <= artifact_keys()
+            "sst2-registration"} <= artifact_keys("sst2")
     assert set(task_states(state.state_details.flow_run_id)) == {"ingest", "tokenize", "train", "evaluate",
                                                                  "register"}
 

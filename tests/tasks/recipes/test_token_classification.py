@@ -245,7 +245,7 @@ def test_train_flow_registers_a_tagger_that_bulk_inference_runs(prefect_harness,
     assert [(v["version"], v["task"]) for v in index["versions"]] == [("1", "token-classification")]
     card = (store / "models" / "conll-ner" / "1" / "README.md").read_text()
     assert "pipeline_tag: token-classification" in card and "| overall_f1 |" in card and "`PER`" in card
-    assert {"conll-ner-eval-metrics", "conll-ner-eval-per-type", "conll-ner-registration"} <= artifact_keys()
+    assert {"conll-ner-eval-metrics", "conll-ner-eval-per-type", "conll-ner-registration"} <= artifact_keys("conll-ner")
 
     # the registered name alone: the registry says which task runs it
     summary = call_flow(batch_inference, model="conll-ner", input=str(conll), output=str(tmp_path / "out"), store=str(store))
