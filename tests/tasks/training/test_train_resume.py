@@ -23,6 +23,18 @@ def _committed_steps(store: Path) -> list[int]:
     return sorted(int(p.parent.name.split("-")[-1]) for p in store.glob("runs/*/checkpoints/checkpoint-*/_SUCCESS"))
 
 
+def _killed_after_two_checkpoints(args: list, env: dict, store: Path):
+    """`hfbatch train args` SIGKILLed once two checkpoints are committed to `store`: the process, the steps
+    committed, its stderr."""
+    proc = _train(args, env)
+    deadline = time.time() + 600
+    while len(_committed_steps(store)) < 2 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    _, stderr = proc.communicate()
+    return proc, _committed_steps(store), stderr
+
+
 def test_killed_training_resumes_from_last_checkpoint(sst2_split, minilm, tmp_path):
     train, evald = sst2_split
     store = tmp_path / "store"
@@ -32,13 +44,7 @@ def test_killed_training_resumes_from_last_checkpoint(sst2_split, minilm, tmp_pa
             "--max-train-samples", "1280", "--batch-size", "16", "--max-length", "48", "--save-steps", "10",
             "--learning-rate", "1e-4", "--store", str(store), "--json"]
 
-    proc = _train(args, env)
-    deadline = time.time() + 600
-    while len(_committed_steps(store)) < 2 and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    _, stderr = proc.communicate()
-    steps = _committed_steps(store)
+    proc, steps, stderr = _killed_after_two_checkpoints(args, env, store)
     assert steps and proc.returncode == -signal.SIGKILL, f"not killed mid-training: {steps} {stderr[-2000:]}"
     assert max(steps) < 80
     assert not list(store.glob("runs/*/model/_SUCCESS")) and not (store / "models").exists()
@@ -86,13 +92,7 @@ def test_a_killed_lora_fine_tune_resumes_and_registers_what_an_uninterrupted_one
     killed, whole = tmp_path / "killed", tmp_path / "whole"
     env = os.environ | {"PREFECT_HOME": str(tmp_path / "prefect")}
     args = [*common, "--name", "lora", "--store", str(killed)]
-    proc = _train(args, env)
-    deadline = time.time() + 600
-    while len(_committed_steps(killed)) < 2 and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    _, stderr = proc.communicate()
-    steps = _committed_steps(killed)
+    proc, steps, stderr = _killed_after_two_checkpoints(args, env, killed)
     assert steps and max(steps) < 57 and proc.returncode == -signal.SIGKILL, f"{steps} {stderr[-2000:]}"
     [checkpoint] = list(killed.glob(f"runs/*/checkpoints/checkpoint-{max(steps)}"))
     assert {"adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json"} <= \
