@@ -53,6 +53,10 @@ class Recipe(Generic[OptionsT]):
     only: under that setting the Trainer orders predict()'s batches by length too, and the predictions
     would come back out of the data's order."""
 
+    def groups_by_length(self, options: OptionsT) -> bool:
+        """Whether training with these options batches rows of similar length (`group_by_length`)."""
+        return self.group_by_length
+
     @property
     def default_metric(self) -> str:
         return self.metrics[0]

@@ -216,6 +216,11 @@ class TextGeneration(Recipe[TextGenerationColumns]):
             return preference_trainer(options.beta, **kwargs)
         return targets_only_trainer(**kwargs)
 
+    def groups_by_length(self, options: TextGenerationColumns) -> bool:
+        """Supervised rows vary a lot (SQuAD chats: 1.57x fewer padded positions in batches of 8 when
+        grouped); packed batches have no padding, and TRL batches preference pairs itself."""
+        return options.objective == "sft" and not options.packing
+
     def evaluates_while_training(self, options: TextGenerationColumns) -> bool:
         return options.objective == "dpo"
 

@@ -268,7 +268,7 @@ def fit(data: DatasetRef, model: ModelRef, store: Store, task: str, options: Opt
         use_cpu=device == "cpu", bf16=precision == "bf16", fp16=precision == "fp16", dataloader_num_workers=0,
         disable_tqdm=not os.isatty(2), gradient_accumulation_steps=config.gradient_accumulation_steps,
         auto_find_batch_size=config.auto_find_batch_size, **_schedule(config, evaluation is not None),
-        **({"train_sampling_strategy": "group_by_length"} if recipe.group_by_length else {}),
+        **({"train_sampling_strategy": "group_by_length"} if recipe.groups_by_length(options) else {}),
         **(_distributed_arguments(device) if int(os.environ.get("WORLD_SIZE", 1)) > 1 else {}))
     collator = recipe.packing_collator() if getattr(options, "packing", False) else recipe.collator(tokenizer, net)
     trainer = recipe.trainer(options, model=net, args=args, train_dataset=ds, eval_dataset=evaluation,
