@@ -11,8 +11,8 @@ with the generation prompt, then the target's tokens and EOS (the end of the ass
 model learns to stop; the loss is on the target tokens only (the prompt's labels are -100). Batches are
 padded, or padding-free with `--packing` (rows concatenated, each with its own positions: transformers
 keeps their attention apart, with the KV cache off). The plain `Trainer` with this collation is what
-`SFTTrainer` runs for such data (its completion-only loss and padding-free collator), without TRL's
-extra dependency.
+`SFTTrainer` runs for such data (its completion-only loss and padding-free collator); the head and loss
+run only at target positions (`causal_lm.py`). Rows are read and checked by `chat_rows.py`.
 
 Evaluation generates each eval row's answer with the bulk-inference predictor (greedy, the same template
 and settings, and a constraint where one is given) and scores it with SQuAD's exact match and F1, BLEU
@@ -31,7 +31,6 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field, model_validator
 
-from hfbatch.tasks.core import templates
 from hfbatch.tasks.core.errors import DataError
 from hfbatch.tasks.metrics import compute
 from hfbatch.tasks.predictors.text_generation import (
@@ -43,10 +42,10 @@ from hfbatch.tasks.predictors.text_generation import (
     prompt_format,
     render_prompts,
 )
+from hfbatch.tasks.recipes import chat_rows
 from hfbatch.tasks.recipes.base import Recipe
 
 log = logging.getLogger(__name__)
-ROLES = ("system", "user", "assistant", "tool")
 SAMPLES = 20
 
 
@@ -61,13 +60,17 @@ class TextGenerationColumns(PromptOptions, ConstraintOptions):
         "drop the row, or fail naming it")
     max_new_tokens: int = Field(64, ge=1, description="longest generated answer in evaluation (and the trained "
                                 "model's default in bulk inference)")
-    objective: Literal["sft", "dpo"] = Field(
+    objective: Literal["sft", "dpo", "orpo"] = Field(
         "sft", description="sft: learn the completions; dpo: learn to prefer --chosen-column's answer to "
-        "--rejected-column's (TRL's DPOTrainer, the starting model as the reference)")
-    chosen_column: str | None = Field(None, description="with --objective dpo: column of the preferred answer")
-    rejected_column: str | None = Field(None, description="with --objective dpo: column of the answer not preferred")
+        "--rejected-column's (TRL's DPOTrainer, the starting model as the reference); orpo: learn the chosen "
+        "answers and the preference at once, no reference model (TRL's ORPOTrainer)")
+    chosen_column: str | None = Field(None, description="with --objective dpo or orpo: column of the preferred "
+                                      "answer")
+    rejected_column: str | None = Field(None, description="with --objective dpo or orpo: column of the answer not "
+                                        "preferred")
     beta: float = Field(0.1, gt=0, description="with --objective dpo: how far from the reference model the "
-                        "preferences may pull (DPO's beta)")
+                        "preferences may pull (DPO's beta); with orpo: the weight of the preference term (ORPO's "
+                        "lambda)")
 
     @model_validator(mode="after")
     def _one_format(self):
@@ -75,13 +78,14 @@ class TextGenerationColumns(PromptOptions, ConstraintOptions):
         answers = self.completion_column if self.objective == "sft" else self.chosen_column
         pair = "--completion-column" if self.objective == "sft" else "--chosen-column and --rejected-column"
         if self.objective == "sft" and (self.chosen_column or self.rejected_column):
-            raise ValueError("--chosen-column and --rejected-column are preference data: give --objective dpo")
-        if self.objective == "dpo":
+            raise ValueError("--chosen-column and --rejected-column are preference data: give --objective dpo "
+                             "or orpo")
+        if self.objective != "sft":
             if self.completion_column:
-                raise ValueError("with --objective dpo, give --chosen-column and --rejected-column, not "
-                                 "--completion-column")
+                raise ValueError(f"with --objective {self.objective}, give --chosen-column and --rejected-column, "
+                                 "not --completion-column")
             if not (self.chosen_column and self.rejected_column):
-                raise ValueError("--objective dpo needs --chosen-column and --rejected-column")
+                raise ValueError(f"--objective {self.objective} needs --chosen-column and --rejected-column")
             if self.packing:
                 raise ValueError("--packing is for --objective sft")
         if self.messages_column and (prompt or self.completion_column or self.system_prompt):
@@ -125,27 +129,27 @@ class TextGeneration(Recipe[TextGenerationColumns]):
                 raise DataError(f"data source {src!r} has no column {column!r}; its columns are {table.column_names}")
         prompts, completions = [], []
         system = [{"role": "system", "content": options.system_prompt}] if options.system_prompt else []
-        if options.objective == "dpo":  # the prompt (a chat, or a text as the user turn) and two answers
+        if options.objective != "sft":  # the prompt (a chat, or a text as the user turn) and two answers
             chats = (table[options.messages_column].to_pylist() if options.messages_column else
                      [[*system, {"role": "user", "content": text}] for text in _prompts(table, src, options)])
             for row, chat in enumerate(chats):
-                prompts.append(_chat_prompt(chat, src, row, str(options.messages_column)))
+                prompts.append(chat_rows.chat_prompt(chat, src, row, str(options.messages_column)))
             columns = {"completion": str(options.chosen_column), "rejected": str(options.rejected_column)}
-            answers = {name: _answers(dataset, src, column) for name, column in columns.items()}
-            return _prepared({"prompt": prompts, **answers}), options.choices
+            answers = {name: chat_rows.answers(dataset, src, column) for name, column in columns.items()}
+            return chat_rows.prepared({"prompt": prompts, **answers}), options.choices
         if options.messages_column:
             for row, chat in enumerate(table[options.messages_column].to_pylist()):
-                prompt, completion = _split_chat(chat, src, row, options.messages_column)
+                prompt, completion = chat_rows.split_chat(chat, src, row, options.messages_column)
                 prompts.append(prompt)
                 completions.append(completion)
         else:
             completion_column = str(options.completion_column)
-            pairs = zip(_prompts(table, src, options), _answers(dataset, src, completion_column))
+            pairs = zip(_prompts(table, src, options), chat_rows.answers(dataset, src, completion_column))
             for text, completion in pairs:
                 prompts.append([*system, {"role": "user", "content": text}])
                 completions.append(completion)
         names = options.choices  # the answers' classes: accuracy and a confusion matrix in evaluation
-        return _prepared({"prompt": prompts, "completion": completions}), names
+        return chat_rows.prepared({"prompt": prompts, "completion": completions}), names
 
     # --- tokenize, collate, train ------------------------------------------------------------------
     def tokenize(self, dataset, tokenizer, options: TextGenerationColumns, max_length: int, split: str):
@@ -156,7 +160,7 @@ class TextGeneration(Recipe[TextGenerationColumns]):
         if tokenizer.eos_token_id is None:
             raise DataError("the tokenizer has no EOS token: a fine-tuned model could not learn to stop")
         eos = tokenizer.eos_token_id
-        preference = options.objective == "dpo" and split == "train"
+        preference = options.objective != "sft" and split == "train"
         answers = ("completion", "rejected") if preference else ("completion",)
 
         def encode(batch, indices):
@@ -210,10 +214,10 @@ class TextGeneration(Recipe[TextGenerationColumns]):
         (`causal_lm.py`); preferences: TRL's `DPOTrainer` (`preference.py`)."""
         from hfbatch.tasks.recipes.causal_lm import targets_only_trainer
 
-        if options is not None and options.objective == "dpo":
+        if options is not None and options.objective != "sft":
             from hfbatch.tasks.recipes.preference import preference_trainer
 
-            return preference_trainer(options.beta, **kwargs)
+            return preference_trainer(options.objective, options.beta, **kwargs)
         return targets_only_trainer(**kwargs)
 
     def groups_by_length(self, options: TextGenerationColumns) -> bool:
@@ -222,13 +226,13 @@ class TextGeneration(Recipe[TextGenerationColumns]):
         return options.objective == "sft" and not options.packing
 
     def evaluates_while_training(self, options: TextGenerationColumns) -> bool:
-        return options.objective == "dpo"
+        return options.objective != "sft"
 
     def training_figures(self, log_history, options: TextGenerationColumns) -> dict[str, float]:
         """Preference training's reward margin and accuracy on the eval set (TRL's figures)."""
         from hfbatch.tasks.recipes.preference import preference_figures
 
-        return preference_figures(log_history) if options.objective == "dpo" else {}
+        return preference_figures(log_history) if options.objective != "sft" else {}
 
     def collator(self, tokenizer, model):
         from transformers import DataCollatorForSeq2Seq
@@ -334,94 +338,4 @@ class _Columns:
 
 
 def _prompts(table, src: str, options: TextGenerationColumns) -> list[str]:
-    """Each row's prompt: its `--prompt-column`, or `--prompt-template` rendered with its columns."""
-    if options.prompt_template is None:
-        column = str(options.prompt_column)
-        values = table[column].to_pylist()
-        for row, value in enumerate(values):
-            if not isinstance(value, str) or not value.strip():
-                what = "empty" if isinstance(value, str) or value is None else type(value).__name__
-                raise DataError(f"{src!r} row {row}: column {column!r} is {what}")
-        return values
-    names = templates.variables(options.prompt_template)
-    missing = [n for n in names if n not in table.column_names]
-    if missing:
-        raise DataError(f"data source {src!r} has no column {missing[0]!r} (read by --prompt-template); its columns "
-                        f"are {table.column_names}")
-    prompts = []
-    for row, values in enumerate(table.select(list(names)).to_pylist()):
-        null = next((n for n in names if values[n] is None), None)
-        if null is not None:
-            raise DataError(f"{src!r} row {row}: column {null!r} (read by --prompt-template) is null")
-        try:
-            prompt = templates.render(options.prompt_template, values)
-        except ValueError as e:
-            raise DataError(f"{src!r} row {row}: {e}") from None
-        if not prompt.strip():
-            raise DataError(f"{src!r} row {row}: the prompt template renders empty")
-        prompts.append(prompt)
-    return prompts
-
-
-def _answers(dataset, src: str, column: str) -> list[str]:
-    """The answers of a column: texts, class labels (a `ClassLabel` column) as their names, or an
-    assistant's message (TRL's conversational preference rows: a list of one `{role, content}`)."""
-    import datasets
-
-    values = dataset.data.table[column].to_pylist()
-    feature = dataset.features.get(column)
-    if isinstance(feature, datasets.ClassLabel):
-        values = [None if v is None else feature.names[v] for v in values]
-    answers = []
-    for row, value in enumerate(values):
-        if isinstance(value, list):
-            if len(value) != 1 or not isinstance(value[0], dict) or value[0].get("role") != "assistant":
-                raise DataError(f"{src!r} row {row}: column {column!r} is a list, but not of one assistant message")
-            value = value[0].get("content")
-        if not isinstance(value, str) or not value.strip():
-            what = "empty" if isinstance(value, str) or value is None else type(value).__name__
-            raise DataError(f"{src!r} row {row}: column {column!r} is {what}")
-        answers.append(value)
-    return answers
-
-
-def _prepared(columns: dict[str, list]):
-    """The canonical rows: `prompt` (messages) and the answers (`completion`, and `rejected` for preferences)."""
-    import datasets
-
-    message = datasets.Features({"role": datasets.Value("string"), "content": datasets.Value("string")})
-    features = datasets.Features({"prompt": datasets.List(message),
-                                  **{k: datasets.Value("string") for k in columns if k != "prompt"}})
-    return datasets.Dataset.from_dict(columns, features=features)
-
-
-def _chat_prompt(chat, src: str, row: int, column: str) -> list[dict]:
-    """A preference row's prompt: a chat that the answers continue (it does not end with the assistant)."""
-    _check_messages(chat, src, row, column)
-    if chat[-1]["role"] == "assistant":
-        raise DataError(f"{src!r} row {row}: the prompt chat ends with an assistant message; the chosen and "
-                        "rejected answers are the assistant's turn")
-    return [{"role": m["role"], "content": m["content"]} for m in chat]
-
-
-def _check_messages(chat, src: str, row: int, column: str) -> None:
-    if not isinstance(chat, list) or not chat:
-        raise DataError(f"{src!r} row {row}: column {column!r} is not a list of messages")
-    for i, m in enumerate(chat):
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
-            raise DataError(f"{src!r} row {row}: message {i} of {column!r} is not a {{role, content}} message")
-        if m.get("role") not in ROLES:
-            raise DataError(f"{src!r} row {row}: message {i} has an unknown role {m.get('role')!r} "
-                            f"(known: {list(ROLES)})")
-
-
-def _split_chat(chat, src: str, row: int, column: str) -> tuple[list[dict], str]:
-    """A chat's prompt (every message but the last) and target (the last, an assistant message)."""
-    _check_messages(chat, src, row, column)
-    if chat[-1]["role"] != "assistant":
-        raise DataError(f"{src!r} row {row}: the chat does not end with an assistant message (the target)")
-    if not chat[-1]["content"].strip():
-        raise DataError(f"{src!r} row {row}: the final assistant message (the target) is empty")
-    if len(chat) < 2:
-        raise DataError(f"{src!r} row {row}: the chat has no prompt before its assistant message")
-    return [{"role": m["role"], "content": m["content"]} for m in chat[:-1]], chat[-1]["content"]
+    return chat_rows.prompts(table, src, options.prompt_column, options.prompt_template)

@@ -142,3 +142,21 @@ def test_dpo_goes_on_from_a_registered_sft_version_and_registers_its_rewards(pre
     again = call_flow(train_flow, **params)  # every step a cache hit
     assert (again["run_key"], again["version"], again["metrics"]) == (result["run_key"], "2", metrics)
 
+
+
+def test_orpo_learns_answers_and_preference_from_a_base_model(prefect_harness, llama, sst2_pairs, tmp_path):
+    """`--objective orpo` (TRL's `ORPOTrainer`): no SFT version first and no reference model; the same
+    tokenized preference rows, the chosen answers' loss and the odds-ratio term both fall."""
+    store = tmp_path / "store"
+    result = call_flow(train_flow, task="text-generation", name="sentiment", store=str(store), model=llama,
+                       dataset=str(sst2_pairs["train"]), eval_dataset=str(sst2_pairs["eval"]),
+                       prompt_column="prompt", objective="orpo", chosen_column="chosen", rejected_column="rejected",
+                       peft="lora", lora_r=8, epochs=2.0, batch_size=16, learning_rate=5e-3, max_length=160,
+                       max_new_tokens=4, seed=1)
+    assert result["version"] == "1" and result["global_step"] == 12
+    metrics = result["metrics"]
+    assert {"f1", "exact_match", "reward_margin", "reward_accuracy", "log_odds_ratio", "chosen_nll_loss"} <= set(metrics)
+    assert metrics["reward_margin"] > 0 and metrics["reward_accuracy"] >= 0.9  # on the eval rows
+    log = json.loads((store / "models" / "sentiment" / "1" / "train_log.json").read_text())
+    nll = [e["nll_loss"] for e in log if "nll_loss" in e]
+    assert len(nll) >= 2 and nll[-1] < 0.85 * nll[0]  # it learns the chosen answers too, unlike DPO
