@@ -34,9 +34,10 @@ def preference_trainer(objective: str, beta: float, **kwargs: Any):
     args = kwargs.pop("args")
     kwargs.pop("data_collator", None)
     fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
-    # gradient checkpointing as TRL does by default: a preference batch holds twice the sequences (8 SQuAD
-    # pairs of up to 512 tokens took more than 24 GB without it)
-    fields |= {"gradient_checkpointing": True}
+    # activation (gradient) checkpointing as TRL does by default: a preference batch holds twice the sequences
+    # (8 SQuAD pairs of up to 512 tokens took more than 24 GB without it). transformers 5 reads the new name only:
+    # the copied `activation_checkpointing=False` would make the deprecated `gradient_checkpointing` alias a no-op
+    fields |= {"activation_checkpointing": True, "gradient_checkpointing": True}
     if objective == "orpo":
         from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 

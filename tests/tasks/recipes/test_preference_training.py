@@ -160,3 +160,20 @@ def test_orpo_learns_answers_and_preference_from_a_base_model(prefect_harness, l
     log = json.loads((store / "models" / "sentiment" / "1" / "train_log.json").read_text())
     nll = [e["nll_loss"] for e in log if "nll_loss" in e]
     assert len(nll) >= 2 and nll[-1] < 0.85 * nll[0]  # it learns the chosen answers too, unlike DPO
+
+
+@pytest.mark.parametrize("objective", ["dpo", "orpo"])
+def test_preference_trainers_checkpoint_activations(llama, objective, tmp_path):
+    """A preference batch holds twice the sequences: activation checkpointing must be on (transformers 5
+    ignores the deprecated `gradient_checkpointing` alias in a copy of arguments that sets the new name)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+
+    recipe = get_recipe("text-generation")
+    options = recipe.options_class(prompt_column="q", **(DPO | {"objective": objective}))
+    tokenizer = AutoTokenizer.from_pretrained(llama)
+    rows = recipe.tokenize(_prepare({"q": ["2+2?"], "chosen": ["4"], "rejected": ["5"]}, prompt_column="q",
+                                    **(DPO | {"objective": objective})), tokenizer, options, 64, "train")
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    trainer = recipe.trainer(options, model=AutoModelForCausalLM.from_pretrained(llama), args=args,
+                             train_dataset=rows, processing_class=tokenizer)
+    assert trainer.args.activation_checkpointing is True
