@@ -64,11 +64,11 @@ class _Finish:
     """After training: the eval set's figures measured once, and DPO's frozen reference adapter removed."""
 
     def train(self, *args, **kwargs):
-        result = super().train(*args, **kwargs)  # type: ignore[misc]
-        if self.eval_dataset is not None:  # type: ignore[attr-defined]
-            self.evaluate()  # type: ignore[attr-defined]  # figures to the log history (`preference_figures`)
-        if "ref" in getattr(self.model, "peft_config", {}):  # type: ignore[attr-defined]
-            self.model.delete_adapter("ref")  # type: ignore[attr-defined]
+        result = super().train(*args, **kwargs)
+        if self.eval_dataset is not None:
+            self.evaluate()  # figures to the log history (`preference_figures`)
+        if "ref" in getattr(self.model, "peft_config", {}):
+            self.model.delete_adapter("ref")
         return result
 
 
