@@ -31,7 +31,8 @@ def _session(sid: int) -> list[psutil.Process]:
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_stops_a_run_cleanly_and_the_rerun_finishes_it(classifier, data_dir, tmp_path, signum):
-    source = pq.read_table(data_dir / "sst2" / "train.parquet").slice(0, 600).select(["idx", "text"])
+    # 60 shards of 20 rows, ~0.13 s each here: the signal must land while shards are still to come
+    source = pq.read_table(data_dir / "sst2" / "train.parquet").slice(0, 1200).select(["idx", "text"])
     path, out = tmp_path / "rows.parquet", tmp_path / "out"
     pq.write_table(source, path, row_group_size=20)
     # a store of its own: rows another test computed would be reused and the run would end before the signal
@@ -42,10 +43,14 @@ def test_signal_stops_a_run_cleanly_and_the_rerun_finishes_it(classifier, data_d
             "text-classification", "--input", str(path), "--output", str(out), "--shard-rows", "20", "--json"]
     proc = subprocess.Popen(args, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
-    deadline = time.time() + 240
-    while len(list(out.glob("_markers/*.json"))) < 3 and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
+    def committed_shards(at_least: int) -> None:
+        deadline = time.time() + 240
+        while len(list(out.glob("_markers/*.json"))) < at_least and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+
+    committed_shards(1)  # scanning the processes takes a while: before the shards that the signal must interrupt
     assert len(_session(proc.pid)) >= 2, "no temporary Prefect server was running beside the CLI"
+    committed_shards(3)
     proc.send_signal(signum)  # the CLI alone, as `kill` or Ctrl-C in a terminal would
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signum, stderr[-3000:]
@@ -59,12 +64,12 @@ def test_signal_stops_a_run_cleanly_and_the_rerun_finishes_it(classifier, data_d
     for marker in out.glob("_markers/*.json"):
         part = out / json.loads(marker.read_text())["part"]
         committed[part.name] = part.stat().st_mtime_ns
-    assert 3 <= len(committed) < 30 and not (out / "_manifest.json").exists()
+    assert 3 <= len(committed) < 60 and not (out / "_manifest.json").exists()
 
     rerun = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     summary = json.loads(rerun.stdout)
-    assert summary["shards"] == 30 and summary["shards_skipped"] >= len(committed)
+    assert summary["shards"] == 60 and summary["shards_skipped"] >= len(committed)
     assert all((out / name).stat().st_mtime_ns == mtime for name, mtime in committed.items())
     ids = pq.read_table(out).column("idx").to_pylist()
     assert sorted(ids) == source.column("idx").to_pylist() and len(ids) == len(set(ids))
