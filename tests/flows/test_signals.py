@@ -41,8 +41,14 @@ def test_signal_stops_a_run_cleanly_and_the_rerun_finishes_it(classifier, data_d
     env.pop("PREFECT_API_URL", None)  # the CLI starts a temporary Prefect server of its own
     args = [str(Path(sys.executable).parent / "hfbatch"), "infer", "--model", classifier, "--task",
             "text-classification", "--input", str(path), "--output", str(out), "--shard-rows", "20", "--json"]
-    proc = subprocess.Popen(args, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    # as in a terminal, SIGINT's default action in the CLI: a shell's background job (`cmd &` without job
+    # control) ignores SIGINT, its children inherit that, and Python then installs no KeyboardInterrupt handler
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen(args, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     def committed_shards(at_least: int) -> None:
         deadline = time.time() + 240
         while len(list(out.glob("_markers/*.json"))) < at_least and proc.poll() is None and time.time() < deadline:
