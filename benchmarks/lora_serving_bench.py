@@ -10,6 +10,9 @@ adapter). Then, over `--rows` other SST-2 rows as chats, greedy, at most 8 new t
 - `hfbatch infer` of the registered version (the whole command: process start, plan, Parquet in and out;
   `--no-reuse-results`) against `pipeline("text-generation", batch_size=32)` of the same directory
   (left padding, the chats as they are): rows/s, the ratio, and how many answers are equal;
+- the engine in this process (the predictor `hfbatch infer` loads, tuned as it is), its prompts' shared
+  first tokens (the chat template's system prompt and the instruction) computed once or, to measure it,
+  with every prompt prefilled whole: rows/s, against the pipeline's, and equal answers;
 - the merged model against the base with the adapter unmerged (peft's `PeftModel`), the same plain
   batched `generate` loop (32 rows at a time, in input order) over `--unmerged-rows` chats: rows/s each.
 """
@@ -55,6 +58,34 @@ def plain_generate(model, tokenizer, chats: list[list[dict]]) -> tuple[list[str]
             out = model.generate(**batch, max_new_tokens=NEW_TOKENS, do_sample=False)
             answers += tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
     return answers, time.perf_counter() - started
+
+
+def engine_run(version: Path, chats: list[list[dict]], theirs: list[str], pipe_s: float) -> None:
+    """The predictor of `hfbatch infer` over `chats` in this process, prefix shared and not: rows/s, the
+    ratio to the pipeline's `pipe_s`, and how many answers equal the pipeline's `theirs`."""
+    from hfbatch.tasks.core.models import resolve_model
+    from hfbatch.tasks.core.options import validated
+    from hfbatch.tasks.core.settings import Settings
+    from hfbatch.tasks.engine.predictor import PredictorSpec
+    from hfbatch.tasks.predictors import get_predictor_class
+
+    cls = get_predictor_class("text-generation")
+    options = validated(cls.options_class, {"max_new_tokens": NEW_TOKENS, "messages_column": "messages"})
+    used = PredictorSpec(cls, resolve_model(str(version), Settings()), options, Settings()).load()
+    import torch
+
+    with torch.inference_mode():
+        shared = used.engine.stepper.shared_prefix(used.preprocess({"text": chats}).ids)
+    print(f"  the prompts share their first {shared.length if shared else 0} tokens")
+    for share in (True, False, True):
+        used.engine.share_prefix = share
+        started = time.perf_counter()
+        table, _ = used.predict({"text": chats}, used.batch_tokens)
+        took = time.perf_counter() - started
+        equal = sum(a == b for a, b in zip(table.column("generated_text").to_pylist(), theirs))
+        print(f"  engine in process, prefix {'shared' if share else 'prefilled per row'}: "
+              f"{len(chats) / took:.2f} rows/s ({took:.1f} s): {pipe_s / took:.2f}x; equal answers "
+              f"{equal}/{len(chats)}")
 
 
 def main() -> None:
@@ -109,6 +140,8 @@ def main() -> None:
         print(f"  pipeline(batch_size=32): {len(chats) / pipe_s:.2f} rows/s ({pipe_s:.0f} s)")
         print(f"  hfbatch infer (whole command): {len(chats) / ours_s:.2f} rows/s ({ours_s:.0f} s): "
               f"{pipe_s / ours_s:.2f}x; equal answers {equal}/{len(chats)}")
+
+        engine_run(version, chats, theirs, pipe_s)
 
         few = chats[:args.unmerged_rows]
         tokenizer = AutoTokenizer.from_pretrained(version, padding_side="left")

@@ -10,6 +10,11 @@ masked, the encoder's on the right. A sequence's positions stay its own: decoder
 position embedding (`PositionHook`), and T5's relative positions do not change with left padding.
 Models where neither holds decode in cohorts: new rows wait until the lane is empty, as in one call of
 `generate`, and only leave early.
+
+Prompts that start alike (a chat template's system prompt, a prompt template's fixed text) share a
+`Prefix`: its keys and values are computed once, copied into every prefill's cache, and only the rest
+of each prompt goes through the model (automatic prefix caching, as vLLM's, for the prefix all the rows
+of a call share). The rest is padded on the left, after the prefix: the mask hides the gap.
 """
 from __future__ import annotations
 
@@ -47,6 +52,26 @@ class Row:
     """Its constraint's matcher (`constraints.Guide`), if the run has a constraint."""
     prefix: Any = None
     """Decoder input before its new tokens (the start token, or the prompt), for per-row processors."""
+
+
+@dataclass
+class Prefix:
+    """The first tokens of every prompt of a call, and their keys and values (one sequence per layer)."""
+
+    length: int
+    states: list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def common_length(prompts: list[list[int]]) -> int:
+    """How many first tokens all `prompts` share, short of the shortest prompt's last token (each prompt's
+    prefill must still compute the logits of its first new token)."""
+    first = prompts[0]
+    n = min(len(p) for p in prompts) - 1
+    for p in prompts[1:]:
+        n = next((i for i in range(n) if p[i] != first[i]), n)
+        if n <= 0:
+            return 0
+    return n
 
 
 class PositionHook:
@@ -318,29 +343,53 @@ class Stepper:
         growing.layer_class_to_replicate = GrowingLayer
         return EncoderDecoderCache(growing, DynamicCache()) if self.encoder_decoder else growing
 
-    def prefill(self, rows: list[Row]) -> tuple[Batch, torch.Tensor]:
-        """A batch of new rows after their first forward pass, and the logits of their first token."""
+    def shared_prefix(self, prompts: list[list[int]]) -> Prefix | None:
+        """The prefix all `prompts` share, its keys and values computed, where this model's prefills can
+        start from it (decoder-only, per-sequence positions, plain dynamic cache); else None."""
+        if self.encoder_decoder or not (self.position_ids and self.growing) or len(prompts) < 2:
+            return None
+        n = common_length(prompts)
+        if n < 1:
+            return None
+        kwargs = {"input_ids": torch.tensor([prompts[0][:n]], dtype=torch.long, device=self.device),
+                  "cache": self._cache(), "use_cache": True}
+        if self.logits_to_keep:
+            kwargs["logits_to_keep"] = 1
+        out = self.model(**kwargs)
+        cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+        return Prefix(n, [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers])
+
+    def prefill(self, rows: list[Row], prefix: Prefix | None = None) -> tuple[Batch, torch.Tensor]:
+        """A batch of new rows after their first forward pass, and the logits of their first token; the rows'
+        prompts start with `prefix`, if given, whose states are copied instead of computed."""
         d, k, beams = self.decoding, len(rows), self.decoding.beams
-        width = max(len(r.ids) for r in rows)
+        skip = prefix.length if prefix is not None else 0
+        width = max(len(r.ids) for r in rows) - skip
         ids = torch.full((k, width), d.pad, dtype=torch.long)
         mask = torch.zeros((k, width), dtype=torch.long)
         left = not self.encoder_decoder  # decoder-only prompts end where generation starts
         for j, r in enumerate(rows):
-            span = slice(width - len(r.ids), width) if left else slice(0, len(r.ids))
-            ids[j, span], mask[j, span] = torch.tensor(r.ids, dtype=torch.long), 1
+            n = len(r.ids) - skip
+            span = slice(width - n, width) if left else slice(0, n)
+            ids[j, span], mask[j, span] = torch.tensor(r.ids[skip:], dtype=torch.long), 1
         ids, mask = ids.to(self.device), mask.to(self.device)
+        cache = self._cache()
+        if prefix is not None:
+            for i, (keys, values) in enumerate(prefix.states):
+                cache.update(keys.expand(k, -1, -1, -1), values.expand(k, -1, -1, -1), i)
+            mask = torch.cat([torch.ones((k, skip), dtype=torch.long, device=self.device), mask], dim=1)
         pos: Any  # each sequence's next position: one for all (encoder-decoders) or one per sequence
         prompt: Any
         if self.encoder_decoder:
             enc = self.model.get_encoder()(input_ids=ids, attention_mask=mask, return_dict=True).last_hidden_state
             start = torch.full((k, 1), d.start, dtype=torch.long, device=self.device)
             out = self.model(encoder_outputs=BaseModelOutput(last_hidden_state=enc), attention_mask=mask,
-                             decoder_input_ids=start, cache=self._cache(), use_cache=True)
+                             decoder_input_ids=start, cache=cache, use_cache=True)
             dec_mask, pos, prompt = torch.ones((k, 1), dtype=torch.long, device=self.device), 1, 1
         else:
-            kwargs = {"input_ids": ids, "attention_mask": mask, "cache": self._cache(), "use_cache": True}
+            kwargs = {"input_ids": ids, "attention_mask": mask, "cache": cache, "use_cache": True}
             if self.position_ids:
-                kwargs["position_ids"] = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+                kwargs["position_ids"] = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, skip:]
             if self.logits_to_keep:
                 kwargs["logits_to_keep"] = 1
             out = self.model(**kwargs)

@@ -11,8 +11,10 @@ and decoded with a key/value cache in lanes, one per CPU stream (`streams.py`, e
 or one on a GPU. A lane holds as many sequences as its token budget allows, counting the tokens still to
 be generated; a row leaves as soon as it ends and, when a quarter of the budget is free, the next rows
 are prefilled together and join the running batch (continuous batching, `generation_batch.py`), so no
-step is spent on a finished row or on padding to the longest output of a fixed batch. Choosing tokens
-(`generation_search.py`) and decoding the texts are done for the whole batch at once.
+step is spent on a finished row or on padding to the longest output of a fixed batch. The first tokens
+all prompts share (a chat template's system prompt, a prompt template's text) are computed once and their
+keys and values copied into each prefill (prefix caching). Choosing tokens (`generation_search.py`) and
+decoding the texts are done for the whole batch at once.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import threading
 
 import torch
 
-from hfbatch.tasks.engine.generation_batch import Row, Stepper, joinable
+from hfbatch.tasks.engine.generation_batch import Prefix, Row, Stepper, joinable
 from hfbatch.tasks.engine.generation_search import Decoding
 
 log = logging.getLogger(__name__)
@@ -63,10 +65,12 @@ class _Queue:
 
 
 class GenerationEngine:
-    """Generates for many rows at once with one model and one generation config."""
+    """Generates for many rows at once with one model and one generation config. `share_prefix`: compute
+    the first tokens all prompts of a call share once (`generation_batch.Prefix`); off only to measure it."""
 
-    def __init__(self, model, config, device: str, continuous: bool | None = None, guide=None):
-        self.device = device
+    def __init__(self, model, config, device: str, continuous: bool | None = None, guide=None,
+                 share_prefix: bool = True):
+        self.device, self.share_prefix = device, share_prefix
         self.decoding = Decoding(model, copy.deepcopy(config), device, guide)
         self.stepper = Stepper(model, self.decoding, device, continuous)
 
@@ -86,17 +90,19 @@ class GenerationEngine:
             row.generator = torch.Generator(device=self.device).manual_seed(int(seed))
         queue = _Queue(sorted(rows, key=lambda r: -r.cost))
         with torch.inference_mode():
+            prefix = self.stepper.shared_prefix([r.ids for r in rows]) if self.share_prefix else None
             if streams is None or streams.count <= 1:
-                lanes = [self._lane(queue, budget)]
+                lanes = [self._lane(queue, budget, prefix)]
             else:
-                lanes = streams.map(lambda _: self._lane(queue, budget), range(min(streams.count, len(rows))))
+                lanes = streams.map(lambda _: self._lane(queue, budget, prefix),
+                                    range(min(streams.count, len(rows))))
         results: list = [None] * len(rows)
         for lane in lanes:
             for index, tokens, reason in lane:
                 results[index] = (tokens, reason)
         return results
 
-    def _lane(self, queue: _Queue, budget: int) -> list[tuple[int, list[int], str]]:
+    def _lane(self, queue: _Queue, budget: int, prefix: Prefix | None) -> list[tuple[int, list[int], str]]:
         done: list[tuple[int, list[int], str]] = []
         batch, continuous = None, self.stepper.continuous
         with torch.inference_mode():
@@ -105,7 +111,7 @@ class GenerationEngine:
                     group = queue.take(batch, budget, self.decoding.beams,
                                        int(ADMIT_WHEN_FREE * budget) if continuous else None)
                     if group:
-                        new, logits = self.stepper.prefill(group)
+                        new, logits = self.stepper.prefill(group, prefix)
                         continuous = continuous and joinable(new.cache)
                         self._advance(new, logits, done)
                         batch = new if batch is None else batch.merge(new)

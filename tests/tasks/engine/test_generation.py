@@ -111,6 +111,43 @@ def test_greedy_and_beams_equal_generate_row_by_row(name, models, texts, merges)
         assert len({tuple(t) for t, _ in got}) > len(got) // 2  # outputs depend on the input
 
 
+@pytest.mark.parametrize("beams", [1, 3])
+def test_a_prefix_all_prompts_share_is_computed_once(models, texts, merges, beams):
+    """Prompts that start with the same template compute its keys and values once: every prefill passes
+    only the rest of its prompts through the model ((rows - 1) x the prefix fewer tokens on one lane, about
+    as many on two); each row still gets the tokens `generate` gives it alone, with rows joining running
+    batches."""
+    model, tokenizer, _ = _load(models["llama"])
+    template = "Translate the following sentence into English and answer with the translation only.\nSentence: "
+    ids = tokenizer([template + t for t in texts], truncation=True, max_length=160)["input_ids"]
+    config = model.generation_config
+    config.update(num_beams=beams, max_new_tokens=12)
+    embedded: list[int] = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, args, out: embedded.append(args[0].numel()))
+    try:
+        with one_thread():
+            expected = [_alone(model, x, config, False) for x in ids]
+            shared = GenerationEngine(model, config, "cpu").stepper.shared_prefix(ids)
+            whole = len(tokenizer(template)["input_ids"])  # its last token may merge with the text's first
+            assert shared is not None and whole - 2 <= shared.length <= whole
+            for streams in (Streams(1), Streams(2)):
+                seen = {}
+                for share in (False, True):
+                    embedded.clear()
+                    merges.clear()
+                    got = GenerationEngine(model, config, "cpu", share_prefix=share).generate(
+                        ids, [12] * len(ids), 500, streams=streams)
+                    assert [tokens for tokens, _ in got] == expected, (share, streams.count)
+                    assert merges["joins"] > 0
+                    seen[share] = sum(embedded)
+                if streams.count == 1:
+                    assert seen[False] - seen[True] == (len(ids) - 1) * shared.length
+                else:  # the lanes' prefills (their padding) depend on which lane takes which rows first
+                    assert seen[False] - seen[True] > (len(ids) - 1) * shared.length * 0.8
+    finally:
+        hook.remove()
+
+
 def test_cohorts_where_rows_cannot_join(minilm, texts, tmp_path):
     """An encoder-decoder whose decoder positions hfbatch cannot set per row (a BERT2BERT
     `EncoderDecoderModel`) decodes in cohorts, finished rows still leaving: the same tokens as `generate`."""
