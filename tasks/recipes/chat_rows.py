@@ -24,7 +24,7 @@ def prompts(table, src: str, column: str | None, template: str | None) -> list[s
     if missing:
         raise DataError(f"data source {src!r} has no column {missing[0]!r} (read by --prompt-template); its columns "
                         f"are {table.column_names}")
-    prompts = []
+    rendered = []
     for row, values in enumerate(table.select(list(names)).to_pylist()):
         null = next((n for n in names if values[n] is None), None)
         if null is not None:
@@ -35,8 +35,8 @@ def prompts(table, src: str, column: str | None, template: str | None) -> list[s
             raise DataError(f"{src!r} row {row}: {e}") from None
         if not prompt.strip():
             raise DataError(f"{src!r} row {row}: the prompt template renders empty")
-        prompts.append(prompt)
-    return prompts
+        rendered.append(prompt)
+    return rendered
 
 
 def answers(dataset, src: str, column: str) -> list[str]:
@@ -48,7 +48,7 @@ def answers(dataset, src: str, column: str) -> list[str]:
     feature = dataset.features.get(column)
     if isinstance(feature, datasets.ClassLabel):
         values = [None if v is None else feature.names[v] for v in values]
-    answers = []
+    texts = []
     for row, value in enumerate(values):
         if isinstance(value, list):
             if len(value) != 1 or not isinstance(value[0], dict) or value[0].get("role") != "assistant":
@@ -57,8 +57,8 @@ def answers(dataset, src: str, column: str) -> list[str]:
         if not isinstance(value, str) or not value.strip():
             what = "empty" if isinstance(value, str) or value is None else type(value).__name__
             raise DataError(f"{src!r} row {row}: column {column!r} is {what}")
-        answers.append(value)
-    return answers
+        texts.append(value)
+    return texts
 
 
 def prepared(columns: dict[str, list]):
