@@ -25,6 +25,7 @@ import torch
 from transformers.generation import logits_process as lp
 
 from hfbatch.tasks.core.errors import ConfigError
+from hfbatch.tasks.engine.transformers_api import logits_processors, prepared_config, special_tokens
 
 if TYPE_CHECKING:
     from hfbatch.tasks.engine.constraints import Guide
@@ -52,9 +53,8 @@ class Decoding:
     leaves unset, as in `generate`."""
 
     def __init__(self, model, config, device, guide: Guide | None = None):
-        config, _ = model._prepare_generation_config(config)
+        config = prepared_config(model, config, device)
         config.num_return_sequences = 1  # one text per row: the best beam, or one sample
-        model._prepare_special_tokens(config, True, device=device)
         mode = config.get_generation_mode()
         mode = getattr(mode, "value", mode)
         if mode not in MODES:
@@ -66,11 +66,9 @@ class Decoding:
                 raise ConfigError(f"the generation config sets {name}={value!r}, which hfbatch does not support")
         self.config = config
         self.encoder_decoder = bool(model.config.is_encoder_decoder)
-        eos = config._eos_token_tensor
+        eos, pad, start = special_tokens(config)
         self.eos = (eos if eos is not None else torch.zeros(0, dtype=torch.long)).to(device).reshape(-1)
-        pad = config._pad_token_tensor
         self.pad = int(pad) if pad is not None else 0
-        start = config._decoder_start_token_tensor
         self.start = int(start.reshape(-1)[0]) if start is not None else None
         self.sample = bool(config.do_sample)
         self.beams = int(config.num_beams or 1)
@@ -106,9 +104,8 @@ class Decoding:
         if config.min_new_tokens is not None:  # as `generate` sets it (`_prepare_generated_length`)
             config = copy.deepcopy(config)
             config.min_length = config.min_new_tokens + prompt_len
-        return self.model._get_logits_processor(
-            generation_config=config, input_ids_seq_length=prompt_len,
-            encoder_input_ids=encoder_ids.to(self.device) if self.encoder_decoder else None, device=self.device)
+        return logits_processors(self.model, config, prompt_len,
+                                 encoder_ids.to(self.device) if self.encoder_decoder else None, self.device)
 
     def row_processors(self, prompt_len: int, encoder_ids: torch.Tensor) -> list | None:
         """The processors that must see this row's own tokens, built for it alone (None: there are none)."""

@@ -331,3 +331,27 @@ def test_position_hook_fits_the_decoders_embedding(models):
         hook = generation_batch.PositionHook.install(model)
         assert hook is not None and hook.offset == offset
     assert generation_batch.PositionHook.install(_load(models["t5"])[0]) is None
+
+
+def test_a_changed_private_generation_api_fails_early_and_names_it(monkeypatch):
+    """The private transformers APIs the engine relies on are checked before the first use: the installed
+    release passes; a release that dropped one or a parameter of one (simulated by patching transformers:
+    another release cannot be installed here) fails naming it and the version."""
+    from transformers import GenerationMixin
+
+    from hfbatch.tasks.engine import transformers_api
+
+    transformers_api.check_private_api.cache_clear()
+    transformers_api.check_private_api()
+    monkeypatch.delattr(GenerationMixin, "_get_logits_processor")
+    transformers_api.check_private_api.cache_clear()
+    with pytest.raises(ConfigError, match=r"transformers 5\.\S+: GenerationMixin\._get_logits_processor no longer "
+                                          r"exists; hfbatch's generation engine relies on it"):
+        transformers_api.check_private_api()
+    monkeypatch.undo()
+    monkeypatch.setattr(GenerationMixin, "_prepare_special_tokens", lambda self, generation_config, device=None: None)
+    transformers_api.check_private_api.cache_clear()
+    with pytest.raises(ConfigError, match="_prepare_special_tokens no longer takes kwargs_has_attention_mask"):
+        transformers_api.check_private_api()
+    monkeypatch.undo()
+    transformers_api.check_private_api.cache_clear()
