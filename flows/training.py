@@ -26,7 +26,7 @@ from hfbatch.tasks.metrics import module_fingerprint
 from hfbatch.tasks.prefect_tasks import StoreTasks
 from hfbatch.tasks.recipes import Recipe, all_recipes, get_recipe
 from hfbatch.tasks.training.ingest import plan_source
-from hfbatch.tasks.training.train import TrainConfig, check_peft
+from hfbatch.tasks.training.train import TrainConfig, check_peft, training_precision
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,7 @@ def plan_training(p: Any) -> TrainingPlan:
     _metric_checked(recipe, (metric,), p.metric_module)
     Registry(Store.open(settings), p.name).load()  # a bad name or a torn registry, before any work
     check_peft(p.training)
+    training_precision(settings.device, p.training.precision)  # bf16 where the device has no bf16 units
     sources = [Source(src, plan_source(src, options, settings)) for src in filter(None, (p.dataset, p.eval_dataset))]
     return TrainingPlan(settings, recipe, options, (metric,), p.max_length or recipe.max_length,
                         resolve_model(p.model, settings, Store.open(settings), p.gguf_file), sources[0],

@@ -12,7 +12,7 @@ from hfbatch.tasks.core.store import Store
 from hfbatch.tasks.recipes import get_recipe
 from hfbatch.tasks.training.ingest import ingest
 from hfbatch.tasks.training.tokenization import tokenize
-from hfbatch.tasks.training.train import TrainConfig, train
+from hfbatch.tasks.training.train import TrainConfig, train, training_precision
 
 TC = get_recipe("text-classification")
 
@@ -42,3 +42,29 @@ def test_invalid_hyperparameters_are_named():
         validated(TrainConfig, {"batch_size": 0})
     with pytest.raises(ConfigError, match="--epochs: Input should be greater than 0"):
         validated(TrainConfig, {"epochs": 0})
+
+
+def test_bf16_training_autocasts_where_the_cpu_has_bf16_units(sst2_split, minilm, tmp_path, monkeypatch):
+    """`precision="bf16"`: the Trainer runs under bf16 autocast (a run of its own, the weights saved in fp32)
+    on a CPU with bf16 units; a CPU without them is refused with a clear error before any work (simulated
+    where this CPU has them: it cannot be swapped)."""
+    import torch
+    from safetensors import safe_open
+
+    from hfbatch.tasks.engine import predictor as predictor_module
+
+    store, settings, options = Store(str(tmp_path / "store")), Settings(), TC.options_class()
+    model = resolve_model(minilm, settings)
+    data = tokenize(ingest(str(sst2_split[1]), store, TC, options, settings), model, store, TC, options, settings, 32)
+    config = TrainConfig(max_train_samples=32, batch_size=16, precision="bf16")
+    if predictor_module.cpu_has_bf16():
+        trained = train(data, model, store, TC, options, config, settings)
+        exact = train(data, model, store, TC, options, config.model_copy(update={"precision": "auto"}), settings)
+        assert (trained.precision, exact.precision) == ("bf16", "fp32") and trained.run_key != exact.run_key
+        model_dir = store.local_dir(trained.key)
+        assert json.loads((model_dir / "training_args.json").read_text())["bf16"] is True
+        with safe_open(str(model_dir / "model.safetensors"), "pt") as weights:
+            assert {weights.get_tensor(k).dtype for k in weights.keys()} == {torch.float32}  # noqa: SIM118
+        monkeypatch.setattr(predictor_module, "cpu_has_bf16", lambda: False)
+    with pytest.raises(ConfigError, match="training precision 'bf16': this CPU has no bf16 units"):
+        training_precision("cpu", "bf16")  # what the train flow checks before any work
