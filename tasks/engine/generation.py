@@ -160,8 +160,6 @@ class GenerationPredictor(Predictor[G]):
 
     def __init__(self, model: ModelRef, options: G, settings: Settings, precision: str = "auto"):
         super().__init__(model, options, settings, precision)
-        if self.precision == "int8":
-            raise ConfigError("precision 'int8' is not available for text generation tasks")
         import transformers
 
         from hfbatch.tasks.engine.generation_engine import GenerationEngine
