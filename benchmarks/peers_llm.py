@@ -24,7 +24,7 @@ each alike):
   prefix caching), fp32; `hfbatch-int8`, `hfbatch-bf16`: the same with `--precision int8` (dynamic int8
   linear layers) or `bf16` (a CPU with bf16 units);
 - `transformers-cb`: transformers' own continuous batching with a paged cache (`model.generate_batch`,
-  `attn_implementation="sdpa_paged"` as its guide loads the model; the cache 64 blocks of 256 tokens and
+  `attn_implementation="paged|sdpa"`, its guide's paged SDPA; the cache 64 blocks of 256 tokens and
   2,048 tokens a forward pass, where its default sizes it to most of the free memory, 14 GB here), fp32, the
   prompts through the chat template;
 - `ct2-float32`, `ct2-int8`: CTranslate2's `Generator` (the `ctranslate2` wheel; the model converted once
@@ -105,7 +105,7 @@ def worker(way: str, model: str, ct2: str, rows: list[list[dict]], new_tokens: i
         from transformers import AutoModelForCausalLM
         from transformers.generation import ContinuousBatchingConfig
 
-        net = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32, attn_implementation="sdpa_paged").eval()
+        net = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32, attn_implementation="paged|sdpa").eval()
         config = GenerationConfig.from_pretrained(model)
         config.update(max_new_tokens=new_tokens, do_sample=False)
         # the cache sized as hfbatch's lane budget, not to most of the machine's memory (its default: 14 GB here)
