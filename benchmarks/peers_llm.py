@@ -149,6 +149,9 @@ def main() -> None:
         Path(args.worker).write_text(json.dumps({"answers": answers, "seconds": seconds}))
         return
 
+    sys.path.insert(0, str(Path(__file__).parent))
+    from peer_rounds import run_rounds
+
     from hfbatch.tasks.core.models import resolve_model
     from hfbatch.tasks.core.settings import Settings
     from hfbatch.tasks.core.store import Store
@@ -164,7 +167,6 @@ def main() -> None:
     ways = args.ways.split(",")
     references: list[str] = []
     if args.sst2:
-        sys.path.insert(0, str(Path(__file__).parent))
         from llm_quality import sst2
 
         held = sst2(args.train_rows, args.eval_rows)[1]
@@ -173,29 +175,13 @@ def main() -> None:
         args.new_tokens = min(args.new_tokens, 4)
     else:
         rows = chats(args.rows)
-    slices = [list(range(k, len(rows), args.rounds)) for k in range(args.rounds)]
-    answers: dict[str, list] = {w: [None] * len(rows) for w in ways}
-    gen_s = dict.fromkeys(ways, 0.0)
-    whole_s = dict.fromkeys(ways, 0.0)
     with tempfile.TemporaryDirectory(prefix="hfbatch-peers-") as tmp:
         ct2 = str(Path(tmp) / "ct2")
         if any(w.startswith("ct2") for w in ways):
             subprocess.run([str(Path(sys.executable).parent / "ct2-transformers-converter"), "--model", model,
                             "--output_dir", ct2, "--quantization", "float32"], check=True, capture_output=True)
-        for k, indices in enumerate(slices):
-            for way in ways:
-                job = Path(tmp) / f"{way}-{k}.json"
-                job.write_text(json.dumps({"way": way, "model": model, "ct2": ct2, "new_tokens": args.new_tokens,
-                                           "rows": [rows[i] for i in indices]}))
-                started = time.perf_counter()
-                done = subprocess.run([sys.executable, __file__, "--worker", str(job)], capture_output=True, text=True)
-                if done.returncode:
-                    sys.exit(f"{way}: {done.stderr[-3000:]}")
-                whole_s[way] += time.perf_counter() - started
-                out = json.loads(job.read_text())
-                gen_s[way] += out["seconds"]
-                for i, a in zip(indices, out["answers"]):
-                    answers[way][i] = a
+        answers, gen_s, whole_s = run_rounds(__file__, ways, rows, args.rounds, Path(tmp),
+                                             {"model": model, "ct2": ct2, "new_tokens": args.new_tokens})
     n = len(rows)
     base = "pipeline" if "pipeline" in ways else ways[0]
     rows_are = f"{n} SST-2 eval chats of {model}" if args.sst2 else f"{n} chats (1/4 IMDb)"

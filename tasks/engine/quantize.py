@@ -6,8 +6,9 @@ its results another way (text classification scores its close calls again in fp3
 embeddings, are where int8 loses the most (labels changed per layer kept in fp32:
 `benchmarks/RESULTS.md`). A model that generates (decoder, encoder-decoder) keeps in fp32 its output head
 and the linear layer after each MLP's activation (`MLP_OUTPUTS`): that layer's inputs have outliers a
-per-tensor activation scale cannot hold (LLM.int8()'s finding); all int8, a fine-tuned SmolLM2's SST-2
-exact match fell from 87.2 to 68.6, with these two kept fp32 it is 87.0 (`benchmarks/RESULTS.md`).
+per-tensor activation scale cannot hold (LLM.int8()'s finding): all int8, a fine-tuned SmolLM2's SST-2
+exact match fell from 87.2 to 67.8; with these two kept fp32 it was 85.2, CTranslate2 int8's 85.4
+(`benchmarks/RESULTS.md`).
 """
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ import torch
 from torch import nn
 
 from hfbatch.tasks.engine.first_token import encoder_layers
-
 
 MLP_OUTPUTS = ("down_proj", "fc2", "wo", "dense_4h_to_h", "w2")
 """Names of the linear layer after an MLP's activation (Llama/Mistral/Qwen, BART/Marian, T5, GPT-NeoX,
