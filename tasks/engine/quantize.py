@@ -28,7 +28,7 @@ def fp32_linear_names(model: nn.Module, keep_first_layer: bool = True) -> set[st
     """Names of the linear layers `quantize_int8` keeps in fp32: a generating model's output head and MLP
     outputs; else those of the first encoder layer, or none."""
     if getattr(model, "can_generate", lambda: False)():
-        head = model.get_output_embeddings()
+        head = model.get_output_embeddings()  # type: ignore[operator]  # a transformers model (nn.Module to mypy)
         return {name for name, m in model.named_modules() if isinstance(m, nn.Linear)
                 and (m is head or name.rsplit(".", 1)[-1] in MLP_OUTPUTS)}
     layers = encoder_layers(model) if keep_first_layer else None
