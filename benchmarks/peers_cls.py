@@ -17,7 +17,7 @@ Ways (`--ways`), each in a process of its own per round, rounds interleaved (eac
   transformer optimizer can fuse it), optimized by `onnxruntime.transformers.optimizer` (model type
   `bert`: fused attention, skip layer norms, bias GELU), run by an `InferenceSession` on all cores with
   graph optimizations on; the rows sorted by length and cut into batches of 32, each padded to its
-  longest row (what ONNX Runtime's BERT benchmark and Optimum do);
+  longest row;
 - `ort-int8`: that optimized graph through `onnxruntime.quantization.quantize_dynamic` (int8 weights per
   channel, activations quantized at run time), run the same way.
 Printed per way: inference time and whole-process time (load included), rows/s of each, the ratio to
