@@ -10,10 +10,11 @@ import time
 from pathlib import Path
 
 
-def run_rounds(script: str, ways: list[str], rows: list, rounds: int, tmp: Path, job: dict
-               ) -> tuple[dict[str, list], dict[str, float], dict[str, float]]:
+def run_rounds(script: str, ways: list[str], rows: list, rounds: int, tmp: Path, job: dict,
+               pythons: dict[str, str] | None = None) -> tuple[dict[str, list], dict[str, float], dict[str, float]]:
     """Run `script --worker JOB` for each way on every `rounds`-th row in turn; a worker reads the JSON
     file JOB (`job` with `way` and `rows` added) and writes `{"answers": [...], "seconds": s}` back to it.
+    `pythons`: the interpreter a way's workers run under (a way not in it: this one, `sys.executable`).
     Returns each way's answers in row order, its seconds of work as the workers measured them, and its
     seconds of whole processes."""
     answers: dict[str, list] = {w: [None] * len(rows) for w in ways}
@@ -25,7 +26,8 @@ def run_rounds(script: str, ways: list[str], rows: list, rounds: int, tmp: Path,
             path = tmp / f"{way}-{k}.json"
             path.write_text(json.dumps({**job, "way": way, "rows": [rows[i] for i in indices]}))
             started = time.perf_counter()
-            done = subprocess.run([sys.executable, script, "--worker", str(path)], capture_output=True, text=True)
+            python = (pythons or {}).get(way, sys.executable)
+            done = subprocess.run([python, script, "--worker", str(path)], capture_output=True, text=True)
             if done.returncode:
                 sys.exit(f"{way}: {done.stderr[-3000:]}")
             whole_s[way] += time.perf_counter() - started
