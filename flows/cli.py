@@ -86,6 +86,16 @@ def build_parser(flow_options: bool = True) -> argparse.ArgumentParser:
     rb.add_argument("--reason", required=True, help="why (recorded in the history)")
     rb.add_argument("--store", help="artifact store URL holding the model registry")
 
+    pu = sub.add_parser("push", parents=[output], help="upload a registered version to the Hugging Face Hub",
+                        description="upload a registered version's files and model card to a Hub model repository "
+                                    "(HF_TOKEN; the files checked against their registered sha256; the commit "
+                                    "recorded in the registry)")
+    pu.add_argument("ref", metavar="NAME@VERSION", help="VERSION: a number, champion, challenger or previous")
+    pu.add_argument("--repo-id", required=True, metavar="ORG/NAME", help="the Hub model repository (created if "
+                    "missing)")
+    pu.add_argument("--private", action="store_true", help="create the repository private")
+    pu.add_argument("--store", help="artifact store URL holding the model registry")
+
     pz = sub.add_parser("prune-results", parents=[output], help="remove results kept for reuse across runs",
                         description="remove the results kept for reuse across runs (the store's results/), whole "
                                     "predictors at a time: safe while runs go on (they compute again what they "
@@ -254,6 +264,14 @@ def _main(argv: list[str]) -> int:
 def _run(args) -> dict:
     if args.command in ("serve", "deploy"):
         return _operate(args)
+    if args.command == "push":
+        from hfbatch.flows.registry import parse_ref, push_flow, registry_of
+        from hfbatch.tasks.core.settings import Settings
+        from hfbatch.tasks.core.store import Store
+
+        name, version = parse_ref(args.ref)
+        registry_of(Store.open(Settings(), args.store), name).resolve(version)  # checked before a flow starts
+        return push_flow(name=name, version=version, repo_id=args.repo_id, private=args.private, store=args.store)
     if args.command in ("promote", "rollback"):
         from hfbatch.flows.registry import run_command
 
@@ -364,6 +382,9 @@ def _print_human(command: str, result: dict) -> None:
     if command == "deploy":
         print("alerts: " + (", ".join(result["alerts"]) or "none (no notification block: see deployments/README.md)"))
     if command in ("serve", "deploy"):
+        return
+    if command == "push":
+        print(f"{result['name']} v{result['version']} → {result['url']} ({result['files']} files)")
         return
     if command in ("promote", "rollback"):
         print(f"{result['name']}: champion v{result['champion']} (was v{result['previous']}); {result['action']} "

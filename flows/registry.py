@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from prefect import flow, get_run_logger
 
 from hfbatch.tasks import artifacts, events
+from hfbatch.tasks.core import hub
 from hfbatch.tasks.core.errors import ConfigError, ModelError
 from hfbatch.tasks.core.registry import ALIASES, Registry, aliases_of
 from hfbatch.tasks.core.settings import Settings
@@ -41,14 +42,14 @@ def parse_ref(ref: str) -> tuple[str, str]:
 
 def plan_promotion(store: Store, name: str, version: str) -> Plan:
     """Check that `name`@`version` can become champion; raise the `HfbatchError` that says why not."""
-    registry = _registry(store, name)
+    registry = registry_of(store, name)
     target = registry.resolve(version)
     return _checked(registry, target, "promote", expected=version in ALIASES)
 
 
 def plan_rollback(store: Store, name: str, to: str | None = None) -> Plan:
     """Check the rollback of `name` to `to` (default: the champion the current one replaced)."""
-    registry = _registry(store, name)
+    registry = registry_of(store, name)
     if to is None:
         target = aliases_of(registry.load())["previous"]
         if target is None:
@@ -59,7 +60,18 @@ def plan_rollback(store: Store, name: str, to: str | None = None) -> Plan:
     return _checked(registry, target, "roll back to", expected=to is None or to in ALIASES)
 
 
-def _registry(store: Store, name: str) -> Registry:
+@flow(name="push", flow_run_name="push {name}@{version} to {repo_id}")
+def push_flow(name: str, version: str, repo_id: str, private: bool = False, store: str | None = None) -> dict:
+    """Upload `version` of the registered model `name` (its files, checked against their registered sha256,
+    and its model card) to the Hub model repository `repo_id` with `HF_TOKEN`; the commit is recorded in the
+    version's registry entry."""
+    registry = registry_of(Store.open(Settings().with_overrides(store=store)), name)
+    pushed = hub.push(registry, version, repo_id, private)
+    get_run_logger().info("%s v%s pushed to %s (commit %s)", name, pushed["version"], pushed["url"], pushed["commit"])
+    return pushed
+
+
+def registry_of(store: Store, name: str) -> Registry:
     registry = Registry(store, name)
     if not registry.exists():
         raise ModelError(f"model {name!r} is not registered in {store.url} "

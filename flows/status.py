@@ -8,6 +8,7 @@ from hfbatch.tasks.core.errors import ConfigError
 from hfbatch.tasks.core.registry import Registry, aliases_of
 from hfbatch.tasks.core.settings import Settings
 from hfbatch.tasks.core.store import Store
+from hfbatch.tasks.metrics.paired import metrics_text
 
 SUMMARY_KEY = "batch-inference-summary"  # the artifact of a batch_inference run's figures
 SUMMARY_FIELDS = ("rows", "rows_reused", "seconds_saved", "rows_per_s", "input_tokens", "output_tokens",
@@ -35,12 +36,12 @@ def model_status(store: Store) -> list[dict]:
             continue
         index = registry.load()
         versions = [{"version": v["version"], "task": v.get("task", "text-classification"),
-                     "created": v["created"], "metrics": v["metrics"],
+                     "created": v["created"], "metrics": v["metrics"], "intervals": v.get("intervals", {}),
                      "promoted": v["promoted"], "champion": v["version"] == index["champion"]}
                     for v in index["versions"]]
         champion = registry.champion()
         models.append({"name": name, "champion": champion and {k: champion.get(k) for k in (
-            "version", "created", "metrics", "base_model", "uri", "reason")}, "versions": versions,
+            "version", "created", "metrics", "intervals", "base_model", "uri", "reason")}, "versions": versions,
             "aliases": aliases_of(index),
             "history": [{"action": "gate", "by": "the registration gate", **h} for h in index["history"]],
             "inference": [{k: r.get(k, 0) for k in ("time", "flow_run", "version", "rows", "rows_per_s",
@@ -111,10 +112,11 @@ def format_status(status: dict) -> str:
     for m in status["models"]:
         champ = m["champion"]
         lines.append(f"\nmodel {m['name']}: champion " + (
-            f"v{champ['version']} ({_metrics(champ['metrics'])})" if champ else "none"))
+            f"v{champ['version']} ({metrics_text(champ['metrics'], champ['intervals'])})" if champ else "none"))
         for v in m["versions"]:
             mark = "*" if v["champion"] else "+" if v["promoted"] else " "
-            lines.append(f"  {mark} v{v['version']:<4} {v['created'][:19]}  {_metrics(v['metrics'])}")
+            shown = metrics_text(v["metrics"], v["intervals"])
+            lines.append(f"  {mark} v{v['version']:<4} {v['created'][:19]}  {shown}")
         aliases = {k: v for k, v in m.get("aliases", {}).items() if v and k != "champion"}
         if aliases:
             lines.append("  aliases: " + ", ".join(f"{k} v{v}" for k, v in aliases.items()))
@@ -154,6 +156,3 @@ def format_status(status: dict) -> str:
             lines.append(line)
     return "\n".join(lines)
 
-
-def _metrics(metrics: dict) -> str:
-    return ", ".join(f"{k} {v:.4f}" if isinstance(v, (int, float)) else f"{k} {v}" for k, v in metrics.items())

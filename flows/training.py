@@ -18,11 +18,11 @@ from hfbatch.flows.params import PLAN, MaxLength, Planned, TrainOptions, TrainTa
 from hfbatch.tasks.core.errors import ConfigError
 from hfbatch.tasks.core.models import label_names, resolve_model, trained_model
 from hfbatch.tasks.core.options import Options
-from hfbatch.tasks.core.refs import DatasetRef, ModelRef
+from hfbatch.tasks.core.refs import DatasetRef, EvalResult, ModelRef
 from hfbatch.tasks.core.registry import Registry
 from hfbatch.tasks.core.settings import Device, Settings
 from hfbatch.tasks.core.store import Store
-from hfbatch.tasks.metrics import module_fingerprint
+from hfbatch.tasks.metrics import module_fingerprint, paired
 from hfbatch.tasks.prefect_tasks import StoreTasks
 from hfbatch.tasks.recipes import Recipe, all_recipes, get_recipe
 from hfbatch.tasks.training.ingest import plan_source
@@ -149,8 +149,10 @@ def train_flow(
 
     Without `eval_dataset`, a stratified `eval_fraction` of `dataset` is held out for evaluation. The new
     version becomes champion only if its `metric` beats the champion's on the same eval set by more than
-    `promotion_margin`. With `training.nproc_per_node` above 1, the train task fine-tunes in that many
-    processes (DDP under `torchrun`, which it launches itself); the flow and its other tasks run once, here.
+    `promotion_margin` on the evidence: the lower bound of the 95 % paired bootstrap interval of the
+    difference (both models' scores of the same eval rows, 1,000 seeded resamples) above the margin. With
+    `training.nproc_per_node` above 1, the train task fine-tunes in that many processes (DDP under
+    `torchrun`, which it launches itself); the flow and its other tasks run once, here.
 
     Args:
         dataset: training data: file, directory, s3:// URI or hub id ID[:CONFIG][#SPLIT]
@@ -165,7 +167,8 @@ def train_flow(
         metric: metric of the champion gate (default: the task's)
         metric_module: a metric of your own: a Python file with compute(predictions, references), or a local
             evaluate module; computed, published and usable in the gate
-        promotion_margin: a challenger must beat the champion by more than this
+        promotion_margin: a challenger must beat the champion by more than this (the lower bound of the 95 %
+            interval of the difference, paired bootstrap over the eval rows)
         store: artifact store URL (default: $HFBATCH_STORE or ./hfbatch-store)
         device: auto: CUDA when torch sees a GPU, else CPU; cpu; cuda: fail without a GPU (default:
             $HFBATCH_DEVICE or auto)
@@ -194,9 +197,8 @@ def train_flow(
         evaluated = run.evaluate(model_ref, eval_data, recipe.metrics, metric_module, f"{name}-eval")
         if trained.eval_metrics:  # what training measured of the model, registered with the evaluation's
             evaluated = dataclasses.replace(evaluated, metrics={**evaluated.metrics, **trained.eval_metrics})
-        champion_score = _champion_score(run, name, trained.run_key, eval_data, metric, metric_module)
-        registration = run.tasks.register(trained, evaluated, run.store, name, metric, promotion_margin,
-                                          champion_score)
+        champion = _champion_eval(run, name, trained.run_key, eval_data, metric_module)
+        registration = run.tasks.register(trained, evaluated, run.store, name, metric, promotion_margin, champion)
     logger.info("%s v%s: %s=%.4f, champion v%s (%s)", name, registration.version, metric,
                 evaluated.metrics[metric], registration.champion, registration.reason)
     return {"name": name, "task": recipe.task, "version": registration.version, "champion": registration.champion,
@@ -238,17 +240,20 @@ def one_training_per_name(name: str) -> Iterator[None]:
         yield
 
 
-def _champion_score(run: _Run, name: str, run_key: str, eval_data: DatasetRef, metric: str,
-                    metric_module: str | None) -> float | None:
-    """The champion's `metric` on this eval set: from the registry if it was measured on it, else
-    by evaluating the champion now (cached like any evaluation)."""
+def _champion_eval(run: _Run, name: str, run_key: str, eval_data: DatasetRef,
+                   metric_module: str | None) -> EvalResult | None:
+    """The champion's evaluation on this eval set, with its row statistics (the gate's evidence): the
+    evaluation recorded with it where it was on this set, else evaluated now (cached like any evaluation)."""
     champion = Registry(run.store, name).champion()
     if champion is None or champion["run_key"] == run_key:  # none yet, or this very run (a rerun)
         return None
-    if champion["eval_dataset"] == eval_data.fingerprint and metric in champion["metrics"]:
-        return champion["metrics"][metric]
+    key = champion.get("eval_key")
+    if key and champion["eval_dataset"] == eval_data.fingerprint and paired.stored_rows(run.store, key):
+        recorded = run.store.committed(key, EvalResult)
+        if recorded is not None:
+            return recorded
     champion_model = resolve_model(f"{name}@{champion['version']}", run.settings, run.store)
-    return run.evaluate(champion_model, eval_data, run.recipe.metrics, metric_module).metrics[metric]
+    return run.evaluate(champion_model, eval_data, run.recipe.metrics, metric_module)
 
 
 @flow(name="evaluate")

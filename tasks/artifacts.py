@@ -8,10 +8,12 @@ from typing import Any
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from hfbatch.tasks.core import plots
+from hfbatch.tasks.core.card import interval_text
 from hfbatch.tasks.core.fingerprint import digest
 from hfbatch.tasks.core.refs import EvalResult
 from hfbatch.tasks.core.registry import Registration, Registry, aliases_of
 from hfbatch.tasks.core.store import Store
+from hfbatch.tasks.metrics import paired
 
 
 def slug(text: str) -> str:
@@ -24,7 +26,9 @@ def publish_eval_artifacts(result: EvalResult, key: str) -> None:
     (`<key>-per-class`, `-confusion-matrix`, `-per-type`, `-samples`, `-examples`)."""
     prefix = slug(key)
     create_table_artifact(key=f"{prefix}-metrics", description=f"Metrics of {result.model} ({result.num_rows} rows)",
-                          table=[{"metric": k, "value": round(v, 4)} for k, v in result.metrics.items()])
+                          table=[{"metric": k, "value": round(v, 4),
+                                  "95 % interval": interval_text(result.intervals.get(k))}
+                                 for k, v in result.metrics.items()])
     for suffix, (kind, content) in detail_artifacts(result.details).items():
         description = f"{suffix.replace('-', ' ').capitalize()} of {result.model}"
         if kind == "table":
@@ -102,7 +106,7 @@ def publish_dashboard(name: str, index: dict, runs: list[dict], store: Store | N
     png = metric_trend(name, index["versions"], store)
     champion = index["champion"]
     versions = [[f"v{v['version']}" + (" (champion)" if v["version"] == champion else ""), v["created"][:19],
-                 ", ".join(f"{k} {x:.4f}" for k, x in v["metrics"].items() if isinstance(x, (int, float))),
+                 paired.metrics_text(v["metrics"], v.get("intervals")),
                  "yes" if v["promoted"] else "no", v["reason"]] for v in reversed(index["versions"][-limit:])]
     inference = [[r["time"][:19], r.get("flow_run") or "-", f"v{r['version']}", r["rows"], r.get("rows_reused", 0),
                   f"{r.get('seconds_saved', 0.0):.1f} s", r["rows_per_s"],

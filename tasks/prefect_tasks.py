@@ -110,19 +110,24 @@ def evaluate_task(model: ModelRef, examples: DatasetRef, features: DatasetRef, s
 
 
 def registration_key(trained: TrainedModel, evaluated: EvalResult, store: Store, name: str, metric: str,
-                     margin: float, champion_score: float | None) -> str:
-    return digest("register", store.url, name, trained.run_key, evaluated.key, metric, margin, champion_score)
+                     margin: float, champion: EvalResult | None) -> str:
+    return digest("register", store.url, name, trained.run_key, evaluated.key, metric, margin,
+                  champion and champion.key)
 
 
 @task(name="register", cache_key_fn=content_key(registration_key), **CACHED, **RETRIES)
 def register_task(trained: TrainedModel, evaluated: EvalResult, store: Store, name: str, metric: str,
-                  margin: float, champion_score: float | None) -> Registration:
+                  margin: float, champion: EvalResult | None) -> Registration:
     recipe = get_recipe(trained.task)
     registry = Registry(store, name)
-    reg = registry.register(trained, evaluated, metric, margin, champion_score,
+    reg = registry.register(trained, evaluated, metric, margin, champion,
                             recipe.card_text(trained.label_names),
                             recipe.gate_problem(evaluated.metrics, evaluated.details))
     index = registry.load()
+    if reg.reason != "already registered" and trained.tracker:
+        from hfbatch.tasks.training import tracking
+
+        tracking.record_registration(trained.tracker, name, reg.version, evaluated.metrics, reg.uri)
     if reg.reason != "already registered":  # recorded now: tell the automations (a rerun tells nothing new)
         if reg.promoted:
             events.emit_promoted(name, next(h for h in reversed(index["history"]) if h["champion"] == reg.version))

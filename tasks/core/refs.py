@@ -90,6 +90,13 @@ class TrainedModel(Ref):
     """The LoRA adapters trained (method, r, alpha, dropout, target modules), None for a full fine-tune."""
     prompt: dict | None = None
     """How a language model was prompted in training (`prompt_template`, `system_prompt`), else None."""
+    dataset_source: str = ""
+    """The training data as the user named it (a path, URL or Hub dataset id)."""
+    license: str | None = None
+    """The base model's license, as its model card says (None: not known)."""
+    tracker: dict | None = None
+    """The experiment tracker that recorded the training (`training.tracking`: name, run id or event files,
+    and an error where it was down), None without one."""
     eval_metrics: dict = field(default_factory=dict)
     """Figures training measured on the eval set (preference training's reward margin and accuracy),
     registered beside the evaluation's metrics (`Recipe.training_figures`)."""
@@ -113,6 +120,8 @@ class EvalResult(Ref):
     label_names: tuple[str, ...]
     metrics: dict
     details: dict = field(default_factory=dict)
+    intervals: dict = field(default_factory=dict)
+    """`{metric: [low, high]}`: 95 % bootstrap intervals over the eval rows (`metrics.paired`)."""
 
     @property
     def uri(self) -> str:

@@ -20,6 +20,7 @@ from hfbatch.tasks.core.errors import ConfigError, ModelError
 from hfbatch.tasks.core.fingerprint import file_sha256
 from hfbatch.tasks.core.refs import EvalResult, TrainedModel
 from hfbatch.tasks.core.store import MARKER, Store
+from hfbatch.tasks.metrics import paired
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 RUNS_KEPT = 50
@@ -102,13 +103,14 @@ class Registry:
         return version
 
     def register(self, trained: TrainedModel, evaluation: EvalResult, metric: str = "accuracy",
-                 margin: float = 0.0, champion_score: float | None = None, card_text: dict | None = None,
+                 margin: float = 0.0, champion: EvalResult | None = None, card_text: dict | None = None,
                  problem: str | None = None) -> Registration:
-        """Add `trained` as the next version; promote it if it beats `champion_score` by `margin`.
+        """Add `trained` as the next version; promote it if it beats the champion by more than `margin` on
+        the evidence (`_gate`).
 
-        `champion_score` must be the current champion's `metric` on the same eval set as
-        `evaluation`; `problem` says why the model must not be promoted whatever it scores (a degenerate
-        model); `card_text` is the task recipe's words for the model card. Registering the same training
+        `champion` must be the current champion's evaluation on the same eval set as `evaluation`;
+        `problem` says why the model must not be promoted whatever it scores (a degenerate model);
+        `card_text` is the task recipe's words for the model card. Registering the same training
         run again returns its existing version. Safe against concurrent registrations of the same name
         (each gets its own version): the version number is claimed first, then the index is updated
         without losing another writer's update (`Store.update_json`).
@@ -122,7 +124,7 @@ class Registry:
         with self.store.staging(self.version_key(version), {"name": self.name, "version": version}) as tmp:
             shutil.copytree(self.store.local_dir(trained.key), tmp, dirs_exist_ok=True)
             (tmp / MARKER).unlink(missing_ok=True)
-            write_model_card(tmp, trained, card_text, evaluation.metrics, self.name, version)
+            write_model_card(tmp, trained, card_text, evaluation.metrics, self.name, version, evaluation.intervals)
             files = file_digests(tmp)
         seen_champion = self.load()["champion"]
         result: dict[str, Any] = {}
@@ -133,12 +135,14 @@ class Registry:
             if self._entry(index, trained.run_key):  # the same run, registered meanwhile by another process
                 result["entry"], result["reason"] = self._entry(index, trained.run_key), "already registered"
                 return index
-            promoted, reason = self._gate(index, seen_champion, evaluation, metric, margin, champion_score, problem)
+            promoted, reason = self._gate(index, seen_champion, evaluation, metric, margin, champion, problem)
             now = datetime.now(UTC).isoformat()
             entry = {"version": version, "run_key": trained.run_key, "task": trained.task, "created": now,
-                     "metrics": evaluation.metrics, "eval_dataset": evaluation.dataset_fingerprint,
+                     "metrics": evaluation.metrics, "intervals": evaluation.intervals,
+                     "eval_dataset": evaluation.dataset_fingerprint, "eval_key": evaluation.key,
                      "base_model": trained.base_model, "uri": self.store.uri(self.version_key(version)),
                      **({"prompt": trained.prompt} if trained.prompt else {}),
+                     **({"tracker": trained.tracker} if trained.tracker else {}),
                      "promoted": promoted, "reason": reason, "files": files,
                      "reference": evaluation.details.get("reference_figures")}
             index = {**index, "versions": [*index["versions"], entry]}
@@ -188,26 +192,53 @@ class Registry:
     def _entry(index: dict, run_key: str) -> dict | None:
         return next((v for v in index["versions"] if v["run_key"] == run_key), None)
 
-    @staticmethod
-    def _gate(index: dict, seen_champion: str | None, evaluation: EvalResult, metric: str, margin: float,
-              champion_score: float | None, problem: str | None) -> tuple[bool, str]:
-        """Whether the new version becomes champion, and why."""
+    def _gate(self, index: dict, seen_champion: str | None, evaluation: EvalResult, metric: str, margin: float,
+              champion_eval: EvalResult | None, problem: str | None) -> tuple[bool, str]:
+        """Whether the new version becomes champion, and why: where both evaluations kept the metric's row
+        statistics, only when the lower bound of the 95 % paired bootstrap interval of the difference is above
+        `margin`; else (a custom metric, a version evaluated before rows were kept) on the point estimates."""
         score = evaluation.metrics[metric]
         if problem:
             return False, f"not promoted: {problem}"
         champion = next((v for v in index["versions"] if v["version"] == index["champion"]), None)
         if champion is None:
             return True, "first version"
-        if index["champion"] != seen_champion or champion_score is None:
+        if index["champion"] != seen_champion or champion_eval is None:
             # the champion changed while this version trained: compare with it only on the same eval set
             if champion["eval_dataset"] != evaluation.dataset_fingerprint or metric not in champion["metrics"]:
                 return False, (f"not promoted: champion v{champion['version']} was measured on another eval set; "
                                "evaluate both on one set and promote by hand")
-            champion_score = champion["metrics"][metric]
+            champion_key, champion_score = champion.get("eval_key"), champion["metrics"][metric]
+        else:
+            champion_key, champion_score = champion_eval.key, champion_eval.metrics[metric]
+        mine = paired.stored_rows(self.store, evaluation.key).get(metric)
+        theirs = paired.stored_rows(self.store, champion_key).get(metric) if champion_key else None
+        against = f"champion v{champion['version']}"
+        if mine and theirs and len(mine["stats"]) == len(theirs["stats"]):
+            difference, low, high = paired.paired_difference(metric, mine, theirs)
+            promoted = low > margin
+            return promoted, (f"{'promoted' if promoted else 'not promoted'}: {metric} {difference:+.4f} "
+                              f"[{low:+.4f}, {high:+.4f}] against {against} ({score:.4f} vs {champion_score:.4f}; "
+                              f"{paired.CONFIDENCE:.0%} interval of the difference, {paired.RESAMPLES} paired "
+                              f"resamples of {len(mine['stats'])} eval rows); its lower bound is "
+                              f"{'above' if promoted else 'not above'} the margin {margin}")
         promoted = score > champion_score + margin
         verb = "beats" if promoted else "does not beat"
-        return promoted, (f"{metric} {score:.4f} {verb} champion v{champion['version']} {champion_score:.4f} "
-                          f"+ margin {margin} on eval set {evaluation.dataset_fingerprint[:12]}")
+        return promoted, (f"{'promoted' if promoted else 'not promoted'}: {metric} {score:.4f} {verb} {against} "
+                          f"{champion_score:.4f} + margin {margin} on eval set {evaluation.dataset_fingerprint[:12]} "
+                          "(point estimates: no row statistics of this metric for both)")
+
+    def record_push(self, version: str, record: dict) -> None:
+        """Add a Hub upload of `version` (`core.hub.push`: repository, commit) to its registry entry."""
+
+        def add(index: dict | None) -> dict:
+            if index is None:
+                raise ModelError(f"model {self.name!r} is not registered in {self.store.url}")
+            versions = [{**v, "hub": [*v.get("hub", []), record]} if v["version"] == version else v
+                        for v in index["versions"]]
+            return {**index, "versions": versions}
+
+        self.store.update_json(self.index_key, add)
 
     def verify(self, version: str, directory: Path) -> dict[str, str] | None:
         """Check the files of `version` (fetched to `directory`) against the sha256 digests registered

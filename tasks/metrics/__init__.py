@@ -62,3 +62,13 @@ def compute_custom(path: str, predictions: list, references: list) -> dict[str, 
     if not isinstance(result, dict) or not all(isinstance(v, (int, float)) for v in result.values()):
         raise ConfigError(f"metric module {path!r} must return a mapping of names to numbers, got {result!r}")
     return {k: float(v) for k, v in result.items()}
+
+
+def metric_script(name: str):
+    """The local metric module `name` as a Python module (its helpers, e.g. `squad.normalize`)."""
+    path = Path(metric_path(name)) / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"hfbatch_metric_script_{name}", path)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

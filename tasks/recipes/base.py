@@ -21,6 +21,7 @@ from hfbatch.tasks.core.options import NoOptions, Options
 from hfbatch.tasks.core.refs import ModelRef
 from hfbatch.tasks.core.settings import Settings
 from hfbatch.tasks.engine.predictor import has_head
+from hfbatch.tasks.metrics.paired import RowStats
 
 log = logging.getLogger(__name__)
 OptionsT = TypeVar("OptionsT", bound=Options)
@@ -162,6 +163,13 @@ class Recipe(Generic[OptionsT]):
         """`(metrics, details)`: the headline figures named `metrics`, and the task's detail tables
         (`per_class`, `confusion_matrix`, `per_type`, `samples`, `examples`: `tasks/artifacts.py` shows them)."""
         raise NotImplementedError
+
+    def row_statistics(self, predictions: list, references: list, label_names: tuple[str, ...],
+                       metrics: tuple[str, ...]) -> dict[str, RowStats]:
+        """Each eval row's statistics of the `metrics` this task can resample (`metrics.paired`), from the
+        same post-processed predictions and references as `compute_metrics`: the champion gate's evidence
+        and each metric's interval. A metric left out is compared on its point estimate."""
+        return {}
 
     def output_table(self, predictions: Any, predicted: list, model_config) -> pa.Table | None:
         """The eval set's predictions in the columns bulk inference writes (`label`, `entities`, `answer`,

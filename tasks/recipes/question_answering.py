@@ -12,7 +12,7 @@ from pydantic import Field
 
 from hfbatch.tasks.core.errors import ConfigError, DataError
 from hfbatch.tasks.core.options import Options
-from hfbatch.tasks.metrics import compute
+from hfbatch.tasks.metrics import compute, paired
 from hfbatch.tasks.predictors.question_answering import QuestionAnsweringPredictor
 from hfbatch.tasks.recipes.base import Recipe, first_bad_row, require_columns
 from hfbatch.tasks.recipes.qa_spans import answer_positions, best_answers, window_offsets
@@ -97,6 +97,11 @@ class QuestionAnswering(Recipe[QuestionAnsweringColumns]):
 
     def output_table(self, predictions, predicted, model_config):
         return pa.table({"answer": pa.array([p["prediction_text"] for p in predicted], pa.string())})
+
+    def row_statistics(self, predictions, references, label_names, metrics):
+        answers = {p["id"]: p["prediction_text"] for p in predictions}
+        stats = paired.squad_stats([answers[r["id"]] for r in references], [r["answers"]["text"] for r in references])
+        return {m: stats[m] for m in metrics if m in stats}
 
     def compute_metrics(self, predictions, references, label_names, metrics):
         scores = compute(("squad",), predictions, references)

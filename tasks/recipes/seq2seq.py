@@ -22,7 +22,7 @@ from hfbatch.tasks.core.models import load_model, load_tokenizer, model_kwargs
 from hfbatch.tasks.core.refs import ModelRef
 from hfbatch.tasks.core.settings import Settings
 from hfbatch.tasks.engine.generation import DEFAULT_MAX_NEW_TOKENS, GenerationOptions, token_id, with_search
-from hfbatch.tasks.metrics import compute
+from hfbatch.tasks.metrics import compute, paired
 from hfbatch.tasks.predictors.seq2seq import Seq2SeqPredictor
 from hfbatch.tasks.recipes.base import Recipe, first_bad_row, require_columns
 
@@ -179,6 +179,9 @@ class Translation(Seq2Seq):
         samples = [{"prediction": p, "reference": r[0]} for p, r in zip(predictions[:SAMPLES], references)]
         return {m: float(scores[m]) for m in metrics}, {"samples": samples}
 
+    def row_statistics(self, predictions, references, label_names, metrics):
+        return {m: paired.sacrebleu_stats(m, predictions, references) for m in metrics if m in ("bleu", "chrf")}
+
     def card_text(self, label_names):
         return {"summary": "A translation model",
                 "intended_use": "Translating sentences in the language pair and domain of the training data.",
@@ -205,6 +208,9 @@ class Summarization(Seq2Seq):
         scores = compute(("rouge",), predictions, references)
         samples = [{"prediction": p, "reference": r} for p, r in zip(predictions[:SAMPLES], references)]
         return {m: float(scores[m]) for m in metrics}, {"samples": samples}
+
+    def row_statistics(self, predictions, references, label_names, metrics):
+        return paired.rouge_stats([m for m in metrics if m.startswith("rouge")], predictions, references)
 
     def card_text(self, label_names):
         return {"summary": "A summarization model",

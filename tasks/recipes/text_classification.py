@@ -11,7 +11,7 @@ from pydantic import Field
 
 from hfbatch.tasks.core.errors import DataError
 from hfbatch.tasks.core.options import Options
-from hfbatch.tasks.metrics import compute
+from hfbatch.tasks.metrics import compute, paired
 from hfbatch.tasks.predictors.text_classification import TextClassificationPredictor, label_table
 from hfbatch.tasks.recipes.base import Recipe, first_bad_row, require_columns
 
@@ -100,6 +100,12 @@ class TextClassification(Recipe[TextClassificationColumns]):
         per_class["support"] = dict(zip(label_names, np.bincount(references, minlength=len(labels)).tolist()))
         matrix = compute(("confusion_matrix",), predicted, references, labels=labels)["confusion_matrix"]
         return scores, {"per_class": per_class, "confusion_matrix": {"labels": list(label_names), "matrix": matrix}}
+
+    def row_statistics(self, predictions, references, label_names, metrics):
+        classes = paired.class_stats(predictions, references, len(label_names))
+        stats = {"accuracy": paired.mean_stats(np.equal(predictions, references)), "precision": classes,
+                 "recall": classes, "f1": classes}
+        return {m: stats[m] for m in metrics if m in stats}
 
     def check_training_data(self, dataset, label_names, src):
         """At least two classes; a class under 1 % of the rows is a warning (extreme imbalance)."""

@@ -32,7 +32,7 @@ import pyarrow as pa
 from pydantic import Field, model_validator
 
 from hfbatch.tasks.core.errors import DataError
-from hfbatch.tasks.metrics import compute
+from hfbatch.tasks.metrics import compute, paired
 from hfbatch.tasks.predictors.text_generation import (
     PROMPT_FILE,
     ConstraintOptions,
@@ -311,6 +311,16 @@ class TextGeneration(Recipe[TextGenerationColumns]):
                     matrix[index[r], index[p]] += 1
             details["confusion_matrix"] = {"labels": labels, "matrix": matrix.tolist()}
         return {m: scores[m] for m in metrics if m in scores}, details
+
+    def row_statistics(self, predictions, references, label_names, metrics):
+        stats = paired.squad_stats(predictions, [[r] for r in references])
+        if "bleu" in metrics:
+            stats["bleu"] = paired.sacrebleu_stats("bleu", predictions, [[r] for r in references])
+        if "rougeL" in metrics:
+            stats |= paired.rouge_stats(("rougeL",), predictions, references)
+        if label_names:
+            stats["accuracy"] = paired.mean_stats([p == r for p, r in zip(predictions, references)])
+        return {m: stats[m] for m in metrics if m in stats}
 
     def output_table(self, predictions, predicted, model_config) -> pa.Table | None:
         """The predictor's own table: what a batch run of this model records too (`monitoring.figures`)."""

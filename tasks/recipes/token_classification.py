@@ -13,7 +13,7 @@ from pydantic import Field
 
 from hfbatch.tasks.core.errors import DataError
 from hfbatch.tasks.core.options import Options
-from hfbatch.tasks.metrics import compute
+from hfbatch.tasks.metrics import compute, paired
 from hfbatch.tasks.predictors.token_classification import TokenClassificationPredictor
 from hfbatch.tasks.recipes.base import Recipe, require_columns
 
@@ -111,6 +111,13 @@ class TokenClassification(Recipe[TokenClassificationColumns]):
         counts = {"predicted": sum(len(entities(tags)) for tags in predictions),
                   "reference": sum(len(entities(tags)) for tags in references)}
         return {m: scores[m] for m in metrics}, {"per_type": per_type, "entities": counts}
+
+    def row_statistics(self, predictions, references, label_names, metrics):
+        found = paired.entity_stats([set(entities(p)) for p in predictions], [set(entities(r)) for r in references])
+        stats = {f"overall_{m}": found for m in ("precision", "recall", "f1")}
+        stats["overall_accuracy"] = paired.ratio_stats([sum(a == b for a, b in zip(p, r)) for p, r in
+                                                        zip(predictions, references)], [len(r) for r in references])
+        return {m: stats[m] for m in metrics if m in stats}
 
     def check_training_data(self, dataset, label_names, src):
         """Some entities to learn from; an entity type with under 1 % of the mentions is a warning."""

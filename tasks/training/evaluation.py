@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import math
 import tempfile
 from pathlib import Path
 
@@ -12,10 +14,11 @@ from hfbatch.tasks.core.options import Options
 from hfbatch.tasks.core.refs import DatasetRef, EvalResult, ModelRef
 from hfbatch.tasks.core.settings import Settings
 from hfbatch.tasks.core.store import Store
-from hfbatch.tasks.metrics import compute_custom, module_fingerprint
+from hfbatch.tasks.metrics import compute_custom, module_fingerprint, paired
 from hfbatch.tasks.recipes import Recipe
 
-EVAL_VERSION = 3
+EVAL_VERSION = 4
+log = logging.getLogger(__name__)
 
 
 def eval_key(model: ModelRef, features: DatasetRef, task: str, options: Options, metrics: tuple[str, ...],
@@ -58,6 +61,8 @@ def evaluate_model(model: ModelRef, examples: DatasetRef, features: DatasetRef, 
         predicted, references = recipe.postprocess(predictions, ds, store.load_dataset(examples.key), tokenizer,
                                                    config, examples.label_names, options)
         scores, details = recipe.compute_metrics(predicted, references, examples.label_names, metrics)
+        rows = checked_rows(recipe.row_statistics(predicted, references, examples.label_names, metrics), scores)
+        (tmp / paired.ROWS_FILE).write_text(json.dumps(rows))
         if recipe.generates() and loss is not None:
             scores["loss"] = float(loss)
         if metric_module:
@@ -70,7 +75,21 @@ def evaluate_model(model: ModelRef, examples: DatasetRef, features: DatasetRef, 
             (tmp / f"{name}.json").write_text(json.dumps(value, indent=2))
         return EvalResult(store=store.url, key=key, model=model.source, model_fingerprint=model.fingerprint,
                           dataset_fingerprint=examples.fingerprint, num_rows=examples.num_rows,
-                          label_names=examples.label_names,
-                          metrics=scores, details=details)
+                          label_names=examples.label_names, metrics=scores, details=details,
+                          intervals={m: paired.interval(m, r) for m, r in rows.items()})
 
     return store.memoize(key, EvalResult, produce)
+
+
+def checked_rows(rows: dict[str, paired.RowStats], scores: dict) -> dict[str, paired.RowStats]:
+    """The row statistics whose figure on all rows is the metric computed: one that is not (a recipe's bug)
+    is left out, with a warning, so that the gate never resamples a different figure than it shows."""
+    kept = {}
+    for metric, row in rows.items():
+        value = paired.figure(metric, row)
+        if math.isclose(value, scores[metric], rel_tol=1e-6, abs_tol=1e-9):
+            kept[metric] = row
+        else:
+            log.warning("%s: its row statistics give %s, not %s: no interval, the gate compares point estimates",
+                        metric, value, scores[metric])
+    return kept

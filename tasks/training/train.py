@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from hfbatch.tasks.core.card import write_model_card
+from hfbatch.tasks.core.card import base_license, write_model_card
 from hfbatch.tasks.core.errors import ConfigError
 from hfbatch.tasks.core.fingerprint import digest
 from hfbatch.tasks.core.models import load_tokenizer, pick_device
@@ -67,6 +67,10 @@ class TrainConfig(BaseModel):
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the LoRA inputs")
     lora_target_modules: str = Field("all-linear", description="modules that get adapters: all-linear, or names "
                                      "separated by commas (q_proj,v_proj)")
+    report_to: Literal["none", "tensorboard", "mlflow", "trackio"] = Field(
+        "none", description="experiment tracker of the run's parameters, losses and eval metrics: mlflow "
+        "(MLFLOW_TRACKING_URI), tensorboard (event files in the model's runs/), trackio; one that is down is "
+        "skipped, not fatal (not part of the run's key)")
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -87,8 +91,8 @@ def run_key(data: DatasetRef, model: ModelRef, task: str, options: Options, conf
     """The training run's content key (`config` resolved: the same run whether a default was spelt out;
     the eval set where training evaluates on it: to pick the checkpoint, or for figures of its own).
     Several processes train on `nproc_per_node` times the rows per step: another run."""
-    fields = config.resolved(get_recipe(task)).model_dump(exclude={k for k in LATER_FIELDS
-                                                                   if getattr(config, k) == _DEFAULT[k]})
+    fields = config.resolved(get_recipe(task)).model_dump(exclude={"report_to", *(
+        k for k in LATER_FIELDS if getattr(config, k) == _DEFAULT[k])})
     evaluated = eval_data.fingerprint if eval_data is not None else None
     return digest("train", TRAIN_VERSION, data.fingerprint, model.fingerprint, task, options.model_dump(), fields,
                   *([evaluated] if evaluated else []))
@@ -142,7 +146,8 @@ def train(data: DatasetRef, model: ModelRef, store: Store, recipe: Recipe, optio
             store=store.url, key=model_key, run_key=key, task=recipe.task, base_model=model.source,
             base_revision=model.revision, base_fingerprint=model.fingerprint, dataset_fingerprint=data.fingerprint,
             label_names=data.label_names, config=config.model_dump(), resumed_from_step=resumed_from,
-            adapter=_adapter_card(config), prompt=recipe.prompt_record(options), **fitted)
+            adapter=_adapter_card(config), prompt=recipe.prompt_record(options), dataset_source=data.source,
+            license=base_license(model.path), **fitted)
         log.info("trained %s in %d steps on %s/%s", key, trained.global_step, trained.device, trained.precision)
         write_model_card(tmp, trained, recipe.card_text(data.label_names))
         return trained
@@ -255,6 +260,7 @@ def fit(data: DatasetRef, model: ModelRef, store: Store, task: str, options: Opt
     runs this (DDP); the first one saves and commits. Returns the run's figures (`TrainedModel` fields)."""
     from transformers import set_seed
 
+    from hfbatch.tasks.training import tracking
     from hfbatch.tasks.training.checkpoints import CheckpointCommit
 
     recipe = get_recipe(task)
@@ -291,9 +297,13 @@ def fit(data: DatasetRef, model: ModelRef, store: Store, task: str, options: Opt
         **({"train_sampling_strategy": "group_by_length"} if recipe.groups_by_length(options) else {}),
         **(_distributed_arguments(device) if int(os.environ.get("WORLD_SIZE", 1)) > 1 else {}))
     collator = recipe.packing_collator() if getattr(options, "packing", False) else recipe.collator(tokenizer, net)
+    reporting, tracker = tracking.start(config.report_to, model_dir, f"hfbatch-{ckpt_key.split('/')[1][:16]}")
     trainer = recipe.trainer(options, model=net, args=args, train_dataset=ds, eval_dataset=evaluation,
-                             processing_class=tokenizer, data_collator=collator, callbacks=callbacks)
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+                             processing_class=tokenizer, data_collator=collator, callbacks=callbacks + reporting)
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    finally:
+        tracking.finish(tracker)
     save_trained(trainer, trainer.model, model_dir, config)  # model (safetensors) + tokenizer, by the first process
     if trainer.is_world_process_zero():
         recipe.save_extras(model_dir, tokenizer, options)
@@ -304,5 +314,5 @@ def fit(data: DatasetRef, model: ModelRef, store: Store, task: str, options: Opt
         log.info("the best checkpoint by eval loss (%s) is the one saved", trainer.state.best_model_checkpoint)
     return dict(device=device, precision=precision, global_step=trainer.state.global_step, train_samples=ds.num_rows,
                 train_samples_per_second=float(result.metrics.get("train_samples_per_second", math.nan)),
-                train_loss=float(result.metrics.get("train_loss", math.nan)), warnings=tuple(warnings),
+                train_loss=float(result.metrics.get("train_loss", math.nan)), warnings=tuple(warnings), tracker=tracker,
                 eval_metrics=recipe.training_figures(trainer.state.log_history, options))

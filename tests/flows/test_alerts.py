@@ -134,7 +134,7 @@ def test_the_four_alerts_arrive_with_the_run_and_its_link(prefect_server, receiv
                HFBATCH_DEVICE="cpu", HFBATCH_ALERT_WEBHOOK_URL=receiver.url)
     url, logs = prefect_server["url"], [tmp_path / "serve.log", prefect_server["log"]]
     store = Store(str(tmp_path / "store"))
-    _register(store, NAME, "seed", 0.80, None, sst2_classifier)  # the champion a new version must beat
+    _register(store, NAME, "seed", 0.80, sst2_classifier)  # the champion a new version must beat
     sst2 = pq.read_table(data_dir / "sst2" / "train.parquet")
     (tmp_path / "watched").mkdir()  # stays empty: no retraining but the one started below
     pq.write_table(sst2.slice(0, 240), tmp_path / "labelled.parquet")

@@ -31,7 +31,7 @@ def tiny_classifier(minilm, tmp_path_factory) -> str:
                 id2label={0: "NEGATIVE", 1: "POSITIVE"}, label2id={"NEGATIVE": 0, "POSITIVE": 1})
 
 
-def _register(store: Store, name: str, run_key: str, accuracy: float, champion_score: float | None,
+def _register(store: Store, name: str, run_key: str, accuracy: float,
               model_dir: str | None = None):
     """Register a trained run (the tiny classifier's files, or a small stand-in file) with the given eval
     accuracy, as the train flow's register step does."""
@@ -49,7 +49,7 @@ def _register(store: Store, name: str, run_key: str, accuracy: float, champion_s
     evaluation = EvalResult(store=store.url, key=f"evals/{run_key}", model=key, model_fingerprint="f",
                             dataset_fingerprint="E1", num_rows=800, label_names=("neg", "pos"),
                             metrics={"accuracy": accuracy})
-    return Registry(store, name).register(trained, evaluation, champion_score=champion_score)
+    return Registry(store, name).register(trained, evaluation)
 
 
 def _cli(capsys, *args: str) -> tuple[int, dict | None, str]:
@@ -86,8 +86,8 @@ def test_promote_rollback_aliases_history_and_next_inference(prefect_harness, ti
     from hfbatch.flows.inference import batch_inference
 
     name, store = "ops-local", Store(str(tmp_path / "store"))
-    gate = [_register(store, name, f"r{i}", acc, champ, tiny_classifier).promoted
-            for i, (acc, champ) in enumerate([(0.80, None), (0.78, 0.80), (0.85, 0.80), (0.70, 0.85)], 1)]
+    gate = [_register(store, name, f"r{i}", acc, tiny_classifier).promoted
+            for i, acc in enumerate([0.80, 0.78, 0.85, 0.70], 1)]
     assert gate == [True, False, True, False]
     registry = Registry(store, name)
     settings = Settings()
@@ -166,8 +166,8 @@ def test_a_version_whose_files_changed_is_refused(prefect_harness, where, reques
         request.getfixturevalue("s3")
     store = Store(str(tmp_path / "store") if where == "local" else "s3://hfbatch/store")
     name = f"ops-corrupt-{where}"
-    for i, (acc, champ) in enumerate([(0.80, None), (0.70, 0.80), (0.75, 0.80)], 1):
-        _register(store, name, f"r{i}", acc, champ)
+    for i, acc in enumerate([0.80, 0.70, 0.75], 1):
+        _register(store, name, f"r{i}", acc)
     registry = Registry(store, name)
     store.fs.pipe_file(store.path(f"{registry.version_key('2')}/model.safetensors"), b"replaced")
 
@@ -194,8 +194,8 @@ def test_concurrent_promotions_and_registrations_lose_nothing(where, request, tm
         request.getfixturevalue("s3")
     url = str(tmp_path / "store") if where == "local" else "s3://hfbatch/store"
     name = "ops-race"
-    _register(Store(url), name, "r1", 0.80, None)
-    _register(Store(url), name, "r2", 0.70, 0.80)
+    _register(Store(url), name, "r1", 0.80)
+    _register(Store(url), name, "r2", 0.70)
     start, errors = threading.Barrier(4), []
 
     def promote() -> None:
@@ -206,7 +206,7 @@ def test_concurrent_promotions_and_registrations_lose_nothing(where, request, tm
     def register(worker: int) -> None:
         start.wait()
         for i in range(3):  # never promoted by the gate: the champion changes by hand only
-            _register(Store(url), name, f"w{worker}-{i}", 0.50, 0.80)
+            _register(Store(url), name, f"w{worker}-{i}", 0.50)
 
     def run(fn, *args) -> None:
         try:

@@ -33,7 +33,7 @@ def tiny_classifier(minilm, tmp_path_factory) -> str:
     return str(out)
 
 
-def _register(store: Store, model_dir: str, run_key: str, accuracy: float, champion_score: float | None):
+def _register(store: Store, model_dir: str, run_key: str, accuracy: float):
     """Register `model_dir` as a trained run with the given eval accuracy (what the train flow records)."""
     key = f"runs/{run_key}/model"
     with store.staging(key) as tmp:
@@ -46,7 +46,7 @@ def _register(store: Store, model_dir: str, run_key: str, accuracy: float, champ
     evaluation = EvalResult(store=store.url, key=f"evals/{run_key}", model=key, model_fingerprint="f",
                             dataset_fingerprint="E1", num_rows=800, label_names=("neg", "pos"),
                             metrics={"accuracy": accuracy, "f1": accuracy - 0.01})
-    return Registry(store, "sst2").register(trained, evaluation, champion_score=champion_score)
+    return Registry(store, "sst2").register(trained, evaluation)
 
 
 def test_status_shows_champion_trend_and_last_runs(prefect_harness, tiny_classifier, data_dir, tmp_path, capsys):
@@ -56,8 +56,8 @@ def test_status_shows_champion_trend_and_last_runs(prefect_harness, tiny_classif
     from hfbatch.flows.inference import batch_inference
 
     store = Store(str(tmp_path / "store"))
-    assert [_register(store, tiny_classifier, f"r{i}", acc, champ).promoted
-            for i, (acc, champ) in enumerate([(0.80, None), (0.78, 0.80), (0.85, 0.80)], 1)] == [True, False, True]
+    assert [_register(store, tiny_classifier, f"r{i}", acc).promoted
+            for i, acc in enumerate([0.80, 0.78, 0.85], 1)] == [True, False, True]
     store.fs.makedirs(f"{store.root}/models/not a model")  # not a registry entry: ignored
 
     data = tmp_path / "in.parquet"
@@ -129,7 +129,7 @@ def test_status_without_a_prefect_api_reads_the_registry_alone(tiny_classifier, 
     import sys
 
     store = Store(str(tmp_path / "store"))
-    _register(store, tiny_classifier, "r1", 0.80, None)
+    _register(store, tiny_classifier, "r1", 0.80)
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}
     env.pop("PREFECT_API_URL", None)
     script = ("import sys; from hfbatch.flows.cli import main; code = main(sys.argv[1:]); "

@@ -31,10 +31,10 @@ def test_champion_gate_margin_history_and_resolution(tmp_path):
 
     first = reg.register(_trained(store, "r1"), _eval(0.80))
     assert (first.version, first.promoted, first.champion) == ("1", True, "1")
-    worse = reg.register(_trained(store, "r2"), _eval(0.805), margin=0.01, champion_score=0.80)
+    worse = reg.register(_trained(store, "r2"), _eval(0.805), margin=0.01)
     assert (worse.version, worse.promoted, worse.champion) == ("2", False, "1")
     assert "does not beat" in worse.reason
-    better = reg.register(_trained(store, "r3"), _eval(0.85), margin=0.01, champion_score=0.80)
+    better = reg.register(_trained(store, "r3"), _eval(0.85), margin=0.01)
     assert (better.version, better.promoted, better.champion) == ("3", True, "3")
 
     assert reg.resolve() == "3" and reg.resolve("2") == "2"
