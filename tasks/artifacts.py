@@ -7,7 +7,7 @@ from typing import Any
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from hfbatch.tasks.core import plots
+from hfbatch.tasks.core import monitoring, plots
 from hfbatch.tasks.core.card import interval_text
 from hfbatch.tasks.core.fingerprint import digest
 from hfbatch.tasks.core.refs import EvalResult
@@ -119,6 +119,7 @@ def publish_dashboard(name: str, index: dict, runs: list[dict], store: Store | N
         f"![Metrics of {name} by version](data:image/png;base64,{base64.b64encode(png).decode()})", "",
         "## Versions", "", *_table(["version", "registered", "metrics", "promoted", "reason"], versions), "",
         "## Champion history", "", *_history_table(index, limit), "",
+        "## Drift", "", drift_section(name, index, runs[-limit:], store), "",
         "## Batch inference", "",
         *(_table(["time", "flow run", "model", "rows", "reused", "compute saved", "rows/s", "tokens in",
                   "tokens out", "tokens/s", "quarantined", "max PSI", "drifted"], inference)
@@ -126,6 +127,25 @@ def publish_dashboard(name: str, index: dict, runs: list[dict], store: Store | N
     create_markdown_artifact(key=f"{slug(name)}-dashboard", markdown=markdown,
                              description=f"{name}: metrics, champion history, batch inference and drift")
     return markdown
+
+
+def drift_section(name: str, index: dict, runs: list[dict], store: Store | None) -> str:
+    """The drift chart of the last `runs` (`plots.drift_png`: PSI per figure over the runs, category shares
+    of the reference and the latest run) as embedded markdown, kept in `store` by what it shows."""
+    if not any(r.get("reference") for r in runs):
+        return "no drift recorded yet (no batch-inference run of a version with a reference)"
+    latest = next(r for r in reversed(runs) if r.get("reference"))
+    version: dict = next((v for v in index["versions"] if v["version"] == latest["version"]), {})
+    reference = monitoring.summary(version["reference"]) if version.get("reference") else None
+    shown = [r for r in runs if r.get("reference")]
+    key = f"models/{name}/_charts/drift-{digest('drift', TREND_VERSION, name, shown, reference)}.png"
+    if store is not None and store.exists(key):
+        png = store.fs.cat_file(store.path(key))
+    else:
+        png = plots.drift_png(shown, reference, monitoring.DRIFT_PSI, name)
+        if store is not None:
+            store.write_bytes(key, png)
+    return f"![Drift of {name} over its last runs](data:image/png;base64,{base64.b64encode(png).decode()})"
 
 
 TREND_VERSION = 1  # of the chart metric_trend_png draws: a new version draws every chart again

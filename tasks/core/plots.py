@@ -128,3 +128,46 @@ def metric_trend_png(versions: list[dict], title: str, width: float = 6.0, heigh
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, metadata={"Software": None})
     return buf.getvalue()
+
+
+def drift_png(runs: list[dict], reference: dict | None, threshold: float, title: str,
+              width: float = 9.0, height: float = 2.8, dpi: int = 80) -> bytes:
+    """A PNG of what moved in batch inference: left, each figure's PSI against the version's reference over
+    `runs` (inference-run records, oldest first; the drift `threshold` dashed); right, the shares of each
+    category figure (labels, finish reasons) in the `reference` (`monitoring.summary` of the version's
+    figures) beside those of the latest run."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=dpi, layout="constrained")
+    FigureCanvasAgg(fig)
+    trend, shares = fig.subplots(1, 2, width_ratios=(3, 2))
+    xs = list(range(len(runs)))
+    for name in sorted({k for r in runs for k in r.get("drift", {})}):
+        trend.plot(xs, [r.get("drift", {}).get(name, math.nan) for r in runs], marker="o", markersize=3,
+                   linewidth=1.5, label=name)
+    trend.axhline(threshold, color="grey", linestyle="--", linewidth=1)
+    trend.set_xticks(xs, [r["time"][5:16].replace("T", " ") for r in runs], rotation=30, fontsize="x-small")
+    trend.set(title=f"{title}: PSI against the reference", ylabel="PSI")
+    if trend.lines[1:]:  # a figure's line besides the threshold's
+        trend.legend(loc="upper left", fontsize="small", frameon=False)
+    trend.grid(True, alpha=0.3)
+    latest = runs[-1].get("figures", {}) if runs else {}
+    categories = {f: ref for f, ref in (reference or {}).items()
+                  if isinstance(ref, dict) and isinstance(latest.get(f), dict)}  # shares, not quantiles
+    bars = [(f"{figure}: {k}", ref.get(k, 0.0), latest[figure].get(k, 0.0))
+            for figure, ref in categories.items() for k in sorted(set(ref) | set(latest[figure]))][:12]
+    if bars:
+        ys = list(range(len(bars)))
+        shares.barh([y + 0.2 for y in ys], [b[1] for b in bars], height=0.4, label="reference")
+        shares.barh([y - 0.2 for y in ys], [b[2] for b in bars], height=0.4, label="latest run")
+        shares.set_yticks(ys, [b[0] for b in bars], fontsize="x-small")
+        shares.invert_yaxis()
+        shares.legend(loc="lower right", fontsize="small", frameon=False)
+    else:
+        shares.text(0.5, 0.5, "no category figures", ha="center", va="center", transform=shares.transAxes,
+                    color="grey")
+    shares.set(title="shares: reference vs latest run", xlabel="share of rows")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, metadata={"Software": None})
+    return buf.getvalue()

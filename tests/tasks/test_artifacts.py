@@ -220,6 +220,45 @@ def test_dashboard_with_versions_whose_metrics_differ(prefect_harness):
     assert "| 2026-11-29T13:00:00 | calm-fox | v3 | 800 | 750 | 42.3 s | 61.2 | 0 | 0 | 0.0 | 0.25 % | 3.100 | label |" in markdown
     assert "| 2026-11-29T14:00:00 | - | v3 | 10 | 0 | 0.0 s | 5.0 | 0 | 0 | 0.0 | 0.00 % | 0.000 | no reference |" in markdown
     assert "| 2026-11-29T12:00:00 | promote | v3 | v1 | ops@host | better |" in markdown
+    drift = re.search(r"## Drift\n\n!\[[^]]*\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", markdown)
+    assert png_size(base64.b64decode(drift.group(1))) == (720, 224)
+
+
+def test_drift_chart_shows_psi_over_runs_and_the_shares_that_moved(prefect_harness, tmp_path):
+    """The dashboard's drift chart, read back from a real Prefect server: PSI per figure over the runs and
+    the label shares of the version's reference beside the latest run's (a chart with shares differs from
+    one without: the bars are drawn)."""
+    from hfbatch.tasks.core import monitoring
+
+    name, store = f"drift-{uuid.uuid4().hex[:8]}", Store(str(tmp_path / "store"))
+    reference = {"label": monitoring.shares(["POSITIVE"] * 60 + ["NEGATIVE"] * 40)}
+    index = {"name": name, "champion": "1", "history": [], "versions": [
+        {"version": "1", "created": "2026-11-29T10:00:00", "metrics": {"accuracy": 0.8}, "promoted": True,
+         "reason": "first version", "reference": reference}]}
+    runs = [{"time": f"2026-11-29T1{i}:00:00", "flow_run": f"run-{i}", "version": "1", "rows": 100,
+             "rows_per_s": 50.0, "quarantine_rate": 0.0, "drift": {"label": psi}, "drifted": ["label"] if psi > 0.2
+             else [], "reference": True, "figures": {"label": {"POSITIVE": share, "NEGATIVE": round(1 - share, 4)}}}
+            for i, (psi, share) in enumerate([(0.01, 0.58), (0.08, 0.45), (0.35, 0.2)])]
+
+    @flow(name="dashboard-test")
+    def publish(index: dict, runs: list):
+        return publish_dashboard(name, index, runs, store)
+
+    markdown = publish(index, runs)
+    assert markdown == _latest_artifacts(f"{name}-dashboard")[f"{name}-dashboard"].data
+    section = markdown.split("## Drift", 1)[1].split("##", 1)[0]
+    with_shares = base64.b64decode(re.search(r"base64,([A-Za-z0-9+/=]+)", section).group(1))
+    assert png_size(with_shares) == (720, 224)
+    without = plots_drift(runs, None)
+    assert with_shares != without and png_size(without) == (720, 224)
+    assert len(store.list(f"models/{name}/_charts")) == 2  # the metric trend and the drift chart, kept
+    assert "no drift recorded yet" in publish(index, [])
+
+
+def plots_drift(runs, reference):
+    from hfbatch.tasks.core import plots
+
+    return plots.drift_png(runs, reference, 0.2, "x")
 
 
 def test_dashboard_chart_is_drawn_once_per_set_of_versions(prefect_harness, tmp_path, monkeypatch):
@@ -245,9 +284,13 @@ def test_dashboard_chart_is_drawn_once_per_set_of_versions(prefect_harness, tmp_
     second = publish(index, [run])
     chart = re.compile(r"data:image/png;base64,[A-Za-z0-9+/=]+")
     assert len(drawn) == 1 and chart.search(first).group() == chart.search(second).group()
-    assert "calm-fox" in second and len(store.list(f"models/{name}/_charts")) == 1
+
+    def trends() -> list[str]:
+        return [c for c in store.list(f"models/{name}/_charts") if c.startswith("metric-trend")]
+
+    assert "calm-fox" in second and len(trends()) == 1
     index["versions"].append({"version": "2", "created": "2026-11-29T11:00:00", "metrics": {"accuracy": 0.9},
                               "promoted": False, "reason": "not better"})
     third = publish(index, [run])
     assert len(drawn) == 2 and chart.search(third).group() != chart.search(second).group()
-    assert len(store.list(f"models/{name}/_charts")) == 2
+    assert len(trends()) == 2
