@@ -156,8 +156,9 @@ def train_flow(
 
     Args:
         dataset: training data: file, directory, s3:// URI or hub id ID[:CONFIG][#SPLIT]
-        model: model to start from: local directory, a .gguf file, a registered NAME[@VERSION] (e.g. the
-            fine-tuned version preference training goes on from) or hub id[@revision]
+        model: model to start from: local directory, a .gguf file, a registered NAME[@VERSION] (a warm start,
+            e.g. retraining from the champion: recorded as the version's parent; with --peft, a LoRA version
+            goes on with its adapter on its own base) or hub id[@revision]
         name: registry name the new version is added to
         task: the ML task
         gguf_file: with a hub id: the repository's GGUF file to convert and start from

@@ -31,6 +31,8 @@ def write_model_card(directory: Path, trained: TrainedModel, text: dict | None =
     ]
     if labels:
         lines.append(f"- Labels: {labels}")
+    if trained.parent:
+        lines.append(f"- Continued from the registered version `{trained.parent}` (a warm start)")
     if trained.adapter:
         a = trained.adapter
         lines += ["", "## Adapter", "",
@@ -95,7 +97,8 @@ def card_data(trained: TrainedModel, metrics: dict, title: str, intervals: dict)
                           dataset_name=Path(dataset).name or dataset, metric_type=k, metric_name=k,
                           metric_value=round(float(v), 4)) for k, v in sorted(metrics.items())
                if isinstance(v, (int, float))]
-    optional = {"intervals": intervals, "prompt": trained.prompt, "adapter": trained.adapter}
+    optional = {"parent": trained.parent, "intervals": intervals, "prompt": trained.prompt,
+                "adapter": trained.adapter}
     record = {"run_key": trained.run_key, "base_model": trained.base_model, "base_fingerprint":
               trained.base_fingerprint, "dataset": dataset, "dataset_fingerprint": trained.dataset_fingerprint,
               **{k: v for k, v in optional.items() if v}}

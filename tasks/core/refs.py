@@ -94,6 +94,8 @@ class TrainedModel(Ref):
     """The training data as the user named it (a path, URL or Hub dataset id)."""
     license: str | None = None
     """The base model's license, as its model card says (None: not known)."""
+    parent: str | None = None
+    """`NAME@VERSION` of the registered version training started from (a warm start), None otherwise."""
     tracker: dict | None = None
     """The experiment tracker that recorded the training (`training.tracking`: name, run id or event files,
     and an error where it was down), None without one."""

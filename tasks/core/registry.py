@@ -80,6 +80,11 @@ class Registry:
         entry = next(v for v in self.load()["versions"] if v["version"] == version)
         return entry.get("task", "text-classification")
 
+    def entry(self, version: str) -> dict:
+        """The registry entry of `version` (a number or an alias)."""
+        version = self.resolve(version)
+        return next(v for v in self.load()["versions"] if v["version"] == version)
+
     def champion(self) -> dict | None:
         index = self.load()
         return next((v for v in index["versions"] if v["version"] == index["champion"]), None)
@@ -143,6 +148,7 @@ class Registry:
                      "base_model": trained.base_model, "uri": self.store.uri(self.version_key(version)),
                      **({"prompt": trained.prompt} if trained.prompt else {}),
                      **({"tracker": trained.tracker} if trained.tracker else {}),
+                     **({"parent": trained.parent} if trained.parent else {}),
                      "promoted": promoted, "reason": reason, "files": files,
                      "reference": evaluation.details.get("reference_figures")}
             index = {**index, "versions": [*index["versions"], entry]}

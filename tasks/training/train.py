@@ -13,9 +13,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from hfbatch.tasks.core.card import base_license, write_model_card
 from hfbatch.tasks.core.errors import ConfigError
 from hfbatch.tasks.core.fingerprint import digest
-from hfbatch.tasks.core.models import load_tokenizer, pick_device
+from hfbatch.tasks.core.models import load_tokenizer, pick_device, resolve_model
 from hfbatch.tasks.core.options import Options
 from hfbatch.tasks.core.refs import DatasetRef, ModelRef, TrainedModel
+from hfbatch.tasks.core.registry import Registry
 from hfbatch.tasks.core.settings import Settings
 from hfbatch.tasks.core.store import Store
 from hfbatch.tasks.recipes import Recipe, get_recipe
@@ -142,12 +143,12 @@ def train(data: DatasetRef, model: ModelRef, store: Store, recipe: Recipe, optio
             fitted = run_distributed(config.nproc_per_node, fit, job)
         else:
             fitted = fit(**job)
+        base = {"base_model": model.source, "base_revision": model.revision, "base_fingerprint": model.fingerprint}
         trained = TrainedModel(
-            store=store.url, key=model_key, run_key=key, task=recipe.task, base_model=model.source,
-            base_revision=model.revision, base_fingerprint=model.fingerprint, dataset_fingerprint=data.fingerprint,
+            store=store.url, key=model_key, run_key=key, task=recipe.task, dataset_fingerprint=data.fingerprint,
             label_names=data.label_names, config=config.model_dump(), resumed_from_step=resumed_from,
-            adapter=_adapter_card(config), prompt=recipe.prompt_record(options), dataset_source=data.source,
-            license=base_license(model.path), **fitted)
+            prompt=recipe.prompt_record(options), dataset_source=data.source, license=base_license(model.path),
+            parent=f"{model.name}@{model.version}" if model.name else None, **{**base, **fitted})
         log.info("trained %s in %d steps on %s/%s", key, trained.global_step, trained.device, trained.precision)
         write_model_card(tmp, trained, recipe.card_text(data.label_names))
         return trained
@@ -163,12 +164,12 @@ def _distributed_arguments(device: str) -> dict:
     return {"average_tokens_across_devices": False, **({"ddp_backend": "gloo"} if device == "cpu" else {})}
 
 
-def _adapter_card(config: TrainConfig) -> dict | None:
-    """What the model card and registry say of the adapters trained (None: every weight was trained)."""
-    if config.peft == "none":
-        return None
-    return {"method": config.peft, "r": config.lora_r, "alpha": config.lora_alpha, "dropout": config.lora_dropout,
-            "target_modules": config.lora_target_modules, "files": "adapter/"}
+def _adapter_card(method: str, lora) -> dict:
+    """What the model card and registry say of the adapters trained (`lora`: their peft `LoraConfig`)."""
+    targets = lora.target_modules
+    return {"method": method, "r": lora.r, "alpha": lora.lora_alpha, "dropout": lora.lora_dropout,
+            "target_modules": ",".join(sorted(targets)) if isinstance(targets, (set, list)) else targets,
+            "files": "adapter/"}
 
 
 def check_peft(config: TrainConfig) -> None:
@@ -273,9 +274,22 @@ def fit(data: DatasetRef, model: ModelRef, store: Store, task: str, options: Opt
     device, precision = training_precision(settings.device, config.precision)
     set_seed(config.seed)
     tokenizer = load_tokenizer(model, settings)
-    net = recipe.prepare_model(recipe.model_for_training(model, data.label_names, settings, **_quantized_base(config)),
+    parent_adapter = Path(model.path) / "adapter"
+    base, started = model, dict[str, Any]()
+    if config.peft != "none" and model.name and (parent_adapter / "adapter_config.json").is_file():
+        # a registered LoRA version: its adapter trained on, on its own base (so the new adapter still
+        # fits that base, as the parent's did), not a new adapter on the parent's merged weights
+        base = resolve_model(Registry(store, model.name).entry(model.version or "champion")["base_model"], settings,
+                             store)
+        started = {"base_model": base.source, "base_revision": base.revision, "base_fingerprint": base.fingerprint}
+    net = recipe.prepare_model(recipe.model_for_training(base, data.label_names, settings, **_quantized_base(config)),
                                tokenizer, options)
-    if config.peft != "none":
+    if config.peft != "none" and started:
+        from peft import PeftModel
+
+        net = PeftModel.from_pretrained(net, str(parent_adapter), is_trainable=True)
+        log.info("continuing the LoRA adapter of %s@%s on its base %s", model.name, model.version, base.source)
+    elif config.peft != "none":
         net = with_adapters(net, recipe, config)
     evaluation = store.load_dataset(eval_data.key) if eval_data is not None else None
     callbacks: list = [CheckpointCommit(store, ckpt_key)]
@@ -312,7 +326,10 @@ def fit(data: DatasetRef, model: ModelRef, store: Store, task: str, options: Opt
         (model_dir / "train_log.json").write_text(json.dumps(trainer.state.log_history, indent=1))
     if trainer.state.best_model_checkpoint:
         log.info("the best checkpoint by eval loss (%s) is the one saved", trainer.state.best_model_checkpoint)
-    return dict(device=device, precision=precision, global_step=trainer.state.global_step, train_samples=ds.num_rows,
+    if config.peft != "none":
+        started["adapter"] = _adapter_card(config.peft, trainer.model.peft_config["default"])
+    return dict(**started, device=device, precision=precision, global_step=trainer.state.global_step,
+                train_samples=ds.num_rows,
                 train_samples_per_second=float(result.metrics.get("train_samples_per_second", math.nan)),
                 train_loss=float(result.metrics.get("train_loss", math.nan)), warnings=tuple(warnings), tracker=tracker,
                 eval_metrics=recipe.training_figures(trainer.state.log_history, options))

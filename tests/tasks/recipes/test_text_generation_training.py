@@ -13,6 +13,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from hfbatch.flows.training import train_flow
 from hfbatch.tasks.core.errors import ConfigError, DataError
@@ -212,6 +213,29 @@ def test_lora_sft_end_to_end(prefect_harness, llama, sst2_chats, tmp_path):
     # a text column reaches a chat-trained model as the user turn, as in training: the same answers
     run_local("text-generation", model, str(sst2_chats["infer"]), str(tmp_path / "text"), max_new_tokens=4)
     assert pq.read_table(tmp_path / "text").sort_by("id").column("generated_text").to_pylist() == bulk
+
+
+def test_a_lora_version_warm_starts_from_its_adapter_on_its_base(prefect_harness, llama, sst2_chats, tmp_path):
+    """`--model NAME@VERSION` of a LoRA version: training goes on with that version's adapter (its rank, not
+    the one asked) on the version's own base, so the new adapter still fits that base; the registry entry and
+    the card name the parent."""
+    from safetensors.torch import load_file
+
+    store = tmp_path / "store"
+    params = dict(task="text-generation", dataset=str(sst2_chats["train"]), model=llama, name="warm",
+                  store=str(store), prompt_column="prompt", completion_column="completion", peft="lora", lora_r=8,
+                  epochs=1.0, batch_size=16, learning_rate=1e-3, max_length=160, max_train_samples=48, seed=1)
+    first = call_flow(train_flow, **params)
+    second = call_flow(train_flow, **{**params, "model": "warm@1", "lora_r": 4, "seed": 2})
+    index = json.loads((store / "models" / "warm" / "registry.json").read_text())
+    entry = index["versions"][1]
+    assert (first["version"], second["version"]) == ("1", "2")
+    assert entry["parent"] == "warm@1" and entry["base_model"] == llama  # the root base, not v1's merged weights
+    v1, v2 = (store / "models" / "warm" / v / "adapter" for v in ("1", "2"))
+    assert json.loads((v2 / "adapter_config.json").read_text())["r"] == 8  # v1's adapter, trained on
+    w1, w2 = (load_file(v / "adapter_model.safetensors") for v in (v1, v2))
+    assert w1.keys() == w2.keys() and any(not torch.equal(w1[k], w2[k]) for k in w1)
+    assert "Continued from the registered version `warm@1`" in (store / "models" / "warm" / "2" / "README.md").read_text()
 
 
 def test_a_prompt_template_is_trained_recorded_and_used_by_bulk_inference(prefect_harness, llama, data_dir,
