@@ -32,6 +32,8 @@ def build_parser(flow_options: bool = True) -> argparse.ArgumentParser:
     output = argparse.ArgumentParser(add_help=False)
     output.add_argument("--json", action="store_true", help="print the result as JSON only")
     output.add_argument("--debug", action="store_true", help="print the traceback of an error too")
+    output.add_argument("--verbose", action="store_true", help="show the libraries' own progress bars and load "
+                        "reports too (HFBATCH_VERBOSE=1)")
     for command, description in COMMANDS.items():
         parser = sub.add_parser(command, parents=[output], help=description, description=description)
         if flow_options:
@@ -235,6 +237,8 @@ def _main(argv: list[str]) -> int:
         args = build_parser(flow_options=command in COMMANDS).parse_args(argv)
     except SystemExit as e:  # usage errors (argparse printed them) and --help
         return int(e.code or 0)
+    if args.verbose:
+        os.environ["HFBATCH_VERBOSE"] = "1"  # the flows' Settings, here and in the processes they start
     try:
         # libraries print progress to stdout (the Trainer prints its logs when tqdm is off): with
         # --json, stdout must hold the JSON document only
@@ -303,7 +307,7 @@ def _run(args) -> dict:
         return result | ({"runs_unavailable": down} if down else {})
     from hfbatch.flows import commands
 
-    given = {k: v for k, v in vars(args).items() if k not in ("command", "json", "debug")}
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "json", "debug", "verbose")}
     if args.command != "infer":
         return commands.run(args.command, given)
     with _InferProgress(enabled=not args.json) as bar:

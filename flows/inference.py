@@ -23,6 +23,7 @@ from hfbatch.tasks.batch.shards import InputFile, Shard, describe_input, plan_sh
 from hfbatch.tasks.batch.spec import InferSpec, build_spec, output_for
 from hfbatch.tasks.core.errors import ConfigError, is_transient
 from hfbatch.tasks.core.models import resolve_model
+from hfbatch.tasks.core.progress import ProgressLog, quiet_libraries
 from hfbatch.tasks.core.refs import ModelRef
 from hfbatch.tasks.core.settings import Device, Settings
 from hfbatch.tasks.core.store import Store
@@ -225,6 +226,7 @@ def batch_inference(
     if plan is None:
         given = {k: v for k, v in locals().items() if k not in (PLAN, "started")}
         plan = plan_inference(InferParams.model_construct(**given))
+    quiet_libraries(Settings().verbose)
     logger = get_run_logger()
     spec, shards, files, ref = plan.spec, list(plan.shards), list(plan.files), plan.model
     corrupt = None if plan.corrupt is None else list(plan.corrupt)
@@ -238,10 +240,13 @@ def batch_inference(
     total = sum(s.num_rows for s in shards)
     _notify({"done": 0, "shards": len(shards), "rows_done": 0, "rows": total, "skipped": False})
     finished = {"shards": 0, "rows": 0}
+    lines = ProgressLog("batch inference", total, "rows", Settings().progress_interval)  # without a terminal
 
     def report(shard: Shard, entry: dict) -> None:
         finished["shards"] += 1
         finished["rows"] += shard.num_rows
+        lines.update(finished["rows"], extra=f"{finished['shards']}/{len(shards)} shards"
+                     + (f", {entry.get('rows_reused', 0)} rows reused" if entry.get("rows_reused") else ""))
         update_progress_artifact(progress, 100.0 * finished["shards"] / len(shards))
         _notify({"done": finished["shards"], "shards": len(shards), "rows_done": finished["rows"], "rows": total,
                  "skipped": bool(entry.get("skipped"))})

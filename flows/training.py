@@ -18,6 +18,7 @@ from hfbatch.flows.params import PLAN, MaxLength, Planned, TrainOptions, TrainTa
 from hfbatch.tasks.core.errors import ConfigError
 from hfbatch.tasks.core.models import label_names, resolve_model, trained_model
 from hfbatch.tasks.core.options import Options
+from hfbatch.tasks.core.progress import quiet_libraries
 from hfbatch.tasks.core.refs import DatasetRef, EvalResult, ModelRef
 from hfbatch.tasks.core.registry import Registry
 from hfbatch.tasks.core.settings import Device, Settings
@@ -107,6 +108,7 @@ class _Run:
     def __init__(self, plan: TrainingPlan):
         self.plan, self.recipe, self.options, self.settings = plan, plan.recipe, plan.options, plan.settings
         self.store = plan.store
+        quiet_libraries(plan.settings.verbose)
         self.tasks = StoreTasks(self.store)
 
     def ingest(self, source: Source, labels: tuple[str, ...] | None = None) -> DatasetRef:
@@ -115,9 +117,10 @@ class _Run:
         return self.tasks.ingest(source.src, self.store, self.recipe.task, self.options, self.settings,
                                  source.fingerprint, labels)
 
-    def tokenize(self, data: DatasetRef, model: ModelRef, split: str) -> DatasetRef:
+    def tokenize(self, data: DatasetRef, model: ModelRef, split: str,
+                 sample: tuple[int, int] | None = None) -> DatasetRef:
         return self.tasks.tokenize(data, model, self.store, self.recipe.task, self.options, self.settings,
-                                   self.plan.max_length, split)
+                                   self.plan.max_length, split, sample)
 
     def evaluate(self, model: ModelRef, examples: DatasetRef, metrics: tuple[str, ...],
                  metric_module: str | None = None, artifact_key: str | None = None):
@@ -187,7 +190,9 @@ def train_flow(
             eval_data = run.ingest(plan.eval_dataset, data.label_names or None)
         else:
             data, eval_data = run.tasks.holdout(data, run.store, recipe.task, eval_fraction, training.seed)
-        tokens = run.tokenize(data, plan.model, "train")
+        # only the rows training will use (--max-train-samples), drawn as training drew them from all rows
+        sample = (training.max_train_samples, training.seed) if training.max_train_samples else None
+        tokens = run.tokenize(data, plan.model, "train", sample)
         # evaluated during training (the eval rows' loss, or preference training's rewards): tokenized as
         # training rows are
         in_training = training.eval_strategy != "no" or recipe.evaluates_while_training(run.options)

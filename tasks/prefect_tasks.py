@@ -84,8 +84,8 @@ def holdout_task(data: DatasetRef, store: Store, task: str, fraction: float, see
 
 @task(name="tokenize", cache_key_fn=content_key(tokenization.tokenize_key), **CACHED, **RETRIES)
 def tokenize_task(data: DatasetRef, model: ModelRef, store: Store, task: str, options: Options, settings: Settings,
-                  max_length: int, split: str = "train") -> DatasetRef:
-    return tokenization.tokenize(data, model, store, get_recipe(task), options, settings, max_length, split)
+                  max_length: int, split: str = "train", sample: tuple[int, int] | None = None) -> DatasetRef:
+    return tokenization.tokenize(data, model, store, get_recipe(task), options, settings, max_length, split, sample)
 
 
 @task(name="train", cache_key_fn=content_key(train_mod.run_key), **CACHED, retries=1, retry_delay_seconds=10,

@@ -55,6 +55,12 @@ class Settings(BaseSettings):
     """botocore's attempts per request of s3fs's 5 tries (botocore's own default is 5: 25 requests)."""
     api_timeout: float = 10.0
     """Seconds to wait for each answer of the Prefect API (`PREFECT_API_REQUEST_TIMEOUT`, unless set)."""
+    progress_interval: float = 30.0
+    """Seconds between the progress lines of a long step (training, evaluation) when there is no terminal
+    (a scheduler's or Prefect worker's log): percent done, rate, time left."""
+    verbose: bool = False
+    """Let the libraries (datasets, transformers, huggingface_hub) show their own progress bars and load
+    reports; off, hfbatch's own progress and warnings are the run's lines."""
     inference_deadline: float = 7200.0
     """Seconds a batch-inference run may take from its start (or from being late) before an alert says
     it did not complete in time."""

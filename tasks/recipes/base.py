@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 from hfbatch.tasks.core.errors import ConfigError, DataError
 from hfbatch.tasks.core.models import load_model
 from hfbatch.tasks.core.options import NoOptions, Options
+from hfbatch.tasks.core.progress import run_logger
 from hfbatch.tasks.core.refs import ModelRef
 from hfbatch.tasks.core.settings import Settings
 from hfbatch.tasks.engine.predictor import has_head
@@ -112,7 +113,8 @@ class Recipe(Generic[OptionsT]):
         """The model to fine-tune, from a base checkpoint (a new head, said in the log) or one with this
         task's head (`kwargs`: more `from_pretrained` arguments, a quantized base's)."""
         if self.heads and has_head(model, self.heads, (self.task, *self.aliases)) is False:
-            log.info("training a new %s head on %s: the checkpoint has none", self.task, model.source)
+            run_logger().warning("%s has no %s head: a new one, randomly initialised, is trained with it (the "
+                                 "load report's 'newly initialized' weights)", model.source, self.task)
         return load_model(model, self.model_class, settings, **self.model_kwargs(label_names), **kwargs)
 
     def trained_model(self, model: ModelRef, settings: Settings):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import tempfile
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from hfbatch.tasks.core.settings import Settings
 from hfbatch.tasks.core.store import Store
 from hfbatch.tasks.metrics import compute_custom, module_fingerprint, paired
 from hfbatch.tasks.recipes import Recipe
+from hfbatch.tasks.training.train import watch_without_terminal
 
 EVAL_VERSION = 4
 log = logging.getLogger(__name__)
@@ -49,9 +51,11 @@ def evaluate_model(model: ModelRef, examples: DatasetRef, features: DatasetRef, 
             args = recipe.training_arguments(
                 options, output_dir=scratch, per_device_eval_batch_size=batch_size, report_to=[],
                 use_cpu=device == "cpu",
-                bf16_full_eval=precision == "bf16", fp16_full_eval=precision == "fp16", disable_tqdm=True)
+                bf16_full_eval=precision == "bf16", fp16_full_eval=precision == "fp16",
+                disable_tqdm=not os.isatty(2))
             trainer = recipe.trainer(model=net, args=args, processing_class=tokenizer,
                                      data_collator=recipe.collator(tokenizer, net))
+            watch_without_terminal(trainer, settings.progress_interval, "evaluation")
             if recipe.generates():  # answers generated as bulk inference generates them; the loss on the targets
                 loss = trainer.evaluate(ds)["eval_loss"] if "loss" in metrics else None
                 predictions = recipe.generated(model, store.load_dataset(examples.key), settings, options)

@@ -164,6 +164,19 @@ def _distributed_arguments(device: str) -> dict:
     return {"average_tokens_across_devices": False, **({"ddp_backend": "gloo"} if device == "cpu" else {})}
 
 
+def watch_without_terminal(trainer, interval: float, label: str) -> None:
+    """Without a terminal, the Trainer's printed log dicts give way to progress lines with a rate and time
+    left every `interval` seconds (`training.progress`); in a terminal its bars stay."""
+    if os.isatty(2):
+        return
+    from transformers.trainer_callback import PrinterCallback
+
+    from hfbatch.tasks.training.progress import TrainingProgress
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(TrainingProgress(interval, label))
+
+
 def _adapter_card(method: str, lora) -> dict:
     """What the model card and registry say of the adapters trained (`lora`: their peft `LoraConfig`)."""
     targets = lora.target_modules
@@ -314,6 +327,7 @@ def fit(data: DatasetRef, model: ModelRef, store: Store, task: str, options: Opt
     reporting, tracker = tracking.start(config.report_to, model_dir, f"hfbatch-{ckpt_key.split('/')[1][:16]}")
     trainer = recipe.trainer(options, model=net, args=args, train_dataset=ds, eval_dataset=evaluation,
                              processing_class=tokenizer, data_collator=collator, callbacks=callbacks + reporting)
+    watch_without_terminal(trainer, settings.progress_interval, "training")
     try:
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     finally:

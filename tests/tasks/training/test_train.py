@@ -68,3 +68,17 @@ def test_bf16_training_autocasts_where_the_cpu_has_bf16_units(sst2_split, minilm
         monkeypatch.setattr(predictor_module, "cpu_has_bf16", lambda: False)
     with pytest.raises(ConfigError, match="training precision 'bf16': this CPU has no bf16 units"):
         training_precision("cpu", "bf16")  # what the train flow checks before any work
+
+
+def test_only_the_sampled_training_rows_are_tokenized(sst2_split, minilm, tmp_path):
+    """`--max-train-samples N`: tokenization takes the seeded sample training draws (the same rows it drew
+    from the whole tokenized set before), not every candidate row; without a sample, the key is unchanged."""
+    store, settings, options = Store(str(tmp_path / "store")), Settings(), TC.options_class()
+    model = resolve_model(minilm, settings)
+    rows = ingest(str(sst2_split[1]), store, TC, options, settings)  # 800 rows
+    sampled = tokenize(rows, model, store, TC, options, settings, 32, sample=(80, 42))
+    whole = tokenize(rows, model, store, TC, options, settings, 32)
+    assert (sampled.num_rows, whole.num_rows) == (80, rows.num_rows)
+    expected = store.load_dataset(whole.key).shuffle(seed=42).select(range(80))
+    assert store.load_dataset(sampled.key)["input_ids"] == expected["input_ids"]
+    assert tokenize(rows, model, store, TC, options, settings, 32, sample=(10**9, 42)).key == whole.key
