@@ -424,7 +424,8 @@ def _print_human(command: str, result: dict) -> None:
         status = "champion" if result["promoted"] else f"not promoted (champion: v{result['champion']})"
         print(f"{result['name']} v{result['version']}: {status}; {result['reason']}")
     for name, value in result["metrics"].items():
-        print(f"  {name:>10}: {value:.4f}")
+        low_high = result.get("intervals", {}).get(name)
+        print(f"  {name:>10}: {value:.4f}" + (f"  [{low_high[0]:.4f}, {low_high[1]:.4f}]" if low_high else ""))
 
 
 if __name__ == "__main__":

@@ -209,6 +209,7 @@ def train_flow(
                 evaluated.metrics[metric], registration.champion, registration.reason)
     return {"name": name, "task": recipe.task, "version": registration.version, "champion": registration.champion,
             "promoted": registration.promoted, "reason": registration.reason, "metrics": evaluated.metrics,
+            "intervals": evaluated.intervals,
             "uri": registration.uri, "run_key": trained.run_key, "global_step": trained.global_step,
             "resumed_from_step": trained.resumed_from_step,
             "train_samples_per_second": trained.train_samples_per_second, "train_loss": trained.train_loss,
@@ -299,7 +300,8 @@ def evaluate_flow(
     data = run.ingest(plan.dataset, label_names(ref) or None)
     result = run.evaluate(ref, data, plan.metrics, metric_module, f"{ref.name or 'model'}-eval")
     return {"model": model, "task": plan.recipe.task, "version": ref.version, "dataset": dataset,
-            "num_rows": result.num_rows, "metrics": result.metrics, **result.details, "uri": result.uri}
+            "num_rows": result.num_rows, "metrics": result.metrics, "intervals": result.intervals, **result.details,
+            "uri": result.uri}
 
 
 EvalParams = parameter_model(evaluate_flow)
