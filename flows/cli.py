@@ -237,7 +237,7 @@ def _main(argv: list[str]) -> int:
         args = build_parser(flow_options=command in COMMANDS).parse_args(argv)
     except SystemExit as e:  # usage errors (argparse printed them) and --help
         return int(e.code or 0)
-    if args.verbose:
+    if getattr(args, "verbose", False):  # serve and deploy have no --verbose
         os.environ["HFBATCH_VERBOSE"] = "1"  # the flows' Settings, here and in the processes they start
     try:
         # libraries print progress to stdout (the Trainer prints its logs when tqdm is off): with

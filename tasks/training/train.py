@@ -15,6 +15,7 @@ from hfbatch.tasks.core.errors import ConfigError
 from hfbatch.tasks.core.fingerprint import digest
 from hfbatch.tasks.core.models import load_tokenizer, pick_device, resolve_model
 from hfbatch.tasks.core.options import Options
+from hfbatch.tasks.core.progress import run_logger
 from hfbatch.tasks.core.refs import DatasetRef, ModelRef, TrainedModel
 from hfbatch.tasks.core.registry import Registry
 from hfbatch.tasks.core.settings import Settings
@@ -282,13 +283,14 @@ def fit(data: DatasetRef, model: ModelRef, store: Store, task: str, options: Opt
     if config.max_train_samples and config.max_train_samples < ds.num_rows:
         ds = ds.shuffle(seed=config.seed).select(range(config.max_train_samples))
     warnings = recipe.check_training_data(ds, data.label_names, data.source)
-    for warning in warnings:
-        log.warning("training data: %s", warning)
+    for warning in warnings:  # said once, in the run's log (the UI's, a worker's)
+        run_logger().warning("training data: %s", warning)
     device, precision = training_precision(settings.device, config.precision)
     set_seed(config.seed)
     tokenizer = load_tokenizer(model, settings)
     parent_adapter = Path(model.path) / "adapter"
-    base, started = model, dict[str, Any]()
+    base = model
+    started: dict[str, Any] = {}  # what training from a registered LoRA version changes of the record
     if config.peft != "none" and model.name and (parent_adapter / "adapter_config.json").is_file():
         # a registered LoRA version: its adapter trained on, on its own base (so the new adapter still
         # fits that base, as the parent's did), not a new adapter on the parent's merged weights
