@@ -265,6 +265,11 @@ def _main(argv: list[str]) -> int:
     return 0
 
 
+def flow_arguments(args: argparse.Namespace) -> dict:
+    """A flow command's parsed options without the command's own (`--json`, `--debug`, `--verbose`)."""
+    return {k: v for k, v in vars(args).items() if k not in ("command", "json", "debug", "verbose")}
+
+
 def _run(args) -> dict:
     if args.command in ("serve", "deploy"):
         return _operate(args)
@@ -307,7 +312,7 @@ def _run(args) -> dict:
         return result | ({"runs_unavailable": down} if down else {})
     from hfbatch.flows import commands
 
-    given = {k: v for k, v in vars(args).items() if k not in ("command", "json", "debug", "verbose")}
+    given = flow_arguments(args)
     if args.command != "infer":
         return commands.run(args.command, given)
     with _InferProgress(enabled=not args.json) as bar:

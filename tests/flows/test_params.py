@@ -93,8 +93,8 @@ def test_parsing_and_checking_a_command_line_imports_neither_torch_nor_transform
             "from hfbatch.flows.params import flow_values, parameter_model; "
             "a = cli.build_parser().parse_args(['infer', '--model', 'm', '--input', 'i', '--output', 'o', '--top-k', '3',"
             " '--task', 'fill-mask']); "
-            "v = flow_values(flows()['infer'], {k: x for k, x in vars(a).items() if k not in ('command', 'json', 'debug')},"
-            " 'fill-mask'); parameter_model(flows()['infer']).model_validate(v); "
+            "v = flow_values(flows()['infer'], cli.flow_arguments(a), 'fill-mask'); "
+            "parameter_model(flows()['infer']).model_validate(v); "
             "print([m for m in ('torch', 'transformers', 'datasets', 'evaluate') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]

@@ -82,7 +82,7 @@ def test_options_come_from_the_command_line_and_belong_to_text_generation(tmp_pa
     args = cli.build_parser().parse_args(["infer", "--model", "m", "--input", "i", "--output", "o",
                                           "--json-schema", str(schema), "--prompt-template", f"@{template}",
                                           "--system-prompt", "Be brief."])
-    given = {k: v for k, v in vars(args).items() if k not in ("command", "json", "debug")}
+    given = cli.flow_arguments(args)
     values = flow_values(cli_flows()["infer"], given, "text-generation")["options"]["text_generation"]
     parsed = options(**values)
     assert json.loads(parsed.json_schema) == SCHEMA and parsed.prompt_template == QUESTION
@@ -90,7 +90,7 @@ def test_options_come_from_the_command_line_and_belong_to_text_generation(tmp_pa
     args = cli.build_parser().parse_args(["infer", "--model", "m", "--input", "i", "--output", "o",
                                           "--choices", "positive,,negative"])
     assert args.choices == ("positive", "", "negative")  # the empty choice reaches the check that refuses it
-    given = {k: v for k, v in vars(args).items() if k not in ("command", "json", "debug")}
+    given = cli.flow_arguments(args)
     with pytest.raises(ConfigError, match="--choices is an option of text-generation, not of text-classification"):
         flow_values(cli_flows()["infer"], given, "text-classification")
 

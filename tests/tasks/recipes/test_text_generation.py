@@ -66,7 +66,7 @@ def test_options_and_cli():
     args = cli.build_parser().parse_args(["infer", "--model", "m", "--input", "i", "--output", "o", "--do-sample",
                                           "--temperature", "0.7", "--top-k", "20", "--messages-column", "chat"])
     assert (args.do_sample, args.temperature, args.top_k, args.messages_column) == (True, 0.7, 20, "chat")
-    given = {k: v for k, v in vars(args).items() if k not in ("command", "json", "debug")}
+    given = cli.flow_arguments(args)
     values = flow_values(cli_flows()["infer"], given, "text-generation")
     assert values["options"] == {"text_generation": {"do_sample": True, "temperature": 0.7, "top_k": 20,
                                                      "messages_column": "chat"}}
