@@ -81,8 +81,12 @@ def interval_text(interval) -> str:
 
 
 def hub_id(source: str) -> str | None:
-    """`source` where it names a Hub repository (`org/name`), None for a local path or URL."""
-    return source if HUB_ID.match(source) and not Path(source).exists() else None
+    """The Hub repository (`org/name`) `source` names (`ID[:CONFIG][#SPLIT]`, `ID[@REVISION]`), None for a
+    local path, a file or a URL."""
+    repo = source.split("#")[0].split(":")[0].split("@")[0]
+    if "://" in source or not HUB_ID.match(repo) or Path(source).exists() or Path(repo).suffix:
+        return None
+    return repo
 
 
 def card_data(trained: TrainedModel, metrics: dict, title: str, intervals: dict):
@@ -92,7 +96,7 @@ def card_data(trained: TrainedModel, metrics: dict, title: str, intervals: dict)
     from huggingface_hub import EvalResult, ModelCardData
 
     dataset = trained.dataset_source or trained.dataset_fingerprint
-    dataset_id = hub_id(dataset)
+    dataset_id = hub_id(trained.dataset_source) if trained.dataset_source else None
     results = [EvalResult(task_type=trained.task, task_name=trained.task, dataset_type=dataset_id or "local",
                           dataset_name=Path(dataset).name or dataset, metric_type=k, metric_name=k,
                           metric_value=round(float(v), 4)) for k, v in sorted(metrics.items())

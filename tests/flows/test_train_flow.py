@@ -63,7 +63,8 @@ def test_unchanged_rerun_is_all_cache_hits(cold_run):
 
 def test_changed_hyperparameter_reuses_ingest_and_tokenize_and_gate_applies(cold_run):
     params, cold_state, _ = cold_run
-    state = call_flow(train_flow, **{**params, "max_train_samples": 64, "learning_rate": 1e-5}, return_state=True)
+    # the same 3,000 rows (the sample is tokenized: --max-train-samples and --seed choose the tokenized rows)
+    state = call_flow(train_flow, **{**params, "epochs": 0.02, "learning_rate": 1e-5}, return_state=True)
     states = task_states(state.state_details.flow_run_id)
     assert states["ingest"] == ["Cached", "Cached"] and states["tokenize"] == ["Cached", "Cached"]
     assert states["train"] == ["Completed"] and states["register"] == ["Completed"]

@@ -122,7 +122,8 @@ def test_publish_training_artifacts_creates_loss_curve_and_card(prefect_harness,
 
     card = artifacts[f"{slug}-model-card"]
     readme = (png_path.parent / "README.md").read_text()
-    assert card.data == card_markdown(readme) and card.data.startswith("```yaml\nlibrary_name: transformers\n")
+    assert card.data == card_markdown(readme) and card.data.startswith("```yaml\n")
+    assert "\nlibrary_name: transformers\n" in card.data.split("```", 2)[1]
     assert f"# {name} v1" in card.data and "| accuracy | 0.5000 |" in card.data
     assert card.description == f"Model card of {name} v1"
 

@@ -45,4 +45,6 @@ def test_a_language_models_card_carries_hub_metadata(tmp_path, minilm):
 
 def test_hub_ids_and_local_sources_are_told_apart(tmp_path):
     assert hub_id("stanfordnlp/sst2") == "stanfordnlp/sst2" and hub_id("gpt2") == "gpt2"
+    assert hub_id("nyu-mll/glue:sst2#validation") == "nyu-mll/glue" and hub_id("org/model@v2") == "org/model"
     assert hub_id(str(tmp_path)) is None and hub_id("s3://bucket/data.parquet") is None
+    assert hub_id("train.parquet") is None  # a file name, wherever it is
