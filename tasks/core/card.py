@@ -8,6 +8,8 @@ from pathlib import Path
 from hfbatch.tasks.core.refs import TrainedModel
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+FILE_SUFFIXES = {".parquet", ".csv", ".json", ".jsonl", ".txt", ".arrow", ".gguf", ".safetensors", ".bin"}
+"""A name ending so is a file (`train.parquet`), not a Hub repository (`Qwen/Qwen2.5-0.5B` is one)."""
 
 GENERIC_LIMITS = ("The model reproduces biases present in its base checkpoint and training data.",)
 
@@ -84,7 +86,7 @@ def hub_id(source: str) -> str | None:
     """The Hub repository (`org/name`) `source` names (`ID[:CONFIG][#SPLIT]`, `ID[@REVISION]`), None for a
     local path, a file or a URL."""
     repo = source.split("#")[0].split(":")[0].split("@")[0]
-    if "://" in source or not HUB_ID.match(repo) or Path(source).exists() or Path(repo).suffix:
+    if "://" in source or not HUB_ID.match(repo) or Path(source).exists() or Path(repo).suffix in FILE_SUFFIXES:
         return None
     return repo
 

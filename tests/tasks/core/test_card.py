@@ -48,3 +48,4 @@ def test_hub_ids_and_local_sources_are_told_apart(tmp_path):
     assert hub_id("nyu-mll/glue:sst2#validation") == "nyu-mll/glue" and hub_id("org/model@v2") == "org/model"
     assert hub_id(str(tmp_path)) is None and hub_id("s3://bucket/data.parquet") is None
     assert hub_id("train.parquet") is None  # a file name, wherever it is
+    assert hub_id("Qwen/Qwen2.5-0.5B-Instruct") == "Qwen/Qwen2.5-0.5B-Instruct"  # dots in a repository name
